@@ -1,0 +1,80 @@
+"""Capture: a PyTorch (Hugging Face) model becomes a torch.export graph.
+
+The model is wrapped so the graph has the deployment signature: ``input_ids`` int64
+[batch, seq] and ``attention_mask`` [batch, seq] in, ``logits`` (causal LMs) or
+``last_hidden_state`` (encoders) out, with batch and sequence dynamic. The unlifted
+GraphModule (parameters as attributes) is what analysis reads and rewrite edits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class LogitsOnly(torch.nn.Module):
+    """forward(input_ids, attention_mask) -> the model's main output tensor only."""
+
+    def __init__(self, model: torch.nn.Module, output: str):
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, input_ids, attention_mask):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return getattr(out, self.output)
+
+
+@dataclass
+class Captured:
+    gm: torch.fx.GraphModule
+    example: tuple[torch.Tensor, torch.Tensor]
+    max_seq: int
+    input_names: tuple[str, str]
+    output_name: str
+
+
+def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, seq), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+def max_positions(model: torch.nn.Module, default: int = 8192) -> int:
+    """The longest sequence the model accepts (its position table), capped at ``default``."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 2:
+            return min(v, default)
+    return default
+
+
+def dynamic_shapes(max_seq: int = 8192):
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    return ({0: batch, 1: seq}, {0: batch, 1: seq})
+
+
+def output_name_for(kind: str) -> str:
+    return "logits" if kind == "causal-lm" else "last_hidden_state"
+
+
+def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | None = None) -> Captured:
+    """torch.export the model (non-strict) with dynamic batch and sequence."""
+    model.eval()
+    out_name = output_name_for(kind)
+    vocab = vocab_size or int(model.config.vocab_size)
+    example = example_inputs(vocab)
+    max_seq = max_positions(model)
+    wrapper = LogitsOnly(model, out_name)
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)
+    gm = ep.module()
+    return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name)
+
+
+def recapture(gm: torch.nn.Module, example, max_seq: int = 8192) -> torch.export.ExportedProgram:
+    """Export an (edited) GraphModule again, so shapes and metadata are recomputed."""
+    with torch.no_grad():
+        return torch.export.export(gm, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)

@@ -1,0 +1,811 @@
+"""Analysis: find the depth-2 prunable structures in a captured graph, with no per-model tables.
+
+Every projection (a linear op with a parameter weight) opens a *root*: its output channels.
+An abstract interpretation carries, for every tensor, which axes index root channels and how
+(a ``Tag``), through reshapes, transposes, slices of fused outputs, rotary embeddings,
+grouped-K/V expansion, attention and activations. Channels that meet in one op (q and k
+heads in attention, gate and up neurons in a gated FFN, a K/V head and the query heads that
+read it) are merged in a union-find; the merged sets that reach the input axis of another
+projection (the level-2) are the *units*: heads, K/V groups or neurons. A channel that meets
+anything analysis cannot follow (a reduction over channels, the residual stream, a graph
+output, an unknown op) refuses its whole structure with a one-line reason.
+
+Removing a unit is then provably the same as zeroing its level-2 input columns: the
+channels of one unit never mix with another unit's or with anything outside the structure.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy
+
+from ..graph import Graph, Node, Ref
+from ..structure import Analysis, ParamSlice, Probes, Refusal, ShapeConstant, Structure
+
+
+@dataclass(frozen=True)
+class Tag:
+    """Axis index i of a tensor covers channels [start + (i // repeat) * block, ... + block)
+    of the output of projection ``root``."""
+
+    root: str
+    start: int
+    block: int
+    repeat: int
+
+    def first_channel(self, i: np.ndarray) -> np.ndarray:
+        return self.start + (i // self.repeat) * self.block
+
+    def channels(self, length: int) -> tuple[int, int]:
+        """The channel range covered by an axis of ``length``."""
+        return self.start, self.start + (length // self.repeat) * self.block
+
+
+class _Reject(Exception):
+    pass
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        parent = self.parent
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[ra] = rb
+
+
+@dataclass
+class _Proj:
+    """A projection: a linear op with a parameter weight."""
+
+    node: str
+    x: str | None
+    weight: str
+    w_out_axis: int
+    bias: str | None
+    width: int
+
+
+@dataclass
+class _State:
+    graph: Graph
+    projs: dict[str, _Proj] = field(default_factory=dict)
+    tags: dict[str, dict[int, Tag]] = field(default_factory=dict)   # value -> axis -> tag
+    multi: dict[str, list[dict[int, Tag]]] = field(default_factory=dict)
+    uf_chan: _UnionFind = field(default_factory=_UnionFind)         # (root, channel) / (l2, col)
+    uf_mod: _UnionFind = field(default_factory=_UnionFind)          # ("root", n) / ("l2", n)
+    refusals: dict[str, str] = field(default_factory=dict)          # module key -> reason
+    level2: dict[str, Tag] = field(default_factory=dict)            # l2 node -> tag on its input
+    level2_len: dict[str, int] = field(default_factory=dict)
+    constants: list[ShapeConstant] = field(default_factory=list)
+    roles: dict[tuple[str, int, int], set] = field(default_factory=dict)  # (root, a, b) -> roles
+    activated: set[str] = field(default_factory=set)
+    attention: dict[str, dict] = field(default_factory=dict)        # root -> attention facts
+    attached: list[tuple[str, int, Tag, int]] = field(default_factory=list)
+    data_dependent: dict[str, bool] = field(default_factory=dict)
+
+    # -- helpers
+    def refuse(self, tags, reason: str):
+        for t in tags:
+            key = ("root", t.root)
+            self.refusals.setdefault(key, reason)
+
+    def join(self, a: Tag, b: Tag, length: int):
+        """Channels at the same index of two tagged axes belong to one unit."""
+        if a == b:
+            return
+        i = np.arange(length)
+        ca, cb = a.first_channel(i), b.first_channel(i)
+        for x, y in zip(ca.tolist(), cb.tolist()):
+            self.uf_chan.union((a.root, x), (b.root, y))
+        self.uf_mod.union(("root", a.root), ("root", b.root))
+
+    def fuse_block(self, root: str, start: int, stop: int, block: int):
+        for s in range(start, stop, block):
+            for c in range(s + 1, s + block):
+                self.uf_chan.union((root, s), (root, c))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _static(d) -> int | None:
+    if isinstance(d, (int, np.integer)):
+        return int(d)
+    if isinstance(d, sympy.Integer):
+        return int(d)
+    return None
+
+
+def _prod(dims):
+    p = sympy.Integer(1)
+    for d in dims:
+        p = p * sympy.sympify(d)
+    return sympy.expand(p)
+
+
+def _view_groups(src: tuple, dst: tuple):
+    """Group the dims of a reshape: a list of (src dims, dst dims) with equal products.
+    Size-1 dims form their own groups. Returns None when the shapes cannot be matched."""
+    groups = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and _static(src[i]) == 1:
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(dst) and _static(dst[j]) == 1:
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(src) or j >= len(dst):
+            return None
+        gi, gj = [i], [j]
+        pi, pj = _prod([src[i]]), _prod([dst[j]])
+        i += 1
+        j += 1
+        guard = 0
+        while sympy.simplify(pi - pj) != 0:
+            guard += 1
+            if guard > 64:
+                return None
+            # grow the side whose product is "smaller" (divides the other)
+            if i < len(src) and (j >= len(dst) or _divides(pi, pj)):
+                gi.append(i)
+                pi = _prod([pi, src[i]])
+                i += 1
+            elif j < len(dst):
+                gj.append(j)
+                pj = _prod([pj, dst[j]])
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def _divides(a, b) -> bool:
+    q = sympy.simplify(sympy.sympify(b) / sympy.sympify(a))
+    return q != 1 and (q.is_integer or q.is_Integer or (q.free_symbols and sympy.fraction(q)[1] == 1))
+
+
+# ------------------------------------------------------------------------------- the pass
+
+def analyze_graph(graph: Graph) -> Analysis:
+    st = _State(graph)
+    users = graph.users()
+    param_uses: dict[str, int] = {}
+    for node in graph.nodes.values():
+        for r in node.refs():
+            if r in graph.params:
+                param_uses[graph.params[r]] = param_uses.get(graph.params[r], 0) + 1
+
+    for node in graph.nodes.values():
+        deps = [st.data_dependent.get(r, False) for r in node.refs()]
+        st.data_dependent[node.name] = node.op == "input" or any(deps)
+        try:
+            _transfer(st, node, param_uses)
+        except _Reject as e:
+            tags = _input_tags(st, node)
+            st.refuse(tags, f"{node.target} ({node.name}): {e}")
+    return _collect(st, users)
+
+
+def _input_tags(st: _State, node: Node) -> list[Tag]:
+    out = []
+    for r in node.refs():
+        out.extend(st.tags.get(r, {}).values())
+        for m in st.multi.get(r, []):
+            out.extend(m.values())
+    return out
+
+
+def _shape(st: _State, ref) -> tuple:
+    return st.graph.nodes[ref.name].shape if isinstance(ref, Ref) else ()
+
+
+def _tags(st: _State, ref) -> dict[int, Tag]:
+    return st.tags.get(ref.name, {}) if isinstance(ref, Ref) else {}
+
+
+def _record_size(st: _State, node: Node, arg: int, pos, value, tag: Tag, length: int):
+    """Remember an integer argument that equals the size of a tagged axis."""
+    if _is_int(value) and value >= 0:
+        a, b = tag.channels(length)
+        st.constants.append(ShapeConstant(node.name, arg, pos, "size", tag.root, a, b,
+                                          tag.block, tag.repeat, int(value)))
+
+
+def _transfer(st: _State, node: Node, param_uses: dict[str, int]):
+    op = node.op
+    g = st.graph
+    ins = node.inputs
+    if op in ("input", "param", "ignore"):
+        return
+    if op == "output":
+        tags = _input_tags(st, node)
+        if tags:
+            st.refuse(tags, "channels reach a model output")
+        return
+    if op == "linear":
+        return _linear(st, node, param_uses)
+    if op == "getitem":
+        src = ins[0].name
+        if src in st.multi:
+            st.tags[node.name] = st.multi[src][node.attrs["index"]]
+        elif _tags(st, ins[0]):
+            raise _Reject("indexes a tagged tuple")
+        return
+    in_tags = _tags(st, ins[0]) if ins and isinstance(ins[0], Ref) else {}
+    if op == "unary":
+        st.tags[node.name] = dict(in_tags)
+        if node.attrs.get("activation"):
+            st.activated.update(t.root for t in in_tags.values())
+        return
+    if op in ("binary", "where"):
+        return _broadcast(st, node, [i for i in ins if isinstance(i, Ref)])
+    if op == "permute":
+        dims = node.attrs["dims"]
+        st.tags[node.name] = {o: in_tags[i] for o, i in enumerate(dims) if i in in_tags}
+        return
+    if op == "unsqueeze":
+        d = node.attrs["dim"]
+        st.tags[node.name] = {(a if a < d else a + 1): t for a, t in in_tags.items()}
+        return
+    if op == "squeeze":
+        src = _shape(st, ins[0])
+        dims = node.attrs["dims"] if node.attrs["dims"] is not None else [
+            i for i, s in enumerate(src) if _static(s) == 1]
+        dims = [d for d in dims if _static(src[d]) == 1]
+        keep = [i for i in range(len(src)) if i not in dims]
+        st.tags[node.name] = {o: in_tags[i] for o, i in enumerate(keep) if i in in_tags}
+        return
+    if op == "expand":
+        src = _shape(st, ins[0])
+        sizes = node.attrs["sizes"]
+        off = len(sizes) - len(src)
+        out = {}
+        for a, t in in_tags.items():
+            out[a + off] = t
+            _record_size(st, node, 1, a + off, sizes[a + off], t, _static(src[a]))
+        st.tags[node.name] = out
+        return
+    if op == "view":
+        return _view(st, node, in_tags)
+    if op == "slice":
+        d = node.attrs["dim"]
+        if d not in in_tags:
+            st.tags[node.name] = dict(in_tags)
+            return
+        t = in_tags[d]
+        length = _static(_shape(st, ins[0])[d])
+        start, end, step = node.attrs["start"], node.attrs["end"], node.attrs["step"]
+        if not (_is_int(start) and (end is None or _is_int(end)) and step == 1):
+            raise _Reject("slices a channel axis with a dynamic range or a step")
+        start = start + length if start < 0 else min(start, length)
+        end_v = length if end is None else (end + length if end < 0 else min(end, length))
+        new = _slice_tag(t, start, end_v)
+        out = dict(in_tags)
+        out[d] = new
+        st.tags[node.name] = out
+        if node.attrs.get("narrow"):
+            raise _Reject("narrows a channel axis")
+        if start > 0:
+            _record_size(st, node, 2, None, node.attrs["start"], t, start)
+        if end is not None and end_v < length:
+            _record_size(st, node, 3, None, end, t, end_v)
+        return
+    if op == "split":
+        d = node.attrs["dim"]
+        sizes = node.attrs["sizes"]
+        outs = []
+        pos = 0
+        for k, s in enumerate(sizes):
+            o = dict(in_tags)
+            if d in in_tags:
+                o[d] = _slice_tag(in_tags[d], pos, pos + s)
+                st.constants.append(ShapeConstant(node.name, 1, k, "split", o[d].root,
+                                                  *o[d].channels(s), o[d].block, o[d].repeat, s))
+            outs.append(o)
+            pos += s
+        st.multi[node.name] = outs
+        return
+    if op == "cat":
+        d = node.attrs["dim"]
+        refs = [i for i in ins if isinstance(i, Ref)]
+        if any(d in _tags(st, r) for r in refs):
+            raise _Reject("concatenates along a channel axis")
+        return _broadcast(st, node, refs, skip_axis=d)
+    if op == "reduce":
+        dims = node.attrs["dims"]
+        if any(a in in_tags for a in dims):
+            raise _Reject("reduces over a channel axis")
+        if node.attrs["keepdim"]:
+            st.tags[node.name] = dict(in_tags)
+        else:
+            st.tags[node.name] = {a - sum(1 for d in dims if d < a): t for a, t in in_tags.items()}
+        return
+    if op == "softmax":
+        if node.attrs["dim"] in in_tags:
+            raise _Reject("softmax over a channel axis")
+        st.tags[node.name] = dict(in_tags)
+        return
+    if op == "norm":
+        rank = len(_shape(st, ins[0]))
+        if any(a >= rank - node.attrs["ndims"] for a in in_tags):
+            raise _Reject("normalises over a channel axis")
+        st.tags[node.name] = dict(in_tags)
+        return
+    if op == "sdpa":
+        return _sdpa(st, node)
+    if op == "matmul":
+        return _matmul(st, node)
+    # op == "other"
+    if _input_tags(st, node):
+        raise _Reject("channels flow into an operation analysis cannot follow")
+
+
+def _slice_tag(t: Tag, a: int, b: int) -> Tag:
+    if a % t.repeat or b % t.repeat:
+        raise _Reject("slices a channel axis inside a repeated head")
+    return Tag(t.root, t.start + (a // t.repeat) * t.block, t.block, t.repeat)
+
+
+def _linear(st: _State, node: Node, param_uses: dict[str, int]):
+    g = st.graph
+    x, w, b = node.inputs
+    if not (isinstance(w, Ref) and w.name in g.params):
+        # a data x data product written as linear: treat like matmul over the last axes
+        raise _Reject("linear with a computed weight")
+    wname = g.params[w.name]
+    wshape = g.param_shapes[wname]
+    out_axis = node.attrs["w_out_axis"]
+    width = int(wshape[out_axis])
+    bname = g.params.get(b.name) if isinstance(b, Ref) else None
+    proj = _Proj(node.name, x.name if isinstance(x, Ref) else None, wname, out_axis, bname, width)
+    st.projs[node.name] = proj
+    shared = param_uses.get(wname, 0) > 1
+    xt = _tags(st, x)
+    xrank = len(_shape(st, x))
+    out: dict[int, Tag] = {}
+    for a, t in xt.items():
+        if a == xrank - 1:
+            st.level2[node.name] = t
+            st.level2_len[node.name] = _static(_shape(st, x)[a])
+            st.uf_mod.union(("l2", node.name), ("root", t.root))
+            if shared:
+                st.refuse([t], f"level-2 weight {wname} is shared with another op")
+        else:
+            out[a] = t
+    # its own output channels open a new root
+    root = Tag(node.name, 0, 1, 1)
+    out[len(node.shape) - 1] = root
+    st.tags[node.name] = out
+    if shared:
+        st.refuse([root], f"weight {wname} is shared with another op (tied weights)")
+    if bname is not None and param_uses.get(bname, 0) > 1:
+        st.refuse([root], f"bias {bname} is shared with another op")
+
+
+def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = None):
+    """Elementwise ops: tagged axes at the same output position are joined; an untagged
+    full-size operand along a tagged axis must be a parameter (then it is sliced too)."""
+    out_shape = node.shape
+    rank = len(out_shape)
+    out: dict[int, Tag] = {}
+    for a in range(rank):
+        if a == skip_axis:
+            continue
+        tagged, plain = [], []
+        for r in refs:
+            s = _shape(st, r)
+            k = a - (rank - len(s))
+            if k < 0 or _static(s[k]) == 1:
+                continue
+            t = _tags(st, r).get(k)
+            (tagged if t is not None else plain).append((r, k, t))
+        if not tagged:
+            continue
+        first = tagged[0][2]
+        length = _static(out_shape[a])
+        for _, _, t in tagged[1:]:
+            st.join(first, t, length)
+        for r, k, _ in plain:
+            src = st.graph.nodes[r.name]
+            if src.op == "param":
+                st.attached.append((st.graph.params[r.name], k, first, length))
+                if len(src.shape) != len(_shape(st, r)):
+                    raise _Reject("a parameter broadcast along channels with an unusual layout")
+            else:
+                raise _Reject(
+                    "channels meet a tensor that is not part of the structure"
+                    + (" (the residual stream)" if st.data_dependent.get(r.name) else ""))
+        out[a] = first
+    st.tags[node.name] = out
+
+
+def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
+    src = _shape(st, node.inputs[0])
+    dst = node.shape
+    sizes = node.attrs["sizes"]
+    if not in_tags:
+        return
+    groups = _view_groups(src, dst)
+    if groups is None:
+        raise _Reject("a reshape of a channel axis analysis cannot match")
+    out: dict[int, Tag] = {}
+    for gi, gj in groups:
+        tagged = [i for i in gi if i in in_tags]
+        if not tagged:
+            continue
+        if len(tagged) > 1:
+            raise _Reject("a reshape merges two channel axes")
+        i = tagged[0]
+        t = in_tags[i]
+        if any(_static(src[k]) != 1 for k in gi if k < i):
+            raise _Reject("a reshape makes a channel axis the inner dimension")
+        if not gj:
+            raise _Reject("a reshape drops a channel axis")
+        length = _static(src[i])
+        inner_src = [_static(src[k]) for k in gi if k > i]
+        if None in inner_src:
+            raise _Reject("a reshape merges a channel axis with a dynamic one")
+        inner = int(np.prod(inner_src)) if inner_src else 1
+        total = length * inner
+        lead = gj[0]
+        dst_inner = [_static(dst[k]) for k in gj[1:]]
+        if None in dst_inner:
+            raise _Reject("a reshape splits a channel axis into dynamic sizes")
+        split = int(np.prod(dst_inner)) if dst_inner else 1
+        out_len = total // split
+        # index o of the lead output axis covers input flat indices [o*split, (o+1)*split)
+        # of (channel axis i) x (inner) whose channel index is flat // inner.
+        if split % inner == 0:
+            b = split // inner        # input channel-axis entries per output entry
+            if b % t.repeat == 0:
+                new = Tag(t.root, t.start, t.block * (b // t.repeat), 1)
+                a0, a1 = t.channels(length)
+                if new.block > 1:
+                    st.fuse_block(t.root, a0, a1, new.block)
+            elif t.repeat % b == 0:
+                new = Tag(t.root, t.start, t.block, t.repeat // b)
+            else:
+                raise _Reject("a reshape cuts a channel axis across its units")
+        elif inner % split == 0:
+            new = Tag(t.root, t.start, t.block, t.repeat * (inner // split))
+        else:
+            raise _Reject("a reshape cuts a channel axis across its units")
+        out[lead] = new
+        if lead < len(sizes):
+            _record_size(st, node, 1, lead, sizes[lead], new, out_len)
+    st.tags[node.name] = out
+
+
+def _head_axis(st: _State, ref, name: str) -> tuple[Tag, int]:
+    tags = _tags(st, ref)
+    shape = _shape(st, ref)
+    rank = len(shape)
+    bad = [a for a in tags if a >= rank - 2]
+    if bad:
+        raise _Reject(f"{name} has channels on a sequence or feature axis of attention")
+    if rank - 3 not in tags:
+        raise _Reject(f"{name} heads do not come from a projection of this module")
+    if any(a < rank - 3 for a in tags):
+        raise _Reject(f"{name} has channels on a batch axis")
+    return tags[rank - 3], _static(shape[rank - 3])
+
+
+def _sdpa(st: _State, node: Node):
+    q, k, v, mask = node.inputs
+    qt, hq = _head_axis(st, q, "query")
+    kt, hk = _head_axis(st, k, "key")
+    vt, hv = _head_axis(st, v, "value")
+    if hk != hv or hq % hk:
+        raise _Reject("query heads are not a multiple of key/value heads")
+    rep = hq // hk
+    if rep > 1:
+        if not node.attrs.get("gqa"):
+            raise _Reject("query and key head counts differ without grouped attention")
+        kt_e = Tag(kt.root, kt.start, kt.block, kt.repeat * rep)
+        vt_e = Tag(vt.root, vt.start, vt.block, vt.repeat * rep)
+    else:
+        kt_e, vt_e = kt, vt
+    st.join(qt, kt_e, hq)
+    st.join(qt, vt_e, hq)
+    if isinstance(mask, Ref):
+        ms = _shape(st, mask)
+        mrank = len(ms)
+        if _tags(st, mask):
+            raise _Reject("the attention mask carries channels")
+        if mrank >= 3 and _static(ms[mrank - 3]) not in (1, None) and st.data_dependent.get(mask.name):
+            if _static(ms[mrank - 3]) == hq:
+                raise _Reject("a per-head attention mask computed from the input")
+    qshape = _shape(st, q)
+    _note_attention(st, node, q, qt, hq, k, kt, v, vt, _static(qshape[-1]))
+    out_rank = len(node.shape)
+    st.tags[node.name] = {out_rank - 3: qt}
+
+
+def _note_attention(st, node, q, qt, hq, k, kt, v, vt, head_dim):
+    for role, ref, t in (("q", q, qt), ("k", k, kt), ("v", v, vt)):
+        length = _static(_shape(st, ref)[len(_shape(st, ref)) - 3])
+        a, b = t.channels(length)
+        st.roles.setdefault((t.root, a, b), set()).add(role)
+    kv_len = _static(_shape(st, k)[len(_shape(st, k)) - 3])
+    kv_heads = kv_len // kt.repeat
+    facts = dict(node=node.name, heads=hq, kv_heads=kv_heads, head_dim=head_dim)
+    for t in (qt, kt, vt):
+        st.attention[t.root] = facts
+
+
+def _matmul(st: _State, node: Node):
+    """Eager attention: scores = q @ k^T (contracting the head dim), out = probs @ v."""
+    a, b = node.inputs
+    at, bt = _tags(st, a), _tags(st, b)
+    sa, sb = _shape(st, a), _shape(st, b)
+    ra, rb = len(sa), len(sb)
+    if ra - 1 in at or rb - 2 in bt:
+        raise _Reject("a matrix product contracts a channel axis")
+    rank = len(node.shape)
+    out: dict[int, Tag] = {}
+    # batch dims broadcast like an elementwise op
+    for o in range(rank - 2):
+        ta = at.get(o - (rank - ra)) if o - (rank - ra) >= 0 else None
+        tb = bt.get(o - (rank - rb)) if o - (rank - rb) >= 0 else None
+        da = _static(sa[o - (rank - ra)]) if o - (rank - ra) >= 0 else 1
+        db = _static(sb[o - (rank - rb)]) if o - (rank - rb) >= 0 else 1
+        if ta and tb:
+            st.join(ta, tb, _static(node.shape[o]))
+        elif (ta and db not in (1,)) or (tb and da not in (1,)):
+            raise _Reject("a matrix product pairs heads with a tensor outside the structure")
+        if ta or tb:
+            out[o] = ta or tb
+    if ra - 2 in at:
+        out[rank - 2] = at[ra - 2]
+    if rb - 1 in bt:
+        out[rank - 1] = bt[rb - 1]
+    if rank - 2 in out or rank - 1 in out:
+        raise _Reject("a matrix product keeps channels on a feature axis")
+    st.tags[node.name] = out
+    # role bookkeeping for eager attention: the operand that went through softmax is the
+    # probability map; the other operand of that product is v, those of the first are q, k
+    head = rank - 3
+    for ref, tags in ((a, at), (b, bt)):
+        t = tags.get(len(_shape(st, ref)) - 3)
+        if t is None:
+            continue
+        length = _static(_shape(st, ref)[len(_shape(st, ref)) - 3])
+        ch = t.channels(length)
+        if _through_softmax(st, a):
+            role = "v" if ref is b else None
+        else:
+            role = "q" if ref is a else "k"
+        if role:
+            st.roles.setdefault((t.root, *ch), set()).add(role)
+            st.attention.setdefault(t.root, dict(node=node.name, heads=None, kv_heads=None,
+                                                 head_dim=None))
+
+
+def _through_softmax(st: _State, ref) -> bool:
+    seen = 0
+    name = ref.name
+    while seen < 8:
+        n = st.graph.nodes[name]
+        if n.op == "softmax":
+            return True
+        refs = n.refs()
+        if n.op not in ("unary", "binary", "where", "view", "permute") or not refs:
+            return False
+        name = refs[0]
+        seen += 1
+    return False
+
+
+# ----------------------------------------------------------------------- collect structures
+
+def _layer_of(name: str, fallback: int) -> int:
+    m = re.search(r"(?:^|[._])(\d+)(?:[._]|$)", name)
+    return int(m.group(1)) if m else fallback
+
+
+def _collect(st: _State, users) -> Analysis:
+    g = st.graph
+    # group roots and level-2 nodes into modules
+    modules: dict = {}
+    for name in st.projs:
+        modules.setdefault(st.uf_mod.find(("root", name)), []).append(("root", name))
+    for name in st.level2:
+        modules.setdefault(st.uf_mod.find(("l2", name)), []).append(("l2", name))
+
+    structures: list[Structure] = []
+    refused: list[Refusal] = []
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for key, members in modules.items():
+        roots = [n for k, n in members if k == "root"]
+        l2s = [n for k, n in members if k == "l2"]
+        reasons = [st.refusals[("root", r)] for r in roots if ("root", r) in st.refusals]
+        if not l2s:
+            for r in roots:
+                reason = st.refusals.get(("root", r)) or (
+                    reasons[0] if reasons else "its channels never reach another projection")
+                refused.append(Refusal(r, st.projs[r].weight, reason, candidate=False))
+            continue
+        if reasons:
+            for r in roots:
+                refused.append(Refusal(r, st.projs[r].weight, reasons[0], candidate=True))
+            continue
+        try:
+            structures.append(_structure(st, roots, l2s))
+        except _Reject as e:
+            for r in roots:
+                refused.append(Refusal(r, st.projs[r].weight, str(e), candidate=True))
+    structures.sort(key=lambda s: order[s.level2_node])
+    _name_structures(structures)
+    refused.sort(key=lambda r: order[r.node])
+    return Analysis(structures, refused)
+
+
+def _structure(st: _State, roots: list[str], l2s: list[str]) -> Structure:
+    g = st.graph
+    if len(l2s) != 1:
+        raise _Reject("channels reach several level-2 projections")
+    l2 = l2s[0]
+    tag = st.level2[l2]
+    n_cols = st.level2_len[l2]
+    cols = np.arange(n_cols)
+    first = tag.first_channel(cols)
+    # the unit of each level-2 column
+    atom_of_col = [st.uf_chan.find((tag.root, int(c))) for c in first]
+    atoms = list(dict.fromkeys(atom_of_col))
+    unit_of_atom = {a: u for u, a in enumerate(atoms)}
+    n_units = len(atoms)
+    # root channels per unit
+    root_index: dict[str, np.ndarray] = {}
+    for r in roots:
+        width = st.projs[r].width
+        per_unit: list[list[int]] = [[] for _ in range(n_units)]
+        for c in range(width):
+            a = st.uf_chan.find((r, c))
+            u = unit_of_atom.get(a)
+            if u is not None:
+                per_unit[u].append(c)
+        sizes = {len(p) for p in per_unit}
+        if len(sizes) != 1:
+            raise _Reject("units of unequal size")
+        if sizes == {0}:
+            continue
+        root_index[r] = np.array(per_unit, dtype=np.int64)
+    if not root_index:
+        raise _Reject("no projection channels reach the level-2 input")
+    col_units: list[list[int]] = [[] for _ in range(n_units)]
+    for c, a in enumerate(atom_of_col):
+        col_units[unit_of_atom[a]].append(c)
+    if len({len(c) for c in col_units}) != 1:
+        raise _Reject("units of unequal size at the level-2 input")
+    col_index = np.array(col_units, dtype=np.int64)
+
+    is_attention = any(r in st.attention for r in root_index)
+    kind = "attention" if is_attention else "ffn"
+    slices: list[ParamSlice] = []
+    for r, idx in root_index.items():
+        p = st.projs[r]
+        ranges = sorted((a, b, next(iter(roles)) if len(roles) == 1 else "level1")
+                        for (root, a, b), roles in st.roles.items() if root == r)
+        if _overlap(ranges):
+            # q, k and v interleaved inside each head (GPT-NeoX): one fused level-1 slice
+            ranges = [(0, p.width, "level1")]
+        if ranges:
+            for a, b, role in ranges:
+                sub = idx[(idx >= a) & (idx < b)].reshape(n_units, -1) if idx.size else idx
+                if sub.size == 0:
+                    continue
+                _check_subset(idx, sub)
+                slices.append(ParamSlice(p.weight, p.w_out_axis, role, sub))
+                if p.bias:
+                    slices.append(ParamSlice(p.bias, 0, "bias", sub))
+            covered = sum(int(((idx >= a) & (idx < b)).sum()) for a, b, _ in ranges)
+            if covered != idx.size:
+                raise _Reject("part of a fused projection has no attention role")
+        else:
+            if is_attention:
+                role = "level1"
+            elif len(root_index) > 1:
+                role = "gate" if r in st.activated else "up"
+            else:
+                role = "up"
+            slices.append(ParamSlice(p.weight, p.w_out_axis, role, idx))
+            if p.bias:
+                slices.append(ParamSlice(p.bias, 0, "bias", idx))
+    if kind == "ffn":
+        roles = [s.role for s in slices if s.role in ("gate", "up")]
+        if roles.count("gate") > 1 or roles.count("up") > 1:
+            for s in slices:
+                if s.role in ("gate", "up"):
+                    s.role = "level1"
+    lp = st.projs[l2]
+    slices.append(ParamSlice(lp.weight, 1 - lp.w_out_axis, "o" if is_attention else "down",
+                             col_index))
+    # parameters broadcast along the channels (sliced with them)
+    for pname, axis, t, length in st.attached:
+        if t.root not in root_index:
+            continue
+        i = np.arange(length)
+        fc = t.first_channel(i)
+        per_unit = [[] for _ in range(n_units)]
+        for k, c in zip(i.tolist(), fc.tolist()):
+            u = unit_of_atom.get(st.uf_chan.find((t.root, c)))
+            if u is not None:
+                per_unit[u].append(k)
+        if len({len(p) for p in per_unit}) != 1:
+            raise _Reject(f"parameter {pname} does not split evenly into units")
+        slices.append(ParamSlice(pname, axis, "attached", np.array(per_unit, dtype=np.int64)))
+
+    facts = next((st.attention[r] for r in root_index if r in st.attention), {})
+    heads = facts.get("heads")
+    kv_heads = facts.get("kv_heads")
+    head_dim = facts.get("head_dim")
+    if is_attention and heads is None:
+        # eager attention: infer from the units
+        heads = n_units
+    granularity = "neuron"
+    if is_attention:
+        granularity = "kv-group" if kv_heads and heads and kv_heads < heads else "head"
+    x_inputs = {st.projs[r].x for r in root_index}
+    constants = [c for c in st.constants if c.root in root_index]
+    att_node = facts.get("node")
+    layer_hint = _layer_of(lp.weight, -1)
+    return Structure(
+        name="", kind=kind, layer=layer_hint, units=n_units, unit_channels=col_index.shape[1],
+        slices=slices,
+        probes=Probes(level1_input=sorted(x_inputs)[0], level2_input=st.graph.nodes[l2].inputs[0].name,
+                      attention=att_node),
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, granularity=granularity,
+        level1_nodes=list(root_index), level2_node=l2,
+        roots={r: st.projs[r].width for r in root_index}, root_index=root_index,
+        constants=constants)
+
+
+def _overlap(ranges) -> bool:
+    return any(b0 > a1 for (a0, b0, _), (a1, b1, _) in zip(ranges, ranges[1:]))
+
+
+def _check_subset(idx: np.ndarray, sub: np.ndarray):
+    if sub.shape[0] != idx.shape[0]:
+        raise _Reject("a fused projection splits unevenly across units")
+
+
+def _name_structures(structures: list[Structure]):
+    """Layer numbers: the block index in the level-2 parameter's name when it has one,
+    else the order of the structures (attention and FFN of one block share a number)."""
+    if any(s.layer < 0 for s in structures):
+        layer = -1
+        seen_kinds: set[str] = set()
+        for s in structures:
+            if s.kind in seen_kinds or layer < 0:
+                layer += 1
+                seen_kinds = set()
+            seen_kinds.add(s.kind)
+            s.layer = layer
+    for s in structures:
+        s.name = f"layer{s.layer}.{s.kind}"
+    counts: dict[str, int] = {}
+    for s in structures:
+        counts[s.name] = counts.get(s.name, 0) + 1
+    dup: dict[str, int] = {}
+    for s in structures:
+        if counts[s.name] > 1:
+            dup[s.name] = dup.get(s.name, -1) + 1
+            s.name = f"{s.name}{dup[s.name]}"
