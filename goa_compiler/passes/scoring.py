@@ -1,0 +1,287 @@
+"""Unit importance criteria (METHOD.md §3 and §7).
+
+Conventions
+-----------
+* Every ``*_scores``-style function returns a float64 numpy array of shape [structure.units];
+  HIGHER = MORE IMPORTANT (kept first, the lowest are pruned).
+* ``weights`` maps parameter names to tensors (the model's state_dict entries), any dtype and
+  layout: a slice ``sl`` selects, for unit ``u``, ``W.index_select(sl.axis, sl.index[u])``.
+  Moving ``sl.axis`` to the front therefore gives, per unit, a [per_unit, rest] block whose
+  rows are: for a level-1 slice, the output channels' weight rows A_r (over the level-1 input);
+  for a level-2 slice, the level-2 input channels' weight columns B[:, c] (over the outputs).
+  This makes nn.Linear ([out, in]) and GPT-2's Conv1D ([in, out]) the same case.
+* All arithmetic is float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..structure import LEVEL1_ROLES, ParamSlice, Structure
+from .stats import HeadSimilarity, Moments
+
+F64 = torch.float64
+
+
+@dataclass
+class ModuleStats:
+    """Calibration statistics of one structure.
+
+    x:     Moments of the level-1 input (full Gram, d = hidden size).
+    h:     Moments of the level-2 input (d = level-2 input width; full or diagonal).
+    heads: attention-probability similarity (attention structures only), else None.
+    """
+
+    x: Moments
+    h: Moments
+    heads: HeadSimilarity | None = None
+
+
+# ---------------------------------------------------------------- helpers
+
+def unit_blocks(sl: ParamSlice, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[units, per_unit, rest] float64: unit u's block W.index_select(axis, index[u]) with the
+    channel axis first and the other axes flattened."""
+    w = weights[sl.param].detach()
+    w = w.movedim(sl.axis, 0) if w.dim() > 1 else w[:, None]
+    w = w.reshape(w.shape[0], -1).to(F64)
+    idx = torch.as_tensor(np.asarray(sl.index), dtype=torch.long, device=w.device)
+    return w[idx]
+
+
+def _weight_slices(s: Structure) -> list[ParamSlice]:
+    """Level-1 and level-2 weight slices (no biases, no attached parameters)."""
+    return s.level1() + s.level2()
+
+
+def _quad(a: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """a: [U, k, d] -> [U, k] with entries a_r^T Sigma a_r (Sigma = I when None)."""
+    if sigma is None:
+        return (a * a).sum(-1)
+    if sigma.shape[0] != a.shape[-1]:
+        raise ValueError(f"Sigma is {tuple(sigma.shape)} but level-1 rows have width {a.shape[-1]}")
+    sigma = sigma.to(device=a.device, dtype=F64)
+    out = torch.empty(a.shape[:2], dtype=F64, device=a.device)
+    step = max(1, (1 << 24) // max(1, a.shape[1] * a.shape[2]))   # bound the a @ Sigma temporary
+    for i in range(0, a.shape[0], step):
+        c = a[i:i + step]
+        out[i:i + step] = ((c @ sigma) * c).sum(-1)
+    return out
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", F64).numpy().astype(np.float64, copy=False)
+
+
+def _level2_colnorms(s: Structure, weights) -> list[tuple[ParamSlice, torch.Tensor]]:
+    """[(slice, [U, k] with ||B[:, c]||^2 of each level-2 column c of each unit)]."""
+    return [(sl, (unit_blocks(sl, weights) ** 2).sum(-1)) for sl in s.level2()]
+
+
+# ---------------------------------------------------------------- data-free baselines
+
+def magnitude(structure: Structure, weights: dict[str, torch.Tensor]) -> np.ndarray:
+    """score_u = sqrt( sum over the unit's level-1 and level-2 weight entries of w^2 )
+    (biases and attached parameters excluded)."""
+    tot = torch.zeros(structure.units, dtype=F64)
+    for sl in _weight_slices(structure):
+        tot += (unit_blocks(sl, weights) ** 2).sum((1, 2)).cpu()
+    return _to_numpy(tot.sqrt())
+
+
+def random_scores(structure: Structure, rng: np.random.Generator) -> np.ndarray:
+    """Uniform(0, 1) scores from ``rng`` (seed it for reproducibility)."""
+    return rng.random(structure.units).astype(np.float64)
+
+
+# ---------------------------------------------------------------- GOA second-moment score
+
+def _pair_score(a_sl: ParamSlice, b_sl: ParamSlice, weights, sigma) -> torch.Tensor:
+    """sum_i 1/2 ||B[:, c_i]||^2 * (A_{r(i)}^T Sigma A_{r(i)}) per unit, over the unit's level-2
+    columns c_0..c_{kB-1} (index order) paired with its level-1 rows r(i) = row (i mod kA).
+
+    FFN neuron: kA = kB = 1, the plain M_j. MHA head: kA = kB = head_dim, column i of the head
+    reads V row i. GQA K/V group of ``rep`` query heads: the O columns are rep*head_dim, ordered
+    head by head, and every query head reads the same head_dim V rows, so O column i pairs
+    with V row i % head_dim."""
+    b = (unit_blocks(b_sl, weights) ** 2).sum(-1)                  # [U, kB]
+    qa = _quad(unit_blocks(a_sl, weights), sigma).to(b.device)     # [U, kA]
+    ka, kb = qa.shape[1], b.shape[1]
+    if kb % ka:
+        raise ValueError(f"{b_sl.param}: {kb} level-2 columns per unit do not pair with "
+                         f"{ka} rows of {a_sl.param}")
+    pair = torch.arange(kb, device=b.device) % ka
+    return 0.5 * (b * qa[:, pair]).sum(1)
+
+
+def goa_second_moment(structure: Structure, weights: dict[str, torch.Tensor],
+                      stats: ModuleStats | None = None, centred: bool = True) -> np.ndarray:
+    """GOA output-approximation score (METHOD.md §3) for f(x) = B s(A x), x ~ N(0, Sigma):
+
+        M_j = 1/2 * ||B[:, j]||^2 * (A_j^T Sigma A_j)
+
+    Sigma = covariance of the level-1 input (``centred``, as the paper's code) or its second
+    moment E[x x^T]; Sigma = I when ``stats`` is None (data-free).
+
+    * FFN: A = W_up, B = W_down. With a gate, (W_gate, W_down) and (W_up, W_down) are scored
+      separately and multiplied; generally, the product over all level-1 weight slices.
+    * attention: A = W_V, B = W_O, the unit's score is the sum over its channels (see
+      ``_pair_score`` for the GQA pairing). Without a v-role slice (roles unknown), the fallback
+      is 1/2 * (sum_c ||B[:, c]||^2) * (sum_r A_r^T Sigma A_r) over all the unit's level-1 rows.
+    Several level-2 slices (unusual) add up.
+    """
+    sigma = None
+    if stats is not None:
+        sigma = stats.x.covariance() if centred else stats.x.second_moment()
+    total = torch.zeros(structure.units, dtype=F64)
+    for b_sl in structure.level2():
+        if structure.kind == "attention":
+            vs = structure.by_role("v")
+            if vs:
+                sc = sum(_pair_score(a, b_sl, weights, sigma).cpu() for a in vs)
+            else:
+                bsum = (unit_blocks(b_sl, weights) ** 2).sum((1, 2)).cpu()
+                asum = sum(_quad(unit_blocks(a, weights), sigma).sum(1).cpu()
+                           for a in structure.level1())
+                sc = 0.5 * bsum * asum
+        else:
+            sc = torch.ones(structure.units, dtype=F64)
+            for a in structure.level1():
+                sc = sc * _pair_score(a, b_sl, weights, sigma).cpu()
+        total += sc
+    return _to_numpy(total)
+
+
+# ---------------------------------------------------------------- FLAP-family baselines
+
+def wanda_sp(structure: Structure, weights: dict[str, torch.Tensor], stats: ModuleStats) -> np.ndarray:
+    """Structured Wanda ("Wanda-sp", FLAP's baseline), on the level-2 projection:
+
+        score_u = sum_{j in unit's level-2 columns} sum_i |W2[i, j]| * ||h_j||_2
+
+    with ||h_j||_2 = sqrt(sum over calibration tokens of h_j^2) (h = level-2 input). FLAP
+    normalises by the sample count; that is one constant per module and does not change the
+    order (and vanishes under per-module standardisation)."""
+    norms = stats.h.sq_norms().sqrt()
+    total = torch.zeros(structure.units, dtype=F64)
+    for sl in structure.level2():
+        absum = unit_blocks(sl, weights).abs().sum(-1)                  # [U, k]
+        idx = torch.as_tensor(np.asarray(sl.index), dtype=torch.long)
+        total += (absum.cpu() * norms.cpu()[idx]).sum(1)
+    return _to_numpy(total)
+
+
+def flap_fluctuation(structure: Structure, weights: dict[str, torch.Tensor],
+                     stats: ModuleStats) -> np.ndarray:
+    """FLAP's WIFV metric per unit:
+
+        score_u = sum_{j in unit's level-2 columns} Var(h_j) * ||W2[:, j]||^2
+
+    Var = sample variance (ddof = 1) of level-2 input channel j over the calibration tokens."""
+    var = stats.h.variance(ddof=1).cpu()
+    total = torch.zeros(structure.units, dtype=F64)
+    for sl, cn in _level2_colnorms(structure, weights):
+        idx = torch.as_tensor(np.asarray(sl.index), dtype=torch.long)
+        total += (cn.cpu() * var[idx]).sum(1)
+    return _to_numpy(total)
+
+
+def standardize(scores: np.ndarray, ddof: int = 1) -> np.ndarray:
+    """FLAP's per-module standardisation (s - mean(s)) / std(s) (torch.std's unbiased ddof=1
+    by default), making modules comparable in global allocation; a constant (or single)
+    score array becomes zeros."""
+    s = np.asarray(scores, dtype=np.float64)
+    c = s - s.mean() if s.size else s.copy()
+    if s.size <= ddof:
+        return np.zeros_like(s)
+    sd = s.std(ddof=ddof)
+    return c / sd if sd > 0 else np.zeros_like(s)
+
+
+def flap_bias_compensation(structure: Structure, weights: dict[str, torch.Tensor],
+                           stats: ModuleStats, kept_units) -> torch.Tensor:
+    """FLAP's bias compensation for the level-2 projection (METHOD.md §7):
+
+        delta_b = W2[:, pruned columns] @ E[h_pruned columns]       (float64, [out])
+
+    i.e. the pruned channels are replaced by their calibration mean; add delta_b to the
+    level-2 bias (creating one if absent). Exact when the pruned inputs are constant."""
+    kept = set(int(u) for u in kept_units)
+    pruned = [u for u in range(structure.units) if u not in kept]
+    mu = stats.h.mean()
+    out = None
+    for sl in structure.level2():
+        w = weights[sl.param].detach().to(F64)
+        w = w.movedim(sl.axis, -1)
+        w = w.reshape(-1, w.shape[-1])                                  # [out, in]
+        cols = np.asarray(sl.index)[pruned].reshape(-1)
+        c = torch.as_tensor(cols, dtype=torch.long, device=w.device)
+        d = w[:, c] @ mu.to(w.device)[c]
+        out = d if out is None else out + d.to(out.device)
+    return out
+
+
+# ---------------------------------------------------------------- attention-head similarity
+
+def head_similarity_prune(D: np.ndarray, n_prune: int | None = None, tau: float | None = None,
+                          tiebreak: np.ndarray | None = None) -> list[int]:
+    """Heads to prune from the JS-divergence matrix D [H, H] (METHOD.md §3).
+
+    Pairs (i < j) are visited in ascending D_ij (ties: by (i, j)); a pair whose two heads are
+    both unmarked marks one of them: the one with the lower ``tiebreak`` score if given (ties
+    there: the higher index), else the higher index. Stops when
+    * ``tau``: the next pair has D_ij >= tau (the paper's rule), and/or
+    * ``n_prune``: n_prune heads are marked (target-count mode; most-duplicated first).
+    At least one of the two must be given. Returns the marked heads in marking order.
+    """
+    if n_prune is None and tau is None:
+        raise ValueError("give n_prune or tau")
+    D = np.asarray(D, dtype=np.float64)
+    H = D.shape[0]
+    iu, ju = np.triu_indices(H, k=1)
+    order = np.lexsort((ju, iu, D[iu, ju]))
+    marked: list[int] = []
+    done = np.zeros(H, dtype=bool)
+    limit = H if n_prune is None else min(int(n_prune), H)
+    for p in order:
+        if len(marked) >= limit:
+            break
+        i, j = int(iu[p]), int(ju[p])
+        if tau is not None and not D[i, j] < tau:
+            break
+        if done[i] or done[j]:
+            continue
+        pick = j
+        if tiebreak is not None and tiebreak[i] < tiebreak[j]:
+            pick = i
+        done[pick] = True
+        marked.append(pick)
+    return marked
+
+
+def head_similarity_scores(D: np.ndarray, n_units: int | None = None,
+                           tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """A "higher = keep" score array consistent with the greedy order of
+    ``head_similarity_prune``: run in target-count mode to completion it marks H - 1 heads;
+    the k-th marked head (k = 0, 1, ...) scores -(H - k), so removing the m lowest scores
+    removes exactly the first m marked heads. The one head never marked scores its minimum
+    distance to the other heads (>= 0).
+
+    n_units: the structure's unit count; must equal H (query-head units). With K/V-group
+    units (n_units < H) a group's score is the max over its rep = H / n_units heads (a group
+    can go only if every one of its heads is redundant, so its most distinct head decides)."""
+    D = np.asarray(D, dtype=np.float64)
+    H = D.shape[0]
+    marked = head_similarity_prune(D, n_prune=H, tiebreak=tiebreak)
+    off = D + np.diag(np.full(H, np.inf))
+    s = off.min(1) if H > 1 else np.zeros(H)
+    for k, h in enumerate(marked):
+        s[h] = -float(H - k)
+    n = H if n_units is None else int(n_units)
+    if n == H:
+        return s
+    if n <= 0 or H % n:
+        raise ValueError(f"{H} heads do not split into {n} units")
+    return s.reshape(n, H // n).max(1)

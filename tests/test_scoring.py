@@ -1,0 +1,269 @@
+"""Scoring criteria against slow, loop-based references on hand-built structures."""
+import numpy as np
+import pytest
+import torch
+
+from goa_compiler.passes import scoring
+from goa_compiler.passes.scoring import ModuleStats
+from goa_compiler.passes.stats import HeadSimilarity, Moments
+from goa_compiler.structure import ParamSlice, Probes, Structure
+
+F64 = torch.float64
+HID = 8
+
+
+def _gqa():
+    """Llama-style GQA attention: 4 query heads, 2 K/V groups, head_dim 3 (nn.Linear [out, in]).
+    Units are the K/V groups; group g owns query heads 2g, 2g+1."""
+    g = torch.Generator().manual_seed(0)
+    H, KV, HD = 4, 2, 3
+    rep = H // KV
+    w = {"q.weight": torch.randn(H * HD, HID, generator=g),
+         "k.weight": torch.randn(KV * HD, HID, generator=g),
+         "v.weight": torch.randn(KV * HD, HID, generator=g),
+         "q.bias": torch.randn(H * HD, generator=g),
+         "o.weight": torch.randn(HID, H * HD, generator=g)}
+    qi = np.arange(H * HD).reshape(KV, rep * HD)
+    kvi = np.arange(KV * HD).reshape(KV, HD)
+    s = Structure("attn0", "attention", 0, KV, rep * HD,
+                  [ParamSlice("q.weight", 0, "q", qi), ParamSlice("q.bias", 0, "bias", qi),
+                   ParamSlice("k.weight", 0, "k", kvi), ParamSlice("v.weight", 0, "v", kvi),
+                   ParamSlice("o.weight", 1, "o", qi)],
+                  Probes("x", "h", "attn"), heads=H, kv_heads=KV, head_dim=HD, granularity="kv-group")
+    return s, w
+
+
+def _gpt2():
+    """GPT-2-style fused Conv1D attention ([in, out] weights): c_attn = Q|K|V, 2 heads of 4."""
+    g = torch.Generator().manual_seed(1)
+    H, HD = 2, 4
+    w = {"c_attn.weight": torch.randn(HID, 3 * H * HD, generator=g),
+         "c_attn.bias": torch.randn(3 * H * HD, generator=g),
+         "c_proj.weight": torch.randn(H * HD, HID, generator=g)}
+    base = np.arange(H * HD).reshape(H, HD)
+    sl = []
+    for r, role in enumerate("qkv"):
+        sl += [ParamSlice("c_attn.weight", 1, role, base + r * H * HD),
+               ParamSlice("c_attn.bias", 0, "bias", base + r * H * HD)]
+    sl.append(ParamSlice("c_proj.weight", 0, "o", base))
+    s = Structure("attn1", "attention", 1, H, HD, sl, Probes("x", "h", "attn"),
+                  heads=H, kv_heads=H, head_dim=HD, granularity="head")
+    return s, w
+
+
+def _ffn():
+    """Gated FFN (SwiGLU): gate/up [10, 8], down [8, 10]; one neuron per unit."""
+    g = torch.Generator().manual_seed(2)
+    I = 10
+    w = {"gate.weight": torch.randn(I, HID, generator=g),
+         "up.weight": torch.randn(I, HID, generator=g),
+         "down.weight": torch.randn(HID, I, generator=g),
+         "down.bias": torch.randn(HID, generator=g)}
+    idx = np.arange(I)[:, None]
+    s = Structure("ffn0", "ffn", 0, I, 1,
+                  [ParamSlice("gate.weight", 0, "gate", idx), ParamSlice("up.weight", 0, "up", idx),
+                   ParamSlice("down.weight", 1, "down", idx)], Probes("x", "h"))
+    return s, w
+
+
+def _stats(d2, seed=5, full_h=True):
+    g = torch.Generator().manual_seed(seed)
+    x = Moments()
+    h = Moments(full=full_h)
+    for _ in range(3):
+        x.update(torch.randn(2, 7, HID, generator=g) * torch.linspace(0.5, 2, HID) + 0.3)
+        h.update(torch.randn(2, 7, d2, generator=g) * torch.linspace(0.2, 3, d2) - 0.1)
+    return ModuleStats(x, h)
+
+
+# ---- natural-layout views (explicit transposes for Conv1D) used by the references
+
+def _rows(w, name):       # level-1 weight as [out, in]
+    t = w[name].double()
+    return t.T if name.startswith("c_") else t
+
+
+def _cols(w, name):       # level-2 weight as [out, in]
+    t = w[name].double()
+    return t.T if name.startswith("c_") else t
+
+
+def _quad(a, sig):
+    return float(sum(a[i] * sig[i, j] * a[j] for i in range(len(a)) for j in range(len(a))))
+
+
+def ref_goa(kind, w, sig):
+    out = []
+    if kind == "gqa":
+        Wv, Wo = _rows(w, "v.weight"), _cols(w, "o.weight")
+        for g in range(2):
+            tot = 0.0
+            for h in (2 * g, 2 * g + 1):
+                for c in range(3):
+                    tot += 0.5 * float((Wo[:, h * 3 + c] ** 2).sum()) * _quad(Wv[g * 3 + c], sig)
+            out.append(tot)
+    elif kind == "gpt2":
+        Wv = _rows(w, "c_attn.weight")[16:24]
+        Wo = _cols(w, "c_proj.weight")
+        for h in range(2):
+            out.append(sum(0.5 * float((Wo[:, h * 4 + c] ** 2).sum()) * _quad(Wv[h * 4 + c], sig)
+                           for c in range(4)))
+    else:
+        Wg, Wu, Wd = _rows(w, "gate.weight"), _rows(w, "up.weight"), _cols(w, "down.weight")
+        for j in range(10):
+            b = float((Wd[:, j] ** 2).sum())
+            out.append(0.5 * b * _quad(Wg[j], sig) * 0.5 * b * _quad(Wu[j], sig))
+    return np.array(out)
+
+
+CASES = {"gqa": _gqa, "gpt2": _gpt2, "ffn": _ffn}
+D2 = {"gqa": 12, "gpt2": 8, "ffn": 10}
+L2 = {"gqa": "o.weight", "gpt2": "c_proj.weight", "ffn": "down.weight"}
+
+
+def _units_cols(kind):
+    """level-2 input columns of each unit (reference, not from the index arrays)."""
+    if kind == "gqa":
+        return [list(range(6 * g, 6 * g + 6)) for g in range(2)]
+    if kind == "gpt2":
+        return [list(range(4 * h, 4 * h + 4)) for h in range(2)]
+    return [[j] for j in range(10)]
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("mode", ["centred", "raw", "datafree"])
+def test_goa_matches_reference(kind, mode):
+    s, w = CASES[kind]()
+    st = _stats(D2[kind])
+    if mode == "datafree":
+        got, sig = scoring.goa_second_moment(s, w, None), torch.eye(HID, dtype=F64)
+    elif mode == "centred":
+        got, sig = scoring.goa_second_moment(s, w, st), st.x.covariance()
+    else:
+        got, sig = scoring.goa_second_moment(s, w, st, centred=False), st.x.second_moment()
+    assert got.dtype == np.float64 and got.shape == (s.units,)
+    np.testing.assert_allclose(got, ref_goa(kind, w, sig.numpy()), rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_magnitude_matches_reference(kind):
+    s, w = CASES[kind]()
+    ref = []
+    if kind == "gqa":
+        Wq, Wk, Wv, Wo = (_rows(w, n) for n in ("q.weight", "k.weight", "v.weight", "o.weight"))
+        for g in range(2):
+            t = sum(float(Wq[r] @ Wq[r]) for r in range(6 * g, 6 * g + 6))
+            t += sum(float(Wk[r] @ Wk[r] + Wv[r] @ Wv[r]) for r in range(3 * g, 3 * g + 3))
+            t += sum(float(Wo[:, c] @ Wo[:, c]) for c in range(6 * g, 6 * g + 6))
+            ref.append(t ** 0.5)
+    elif kind == "gpt2":
+        A, Wo = _rows(w, "c_attn.weight"), _cols(w, "c_proj.weight")
+        for h in range(2):
+            t = sum(float(A[p * 8 + h * 4 + c] @ A[p * 8 + h * 4 + c]) for p in range(3) for c in range(4))
+            t += sum(float(Wo[:, h * 4 + c] @ Wo[:, h * 4 + c]) for c in range(4))
+            ref.append(t ** 0.5)
+    else:
+        Wg, Wu, Wd = _rows(w, "gate.weight"), _rows(w, "up.weight"), _cols(w, "down.weight")
+        for j in range(10):
+            ref.append(float(Wg[j] @ Wg[j] + Wu[j] @ Wu[j] + Wd[:, j] @ Wd[:, j]) ** 0.5)
+    np.testing.assert_allclose(scoring.magnitude(s, w), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+@pytest.mark.parametrize("full_h", [True, False])
+def test_wanda_and_flap_match_reference(kind, full_h):
+    s, w = CASES[kind]()
+    st = _stats(D2[kind], full_h=full_h)
+    W2 = _cols(w, L2[kind])
+    n = st.h.count
+    mu = st.h.s / n
+    sq = st.h.gram.diagonal() if full_h else st.h.gram
+    wanda, flap = [], []
+    for cols in _units_cols(kind):
+        a = b = 0.0
+        for j in cols:
+            norm = float(sq[j]) ** 0.5
+            var = (float(sq[j]) - n * float(mu[j]) ** 2) / (n - 1)
+            for i in range(W2.shape[0]):
+                a += abs(float(W2[i, j])) * norm
+                b += var * float(W2[i, j]) ** 2
+        wanda.append(a)
+        flap.append(b)
+    np.testing.assert_allclose(scoring.wanda_sp(s, w, st), wanda, rtol=1e-12)
+    np.testing.assert_allclose(scoring.flap_fluctuation(s, w, st), flap, rtol=1e-10)
+
+
+def test_random_scores_seeded():
+    s, _ = _ffn()
+    a = scoring.random_scores(s, np.random.default_rng(7))
+    b = scoring.random_scores(s, np.random.default_rng(7))
+    c = scoring.random_scores(s, np.random.default_rng(8))
+    assert a.shape == (10,) and a.dtype == np.float64
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_standardize():
+    z = scoring.standardize(np.array([1.0, 2.0, 3.0, 6.0]))
+    assert abs(z.mean()) < 1e-15 and abs(z.std(ddof=1) - 1) < 1e-12
+    assert np.all(scoring.standardize(np.array([2.0, 2.0])) == 0)
+    assert np.all(scoring.standardize(np.array([5.0])) == 0)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "gpt2"])
+def test_flap_bias_compensation_exact_for_constant_inputs(kind):
+    s, w = CASES[kind]()
+    d2 = D2[kind]
+    g = torch.Generator().manual_seed(9)
+    kept = [0, 3, 5, 6, 9] if kind == "ffn" else [1]
+    keep_cols = sorted(c for u in kept for c in _units_cols(kind)[u])
+    drop_cols = [c for c in range(d2) if c not in keep_cols]
+    const = torch.randn(d2, generator=g, dtype=F64)
+    hs = [torch.randn(3, 5, d2, generator=g, dtype=F64) for _ in range(2)]
+    for h in hs:
+        h[..., drop_cols] = const[drop_cols]            # zero-variance pruned inputs
+    st = ModuleStats(Moments(), Moments(full=False))
+    for h in hs:
+        st.h.update(h)
+    delta = scoring.flap_bias_compensation(s, w, st, kept)
+    W2 = _cols(w, L2[kind])
+    for h in hs:
+        dense = h @ W2.T
+        pruned = h[..., keep_cols] @ W2[:, keep_cols].T + delta
+        torch.testing.assert_close(pruned, dense, rtol=1e-12, atol=1e-12)
+    # keeping everything compensates nothing
+    assert torch.all(scoring.flap_bias_compensation(s, w, st, range(s.units)) == 0)
+
+
+def test_head_similarity_prune_and_scores():
+    D = np.array([[0.0, 0.1, 0.5, 0.6],
+                  [0.1, 0.0, 0.05, 0.7],
+                  [0.5, 0.05, 0.0, 0.8],
+                  [0.6, 0.7, 0.8, 0.0]])
+    # ascending pairs: (1,2)=.05 -> mark 2; (0,1)=.1 -> mark 1; (0,2) skip; (0,3)=.6 -> mark 3
+    assert scoring.head_similarity_prune(D, tau=0.2) == [2, 1]
+    assert scoring.head_similarity_prune(D, tau=0.04) == []
+    assert scoring.head_similarity_prune(D, n_prune=1) == [2]
+    assert scoring.head_similarity_prune(D, n_prune=3) == [2, 1, 3]
+    assert scoring.head_similarity_prune(D, n_prune=2, tau=0.08) == [2]
+    tb = np.array([0.0, 5.0, 9.0, 1.0])          # secondary score: lower is pruned
+    # (1,2): tb 5 < 9 -> 1; (0,1) skip; (0,2): tb 0 < 9 -> 0; (2,3): tb 1 < 9 -> 3
+    assert scoring.head_similarity_prune(D, n_prune=3, tiebreak=tb) == [1, 0, 3]
+    assert scoring.head_similarity_prune(D, n_prune=2, tiebreak=tb) == [1, 0]
+    with pytest.raises(ValueError):
+        scoring.head_similarity_prune(D)
+    sc = scoring.head_similarity_scores(D, 4)
+    for m in range(4):
+        drop = set(np.argsort(sc, kind="stable")[:m].tolist())
+        assert drop == set(scoring.head_similarity_prune(D, n_prune=m))
+    grp = scoring.head_similarity_scores(D, 2)
+    np.testing.assert_array_equal(grp, [sc[:2].max(), sc[2:].max()])
+
+
+def test_head_similarity_from_probabilities():
+    """Duplicated heads are the first to go."""
+    g = torch.Generator().manual_seed(4)
+    probs = torch.randn(2, 4, 6, 6, generator=g).mul(3).softmax(-1)
+    probs[:, 2] = probs[:, 0]
+    hs = HeadSimilarity()
+    hs.update(probs)
+    assert scoring.head_similarity_prune(hs.matrix().numpy(), n_prune=1) == [2]
