@@ -91,6 +91,8 @@ class Structure:
     roots: dict[str, int] = field(default_factory=dict)     # level-1 output node -> width
     root_index: dict[str, np.ndarray] = field(default_factory=dict)  # root -> [units, k] channels
     constants: list[ShapeConstant] = field(default_factory=list)
+    # projection node -> (weight param, the weight's output-channel axis, bias param or None)
+    projections: dict[str, tuple[str, int, str | None]] = field(default_factory=dict)
 
     def level1(self) -> list[ParamSlice]:
         return [s for s in self.slices if s.role in LEVEL1_ROLES]

@@ -57,14 +57,15 @@ def _quiet():
 
 
 def onnx_param_count(path: str | os.PathLike) -> int:
-    """Elements of the floating-point initializers with two or more dimensions or one
-    dimension (weights, biases, norms) - i.e. the model's parameters as stored in the file."""
+    """Elements of the floating-point initializers that are tensors (one or more dimensions:
+    weights, biases, norm scales, float buffers such as rotary frequencies); the exporter's
+    0-d scalar constants (epsilons, scales) are not parameters and are left out."""
     model = onnx.load(str(path), load_external_data=False)
     total = 0
     for init in model.graph.initializer:
         if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE):
-            total += int(np.prod(init.dims)) if len(init.dims) else 1
+                              onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE) and len(init.dims):
+            total += int(np.prod(init.dims))
     return total
 
 

@@ -775,7 +775,9 @@ def _structure(st: _State, roots: list[str], l2s: list[str]) -> Structure:
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, granularity=granularity,
         level1_nodes=list(root_index), level2_node=l2,
         roots={r: st.projs[r].width for r in root_index}, root_index=root_index,
-        constants=constants)
+        constants=constants,
+        projections={n: (st.projs[n].weight, st.projs[n].w_out_axis, st.projs[n].bias)
+                     for n in [*root_index, l2]})
 
 
 def _overlap(ranges) -> bool:

