@@ -1,0 +1,16 @@
+# make setup | test | test-fast | demo      (everything runs in .venv, made by tools/setup.sh)
+PY := .venv/bin/python
+
+.PHONY: setup test test-fast demo
+
+setup:
+	bash tools/setup.sh
+
+test: setup
+	$(PY) -m pytest -q -n 2
+
+test-fast: setup
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+demo: setup
+	.venv/bin/goa compile smollm2-135m --ratio 0.2 --out out/smollm2-135m-r0.2 --overwrite

