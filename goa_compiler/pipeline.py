@@ -16,7 +16,8 @@ from .output import staged_output, write_json
 from .passes import scoring
 from .passes.analysis import analyze_graph
 from .passes.rewrite import count_params, rewrite
-from .passes.selection import choose, structure_params, uniform_counts, unit_params
+from .passes.selection import (SelectionError, choose, structure_params, targets, uniform_counts,
+                              unit_params)
 from .progress import Progress
 from .structure import Analysis, Plan, Structure
 
@@ -42,6 +43,10 @@ class CompileOptions:
     seq_len: int = 128
     skip_layers: str = "none"
     eval_data: str | None = None
+    eval_tokens: int = 32768
+    head_criterion: str = "moment"
+    goa_score: str = "empirical"
+    batch_size: int = 8
     overwrite: bool = False
 
     def check(self):
@@ -51,6 +56,14 @@ class CompileOptions:
             raise CompileError(f"unknown criterion {self.criterion!r} (choose from {', '.join(CRITERIA)})")
         if self.reconstruct not in RECONSTRUCTIONS:
             raise CompileError(f"unknown reconstruction {self.reconstruct!r}")
+        if self.allocation not in ("uniform", "global"):
+            raise CompileError(f"unknown allocation {self.allocation!r}")
+        if self.goa_score not in ("empirical", "gaussian", "gaussian-uncentred"):
+            raise CompileError(f"unknown goa score {self.goa_score!r}")
+        if self.head_criterion not in ("moment", "similarity"):
+            raise CompileError(f"unknown head criterion {self.head_criterion!r}")
+        if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise CompileError("--num-samples, --seq-len and --batch-size must be positive")
 
 
 def display_name(param: str) -> str:
@@ -101,6 +114,23 @@ def module_record(s: Structure, kept: list[int]) -> dict:
 
 # ------------------------------------------------------------------------------ compile
 
+def evaluation_windows(tokenizer, opts: "CompileOptions") -> torch.Tensor:
+    """Held-out windows: the KJV eval split when DATA is 'kjv', else the user's text."""
+    from .data import load_texts, token_windows
+
+    spec = None if opts.eval_data in ("kjv", "default") else opts.eval_data
+    texts = load_texts(spec, split="eval")
+    # tokenize only a prefix large enough for eval_tokens (about 4 characters a token)
+    budget, prefix = 8 * opts.eval_tokens, []
+    for t in texts:
+        prefix.append(t)
+        budget -= len(t)
+        if budget <= 0:
+            break
+    windows = token_windows(tokenizer, prefix, opts.seq_len, None, seed=0)
+    return windows[: max(1, opts.eval_tokens // opts.seq_len)]
+
+
 def param_shapes(gm: torch.nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in gm.state_dict(keep_vars=True).items()}
 
@@ -127,7 +157,8 @@ class CompileResult:
 
 
 def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out: str | Path,
-                   progress: Progress | None = None, tokenizer=None, source: str = "") -> CompileResult:
+                   progress: Progress | None = None, tokenizer=None, source: str = "",
+                   spec: str | None = None) -> CompileResult:
     """Compile an already-loaded model into OUT (model.onnx + report.json)."""
     opts.check()
     progress = progress or Progress(False)
@@ -146,14 +177,26 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
     shapes = param_shapes(gm)
     weights = dict(gm.state_dict())
     before = count_params(gm)
+    eval_windows = None
+    ppl: dict = {}
+    if opts.eval_data:
+        if tokenizer is None:
+            raise CompileError("--eval needs the model's tokenizer")
+        from .eval import perplexity_torch
+
+        with progress.phase("eval dense"):
+            eval_windows = evaluation_windows(tokenizer, opts)
+            ppl["before"] = perplexity_torch(model, eval_windows)["ppl"]
 
     extra: dict = {}
     new_weights: dict[str, torch.Tensor] = {}
     if opts.criterion in DATA_FREE and opts.reconstruct == "none":
         with progress.phase("scoring"):
             scores = data_free_scores(analysis, weights, opts.criterion, opts.seed)
-        counts = uniform_counts(analysis.structures, opts.ratio)
-        plan = choose(analysis.structures, scores, counts)
+        chosen, skip, ratio = targets(analysis.structures, opts.ratio, opts.skip_layers, shapes)
+        counts = uniform_counts(chosen, ratio, shapes)
+        plan = choose(chosen, scores, counts)
+        extra["skipped_layers"] = sorted(skip)
     else:
         from .passes.greedy import greedy_compile
 
@@ -164,7 +207,7 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
             gm, analysis, opts, tokenizer, progress, captured)
 
     with progress.phase("rewrite"):
-        result = rewrite(gm, analysis, plan, new_weights, extra.pop("new_biases", None))
+        result = rewrite(gm, analysis, plan, new_weights, extra.get("new_biases"))
     with staged_output(out, opts.overwrite) as tmp:
         with progress.phase("export"):
             onnx_path = export_onnx(gm, captured.example, tmp / "model.onnx", captured.output_name,
@@ -173,6 +216,15 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
             ids = torch.randint(0, int(model.config.vocab_size), (2, 12),
                                 generator=torch.Generator().manual_seed(opts.seed))
             err = verify(onnx_path, gm, ids)
+        if eval_windows is not None:
+            from .eval import perplexity_onnx
+
+            with progress.phase("eval pruned"):
+                ppl["after"] = perplexity_onnx(onnx_path, eval_windows)["ppl"]
+            ppl.update(data=opts.eval_data, tokens=int(eval_windows.numel()),
+                       seq_len=int(eval_windows.shape[1]), measured_on="torch (dense), onnxruntime (pruned)")
+            extra["perplexity"] = ppl
+        extra["model_spec"] = spec
         report = build_report(analysis, plan, opts, shapes, before, result.params_after,
                               onnx_param_count(onnx_path), err, scores, progress, source, extra)
         write_json(tmp / "report.json", report)

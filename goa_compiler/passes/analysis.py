@@ -44,7 +44,9 @@ class Tag:
 
 
 class _Reject(Exception):
-    pass
+    def __init__(self, msg: str, terminal: bool = False):
+        super().__init__(msg)
+        self.terminal = terminal
 
 
 class _UnionFind:
@@ -95,12 +97,19 @@ class _State:
     attention: dict[str, dict] = field(default_factory=dict)        # root -> attention facts
     attached: list[tuple[str, int, Tag, int]] = field(default_factory=list)
     data_dependent: dict[str, bool] = field(default_factory=dict)
+    terminal: set = field(default_factory=set)
 
     # -- helpers
-    def refuse(self, tags, reason: str):
+    def refuse(self, tags, reason: str, terminal: bool = False):
+        """Refuse the structures of these channels. ``terminal``: the channels simply end
+        where a level-1 output cannot (the residual stream, a model output, a tied
+        weight): the projection is no level 1, not a structure analysis failed to prove."""
         for t in tags:
             key = ("root", t.root)
-            self.refusals.setdefault(key, reason)
+            if key not in self.refusals:
+                self.refusals[key] = reason
+                if terminal:
+                    self.terminal.add(key)
 
     def join(self, a: Tag, b: Tag, length: int):
         """Channels at the same index of two tagged axes belong to one unit."""
@@ -200,7 +209,7 @@ def analyze_graph(graph: Graph) -> Analysis:
             _transfer(st, node, param_uses)
         except _Reject as e:
             tags = _input_tags(st, node)
-            st.refuse(tags, f"{node.target} ({node.name}): {e}")
+            st.refuse(tags, f"{node.target} ({node.name}): {e}", terminal=e.terminal)
     return _collect(st, users)
 
 
@@ -238,7 +247,7 @@ def _transfer(st: _State, node: Node, param_uses: dict[str, int]):
     if op == "output":
         tags = _input_tags(st, node)
         if tags:
-            st.refuse(tags, "channels reach a model output")
+            st.refuse(tags, "channels reach a model output", terminal=True)
         return
     if op == "linear":
         return _linear(st, node, param_uses)
@@ -395,7 +404,7 @@ def _linear(st: _State, node: Node, param_uses: dict[str, int]):
     out[len(node.shape) - 1] = root
     st.tags[node.name] = out
     if shared:
-        st.refuse([root], f"weight {wname} is shared with another op (tied weights)")
+        st.refuse([root], f"weight {wname} is shared with another op (tied weights)", terminal=True)
     if bname is not None and param_uses.get(bname, 0) > 1:
         st.refuse([root], f"bias {bname} is shared with another op")
 
@@ -430,9 +439,11 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
                 if len(src.shape) != len(_shape(st, r)):
                     raise _Reject("a parameter broadcast along channels with an unusual layout")
             else:
-                raise _Reject(
-                    "channels meet a tensor that is not part of the structure"
-                    + (" (the residual stream)" if st.data_dependent.get(r.name) else ""))
+                # projection outputs (flat channels) added to the data stream: the residual
+                residual = bool(st.data_dependent.get(r.name)) and all(
+                    t.repeat == 1 and t.block == 1 for _, _, t in tagged)
+                raise _Reject("channels meet a tensor that is not part of the structure"
+                              + (" (the residual stream)" if residual else ""), terminal=residual)
         out[a] = first
     st.tags[node.name] = out
 
@@ -638,10 +649,12 @@ def _collect(st: _State, users) -> Analysis:
         l2s = [n for k, n in members if k == "l2"]
         reasons = [st.refusals[("root", r)] for r in roots if ("root", r) in st.refusals]
         if not l2s:
+            keys = [("root", r) for r in roots if ("root", r) in st.refusals]
+            structural = [k for k in keys if k not in st.terminal]
             for r in roots:
                 reason = st.refusals.get(("root", r)) or (
                     reasons[0] if reasons else "its channels never reach another projection")
-                refused.append(Refusal(r, st.projs[r].weight, reason, candidate=False))
+                refused.append(Refusal(r, st.projs[r].weight, reason, candidate=bool(structural)))
             continue
         if reasons:
             for r in roots:

@@ -30,7 +30,7 @@ from ..structure import Analysis, ModulePlan, Plan, Structure
 from . import scoring
 from .calibration import Stream, batches
 from .reconstruction import output_error, refit_linear, restrict
-from .selection import global_counts, uniform_counts
+from .selection import global_counts, targets, uniform_counts
 from .stats import CrossMoments, HeadSimilarity, Moments
 
 F64 = torch.float64
@@ -38,28 +38,6 @@ F64 = torch.float64
 
 class CalibrationError(Exception):
     """Calibration produced non-finite activations (names the module)."""
-
-
-def skipped_layers(spec: str, layers: list[int]) -> set[int]:
-    """--skip-layers: none | first | last | first,last | comma-separated block numbers."""
-    spec = (spec or "none").strip().lower()
-    if spec in ("", "none"):
-        return set()
-    lo, hi = min(layers), max(layers)
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if part == "first":
-            out.add(lo)
-        elif part == "last":
-            out.add(hi)
-        elif part.isdigit():
-            out.add(int(part))
-        else:
-            from ..pipeline import CompileError
-
-            raise CompileError(f"--skip-layers: cannot read {part!r} (use none, first, last or numbers)")
-    return out
 
 
 def attention_probs(args, kwargs) -> torch.Tensor:
@@ -103,7 +81,8 @@ def _needs(criterion: str, head_criterion: str) -> _Needs:
 
 
 def score_structure(criterion: str, s: Structure, weights, stats: scoring.ModuleStats | None,
-                    rng: np.random.Generator, head_criterion: str = "moment") -> np.ndarray:
+                    rng: np.random.Generator, head_criterion: str = "moment",
+                    goa_score: str = "empirical") -> np.ndarray:
     if criterion == "magnitude":
         return scoring.magnitude(s, weights)
     if criterion == "random":
@@ -115,7 +94,9 @@ def score_structure(criterion: str, s: Structure, weights, stats: scoring.Module
     if s.kind == "attention" and head_criterion == "similarity" and stats and stats.heads is not None:
         D = stats.heads.matrix().cpu().numpy()
         return scoring.head_similarity_scores(D, s.units)
-    return scoring.goa_second_moment(s, weights, stats)
+    if goa_score == "empirical" and stats is not None:
+        return scoring.output_energy(s, weights, stats)
+    return scoring.goa_second_moment(s, weights, stats, centred=goa_score == "gaussian")
 
 
 def _pins(s: Structure) -> set[str]:
@@ -159,28 +140,28 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
     with progress.phase("calibration data"):
         windows = calibration_windows(tokenizer, opts)
     feeds = batches(windows, getattr(opts, "batch_size", 8))
-    layers = sorted({s.layer for s in analysis.structures})
-    skip = skipped_layers(opts.skip_layers, layers)
-    structures = [s for s in analysis.structures if s.layer not in skip]
     orig = dict(gm.state_dict())
     shapes = {k: tuple(v.shape) for k, v in orig.items()}
+    structures, skip, ratio = targets(analysis.structures, opts.ratio, opts.skip_layers, shapes)
 
     if opts.allocation == "global":
         with progress.phase("allocation"):
             st = dense_stats(gm, structures, feeds, needs, progress)
-            pre = {s.name: score_structure(opts.criterion, s, orig, st[s.name], rng, head_criterion)
+            pre = {s.name: score_structure(opts.criterion, s, orig, st[s.name], rng, head_criterion,
+                                           opts.goa_score)
                    for s in structures}
-            counts = global_counts(structures, pre, opts.ratio, shapes)
+            counts = global_counts(structures, pre, ratio, shapes)
     else:
-        counts = uniform_counts(structures, opts.ratio)
+        counts = uniform_counts(structures, ratio, shapes)
 
+    recon = opts.reconstruct
     pins: set[str] = set()
     for s in structures:
         pins |= _pins(s)
     overrides: dict[str, torch.Tensor] = {}
-    dense = [Stream(gm, f, None, pins) for f in feeds]
+    # the dense stream gives the targets of the refits: not needed without reconstruction
+    dense = [Stream(gm, f, None, pins) for f in feeds] if recon != "none" else []
     pruned = [Stream(gm, f, overrides, pins) for f in feeds]
-    recon = opts.reconstruct
     plan = Plan({})
     scores: dict[str, np.ndarray] = {}
     records: dict[str, dict] = {}
@@ -200,44 +181,54 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
             # nothing there needs no reconstruction (so ratio 0 compiles to the dense model)
             touched = diverged or counts.get(s.name, 0) > 0
             module_recon = recon if touched else "none"
-            refit_l1 = module_recon != "none" and not any(p.done(n) for p in pruned[:1] for n in s.level1_nodes)
+            refit_l1 = module_recon != "none" and not any(pruned[0].done(n) for n in s.level1_nodes)
             for p in pruned:
                 p.run_until(s.probes.level1_input)
-            # -- statistics of the level-1 input (pruned stream), cross terms with dense level-1 outputs
+            # -- the level-1 input (pruned stream), paired with the dense level-1 outputs: one
+            # joint problem for all level-1 projections (they share X^, so X^T X once)
+            l1 = s.level1_nodes
+            biased = {s.projections[n][2] is not None for n in l1}
+            joint = CrossMoments() if refit_l1 else None
             xm = Moments(full=True)
-            cross1 = {n: CrossMoments() for n in s.level1_nodes} if refit_l1 else {}
-            for p, d in zip(pruned, dense):
+            for k, p in enumerate(pruned):
                 x = p.value(s.probes.level1_input)
                 _check_finite(x, s, "level-1 input")
-                xm.update(x)
-                for n, c in cross1.items():
-                    c.update(x, d.value(n))
-            if refit_l1:
-                for n, c in cross1.items():
+                if joint is not None:
+                    joint.update(x, torch.cat([dense[k].value(n) for n in l1], dim=-1))
+                else:
+                    xm.update(x)
+            if joint is not None:
+                xm.n, xm.s, xm.gram = joint.n, joint.sx, joint.xtx
+                rec["level1_error"] = {"before": output_error(joint, *_joint_weights(s, l1, orig))}
+                with_bias = biased == {True}     # a projection without a bias cannot gain one
+                W, bb = refit_linear(joint, bias=with_bias)
+                row = 0
+                for n in l1:
                     w, axis, b = s.projections[n]
-                    W, bb = refit_linear(c, bias=b is not None)
-                    overrides[w] = _layout(W, axis).to(orig[w].dtype)
+                    width = s.roots[n]
+                    overrides[w] = _layout(W[row:row + width], axis).to(orig[w].dtype)
                     if b is not None:
-                        overrides[b] = bb.to(orig[b].dtype)
-                rec["level1_error"] = {
-                    "before": float(sum(output_error(c, _as_out_in(orig[s.projections[n][0]], s.projections[n][1]),
-                                                     _bias(orig, s.projections[n][2])) for n, c in cross1.items())),
-                    "after": float(sum(output_error(c, _as_out_in(overrides[s.projections[n][0]], s.projections[n][1]),
-                                                    _bias(overrides, s.projections[n][2])) for n, c in cross1.items())),
-                }
+                        bias = bb[row:row + width] if with_bias else torch.zeros(width, dtype=F64)
+                        overrides[b] = bias.to(orig[b].dtype)
+                    row += width
+                rec["level1_error"]["after"] = output_error(joint, *_joint_weights(s, l1, overrides))
             # -- the level-2 input through the (refit) level 1, against the dense level-2 output
             heads = HeadSimilarity() if needs.heads and s.kind == "attention" else None
-            cross2 = CrossMoments()
-            for p, d in zip(pruned, dense):
+            cross2 = CrossMoments() if dense else None
+            hm = Moments(full=True)
+            for k, p in enumerate(pruned):
                 if heads is not None and s.probes.attention:
-                    p.hooks[s.probes.attention] = lambda a, k, out: heads.update(attention_probs(a, k))
+                    p.hooks[s.probes.attention] = lambda a, kw, out: heads.update(attention_probs(a, kw))
                 p.run_until(s.probes.level2_input)
                 p.hooks.pop(s.probes.attention, None)
                 h = p.value(s.probes.level2_input)
                 _check_finite(h, s, "level-2 input")
-                cross2.update(h, d.value(s.level2_node))
-            hm = Moments(full=True)
-            hm.n, hm.s, hm.gram = cross2.n, cross2.sx, cross2.xtx
+                if cross2 is not None:
+                    cross2.update(h, dense[k].value(s.level2_node))
+                else:
+                    hm.update(h)
+            if cross2 is not None:
+                hm.n, hm.s, hm.gram = cross2.n, cross2.sx, cross2.xtx
             stats = scoring.ModuleStats(xm, hm, heads)
 
             W2o = _as_out_in(current(l2w), l2axis).to(F64)
@@ -250,7 +241,7 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
             else:
                 W2, b2 = W2o, b2o
             weights = {k: current(k) for k in {sl.param for sl in s.slices}}
-            sc = score_structure(opts.criterion, s, weights, stats, rng, head_criterion)
+            sc = score_structure(opts.criterion, s, weights, stats, rng, head_criterion, opts.goa_score)
             scores[s.name] = sc
             n_drop = counts.get(s.name, 0)
             order = np.argsort(sc, kind="stable")
@@ -263,9 +254,12 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
 
             W2p = W2o.clone()
             W2p[:, dc] = 0.0
-            err_none = output_error(cross2, W2p, b2o.to(F64) if b2o is not None else None)
+            err_none = (output_error(cross2, W2p, b2o.to(F64) if b2o is not None else None)
+                        if cross2 is not None else None)
             if module_recon == "refit" and len(drop_cols):
-                Wk, bk = refit_linear(restrict(cross2, keep_cols), bias=l2b is not None)
+                # with an intercept: the removed channels' mean is absorbed into a bias (one is
+                # added to a bias-free level-2 projection, as FLAP's compensation does)
+                Wk, bk = refit_linear(restrict(cross2, keep_cols), bias=True)
                 W2f = torch.zeros_like(W2, dtype=F64)
                 W2f[:, torch.as_tensor(keep_cols)] = Wk
                 b2f = bk
@@ -277,7 +271,7 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                 full = {l2w: _layout(W2.to(F64), l2axis)}
                 delta = scoring.flap_bias_compensation(s, full, stats, kept)
                 b2f = delta if b2f is None else b2f + delta
-            err_after = output_error(cross2, W2f, b2f)
+            err_after = output_error(cross2, W2f, b2f) if cross2 is not None else None
             overrides[l2w] = _layout(W2f, l2axis).to(orig[l2w].dtype)
             if b2f is not None:
                 if l2b is not None:
@@ -288,7 +282,8 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                     overrides[name] = b2f.to(orig[l2w].dtype)
                     for p in pruned:
                         p.post[s.level2_node] = (lambda bb: lambda out: out + bb)(overrides[name])
-            rec["output_error"] = {"pruned_no_reconstruction": err_none, "final": err_after}
+            if cross2 is not None:
+                rec["output_error"] = {"pruned_no_reconstruction": err_none, "final": err_after}
             if n_drop:
                 plan.modules[s.name] = ModulePlan(s.name, kept)
                 diverged = True
@@ -300,6 +295,18 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
         "seq_len": int(windows.shape[1]), "seed": opts.seed, "tokens": int(windows.numel())},
         "skipped_layers": sorted(skip), "new_biases": new_biases}
     return plan, overrides, scores, extra
+
+
+def _joint_weights(s: Structure, nodes: list[str], table) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The level-1 projections stacked as one [sum of widths, in] problem (with biases,
+    zeros where a projection has none, when any has one)."""
+    Ws, bs, any_bias = [], [], False
+    for n in nodes:
+        w, axis, b = s.projections[n]
+        Ws.append(_as_out_in(table[w], axis))
+        any_bias |= b is not None
+        bs.append(table[b].to(F64) if b is not None else torch.zeros(s.roots[n], dtype=F64))
+    return torch.cat(Ws, 0), (torch.cat(bs) if any_bias else None)
 
 
 def _as_out_in(W: torch.Tensor, out_axis: int) -> torch.Tensor:

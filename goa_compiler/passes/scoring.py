@@ -154,6 +154,33 @@ def goa_second_moment(structure: Structure, weights: dict[str, torch.Tensor],
     return _to_numpy(total)
 
 
+def output_energy(structure: Structure, weights: dict[str, torch.Tensor], stats: ModuleStats) -> np.ndarray:
+    """GOA's second moment, measured instead of approximated: the calibration-set second
+    moment of each unit's contribution to the module output,
+
+        M_u = E ||B_u h_u||^2 = tr(B_u G_uu B_u^T) / n,    G = sum_t h_t h_t^T (uncentred)
+
+    with h the level-2 input and B_u the unit's level-2 columns. For one FFN neuron this is
+    ||B[:, j]||^2 E[h_j^2], the quantity the closed form 1/2 ||B_j||^2 A_j^T Sigma A_j
+    approximates under x ~ N(0, Sigma) (exact for the measured activations, including the
+    gate, the mean and SmolLM2-style massive activations that the Gaussian model misses).
+    Needs the full Gram of h when units span several channels (heads)."""
+    h = stats.h
+    n = float(h.n)
+    total = torch.zeros(structure.units, dtype=F64)
+    for sl in structure.level2():
+        blocks = unit_blocks(sl, weights)                              # [U, k, out]
+        idx = torch.as_tensor(np.asarray(sl.index), dtype=torch.long)
+        if h.full:
+            g = h.gram.to(F64)
+            G = g[idx[:, :, None], idx[:, None, :]]                    # [U, k, k]
+            e = torch.einsum("uko,ukl,ulo->u", blocks, G.to(blocks.device), blocks)
+        else:
+            e = ((blocks ** 2).sum(-1) * h.gram.to(F64)[idx]).sum(1)
+        total += e.cpu() / n
+    return _to_numpy(total)
+
+
 # ---------------------------------------------------------------- FLAP-family baselines
 
 def wanda_sp(structure: Structure, weights: dict[str, torch.Tensor], stats: ModuleStats) -> np.ndarray:

@@ -11,19 +11,46 @@ level-2 weights and level-1 biases) to remove. Two allocations:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..structure import ModulePlan, Plan, Structure
 
 
-@dataclass
-class Budget:
-    structure: str
-    units: int
-    params_per_unit: int
-    params_fixed: int        # parameters of the module that no unit owns (level-2 bias...)
+class SelectionError(Exception):
+    """The request cannot be met (a one-line reason)."""
+
+
+def skipped_layers(spec: str, layers: list[int]) -> set[int]:
+    """--skip-layers: none | first | last | first,last | comma-separated block numbers."""
+    spec = (spec or "none").strip().lower()
+    if spec in ("", "none"):
+        return set()
+    lo, hi = min(layers), max(layers)
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if part == "first":
+            out.add(lo)
+        elif part == "last":
+            out.add(hi)
+        elif part.isdigit():
+            out.add(int(part))
+        else:
+            raise SelectionError(f"--skip-layers: cannot read {part!r} (use none, first, last or numbers)")
+    return out
+
+
+def targets(structures: list[Structure], ratio: float, skip_spec: str, shapes: dict[str, tuple]):
+    """The structures to prune (blocks in --skip-layers stay dense) and the ratio they must
+    lose so that ``ratio`` of ALL structured parameters goes."""
+    skip = skipped_layers(skip_spec, sorted({s.layer for s in structures}))
+    chosen = [s for s in structures if s.layer not in skip]
+    if not chosen:
+        raise SelectionError("--skip-layers keeps every block dense: nothing to prune")
+    eff = ratio * structure_params(structures, shapes) / structure_params(chosen, shapes)
+    if eff >= 1.0:
+        raise SelectionError(f"--ratio {ratio} cannot be reached with layers {sorted(skip)} kept dense")
+    return chosen, skip, eff
 
 
 def unit_params(s: Structure, shapes: dict[str, tuple]) -> int:
@@ -40,12 +67,31 @@ def structure_params(structures: list[Structure], shapes: dict[str, tuple]) -> i
     return sum(s.units * unit_params(s, shapes) for s in structures)
 
 
-def uniform_counts(structures: list[Structure], ratio: float) -> dict[str, int]:
-    """Units to remove per module: round(ratio * units), at most units - 1."""
+def uniform_counts(structures: list[Structure], ratio: float,
+                   shapes: dict[str, tuple] | None = None) -> dict[str, int]:
+    """Units to remove per module: round(ratio * units), at most units - 1.
+
+    With ``shapes``, the rounding error of coarse modules (a K/V group is a third of
+    SmolLM2's attention) is absorbed by the finest-grained modules (FFN neurons), spread
+    evenly over them, so the whole model lands on the requested ratio."""
     out = {}
     for s in structures:
         n = int(np.floor(ratio * s.units + 0.5))
         out[s.name] = min(max(n, 0), s.units - 1)
+    if shapes is None or ratio <= 0:
+        return out
+    per = {s.name: unit_params(s, shapes) for s in structures}
+    finest = min(per.values())
+    fine = [s for s in structures if per[s.name] == finest]
+    coarse = [s for s in structures if per[s.name] != finest]
+    if not fine or not coarse:
+        return out
+    target = ratio * structure_params(structures, shapes)
+    left = target - sum(out[s.name] * per[s.name] for s in coarse)
+    fine_total = sum(s.units for s in fine)
+    frac = min(max(left / (finest * fine_total), 0.0), 1.0)
+    for s in fine:
+        out[s.name] = min(int(np.floor(frac * s.units + 0.5)), s.units - 1)
     return out
 
 
