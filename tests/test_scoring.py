@@ -267,3 +267,26 @@ def test_head_similarity_from_probabilities():
     hs = HeadSimilarity()
     hs.update(probs)
     assert scoring.head_similarity_prune(hs.matrix().numpy(), n_prune=1) == [2]
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_output_energy_matches_reference(kind):
+    """M_u = E||B_u h_u||^2 = (1/n) sum_t sum_i (sum_{j in u} B[i, j] h_t[j])^2, by loops."""
+    s, w = CASES[kind]()
+    g = torch.Generator().manual_seed(11)
+    h_rows = torch.randn(9, D2[kind], generator=g, dtype=torch.float64) * 1.5 + 0.4
+    st = ModuleStats(Moments(), Moments())
+    st.h.update(h_rows)
+    W2 = _cols(w, L2[kind])
+    ref = []
+    for cols in _units_cols(kind):
+        tot = 0.0
+        for t in range(h_rows.shape[0]):
+            for i in range(W2.shape[0]):
+                tot += sum(float(W2[i, j]) * float(h_rows[t, j]) for j in cols) ** 2
+        ref.append(tot / h_rows.shape[0])
+    np.testing.assert_allclose(scoring.output_energy(s, w, st), ref, rtol=1e-10)
+    if kind == "ffn":   # one channel per unit: the diagonal Gram is enough
+        diag = ModuleStats(Moments(), Moments(full=False))
+        diag.h.update(h_rows)
+        np.testing.assert_allclose(scoring.output_energy(s, w, diag), ref, rtol=1e-10)
