@@ -149,6 +149,33 @@ def data_free_scores(analysis: Analysis, weights: dict[str, torch.Tensor], crite
     return out
 
 
+def prune_graph(gm: torch.fx.GraphModule, analysis: Analysis, opts: CompileOptions, tokenizer,
+                progress: Progress, captured: Captured):
+    """Scoring, selection, reconstruction and rewrite on a captured graph (edited in place).
+    Returns (plan, rewrite result, scores, report extras)."""
+    shapes = param_shapes(gm)
+    extra: dict = {}
+    new_weights: dict[str, torch.Tensor] = {}
+    if opts.criterion in DATA_FREE and opts.reconstruct == "none":
+        with progress.phase("scoring"):
+            scores = data_free_scores(analysis, dict(gm.state_dict()), opts.criterion, opts.seed)
+        chosen, skip, ratio = targets(analysis.structures, opts.ratio, opts.skip_layers, shapes)
+        counts = uniform_counts(chosen, ratio, shapes)
+        plan = choose(chosen, scores, counts)
+        extra["skipped_layers"] = sorted(skip)
+    else:
+        from .passes.greedy import greedy_compile
+
+        if tokenizer is None:
+            raise CompileError(f"criterion {opts.criterion!r} / reconstruction {opts.reconstruct!r} "
+                               "needs calibration data and a tokenizer")
+        plan, new_weights, scores, extra = greedy_compile(
+            gm, analysis, opts, tokenizer, progress, captured)
+    with progress.phase("rewrite"):
+        result = rewrite(gm, analysis, plan, new_weights, extra.get("new_biases"))
+    return plan, result, scores, extra
+
+
 @dataclass
 class CompileResult:
     report: dict
@@ -175,7 +202,6 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
         raise CompileError("no prunable structure found: " + "; ".join(
             sorted({r.reason for r in analysis.refused if r.candidate})[:3] or ["no projections"]))
     shapes = param_shapes(gm)
-    weights = dict(gm.state_dict())
     before = count_params(gm)
     eval_windows = None
     ppl: dict = {}
@@ -188,26 +214,7 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
             eval_windows = evaluation_windows(tokenizer, opts)
             ppl["before"] = perplexity_torch(model, eval_windows)["ppl"]
 
-    extra: dict = {}
-    new_weights: dict[str, torch.Tensor] = {}
-    if opts.criterion in DATA_FREE and opts.reconstruct == "none":
-        with progress.phase("scoring"):
-            scores = data_free_scores(analysis, weights, opts.criterion, opts.seed)
-        chosen, skip, ratio = targets(analysis.structures, opts.ratio, opts.skip_layers, shapes)
-        counts = uniform_counts(chosen, ratio, shapes)
-        plan = choose(chosen, scores, counts)
-        extra["skipped_layers"] = sorted(skip)
-    else:
-        from .passes.greedy import greedy_compile
-
-        if tokenizer is None:
-            raise CompileError(f"criterion {opts.criterion!r} / reconstruction {opts.reconstruct!r} "
-                               "needs calibration data and a tokenizer")
-        plan, new_weights, scores, extra = greedy_compile(
-            gm, analysis, opts, tokenizer, progress, captured)
-
-    with progress.phase("rewrite"):
-        result = rewrite(gm, analysis, plan, new_weights, extra.get("new_biases"))
+    plan, result, scores, extra = prune_graph(gm, analysis, opts, tokenizer, progress, captured)
     with staged_output(out, opts.overwrite) as tmp:
         with progress.phase("export"):
             onnx_path = export_onnx(gm, captured.example, tmp / "model.onnx", captured.output_name,

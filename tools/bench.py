@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -24,8 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from goa_compiler.capture.sources import load_model  # noqa: E402
+from goa_compiler.capture.torch_export import capture  # noqa: E402
 from goa_compiler.eval import perplexity_onnx, perplexity_torch  # noqa: E402
-from goa_compiler.pipeline import CompileOptions, compile_loaded, evaluation_windows  # noqa: E402
+from goa_compiler.export.onnx import export_onnx  # noqa: E402
+from goa_compiler.graph import from_fx  # noqa: E402
+from goa_compiler.passes.analysis import analyze_graph  # noqa: E402
+from goa_compiler.passes.selection import structure_params, unit_params  # noqa: E402
+from goa_compiler.pipeline import CompileOptions, evaluation_windows, prune_graph  # noqa: E402
 from goa_compiler.progress import Progress  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -51,21 +57,22 @@ def quality(args):
     data = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     data.setdefault("runs", {})
     loaded = load_model(args.model)
+    captured = capture(loaded.model, loaded.kind)
+    analysis = analyze_graph(from_fx(captured.gm))
     opts0 = CompileOptions(ratio=0.0, seq_len=args.seq_len, num_samples=args.num_samples,
                            eval_data="kjv", eval_tokens=args.eval_tokens, seed=args.seed)
     windows = evaluation_windows(loaded.tokenizer, opts0)
     if "dense" not in data:
-        t = time.perf_counter()
-        dense = perplexity_torch(loaded.model, windows)
-        data["dense"] = {"ppl": dense["ppl"], "tokens": dense["tokens"], "backend": "torch",
-                         "seconds": time.perf_counter() - t}
+        data["dense"] = {"ppl": perplexity_torch(captured.gm, windows)["ppl"], "tokens": int(windows.numel())}
+    backend = "onnxruntime (CPU), on the emitted model.onnx" if args.onnx else \
+        "PyTorch, on the rewritten graph that is exported (every export is verified against it)"
     data["setup"] = {
-        "model": loaded.source, "calibration": f"KJV calibration split, {args.num_samples} random "
-        f"windows of {args.seq_len} tokens, seed {args.seed}",
-        "evaluation": f"KJV eval split (disjoint chapters), first {windows.numel()} tokens in "
-        f"windows of {args.seq_len}, perplexity of the emitted ONNX in onnxruntime (CPU)",
-        "allocation": "uniform", "machine": f"{platform.machine()}, {platform.processor() or ''}",
-        "command": "python tools/bench.py quality" + (" --quick" if args.quick else ""),
+        "model": loaded.source, "calibration": f"KJV calibration split (odd chapters), "
+        f"{args.num_samples} random windows of {args.seq_len} tokens, seed {args.seed}",
+        "evaluation": f"KJV eval split (even chapters, disjoint), first {windows.numel()} tokens in "
+        f"windows of {args.seq_len}; perplexity measured in {backend}",
+        "allocation": "uniform", "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
     }
     _save(path, data)
     criteria = args.criteria.split(",")
@@ -75,21 +82,30 @@ def quality(args):
         if key in data["runs"]:
             continue
         print(f"[bench] {key}", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            opts = CompileOptions(ratio=cfg["ratio"], criterion=cfg["criterion"],
-                                  reconstruct=cfg["reconstruct"], seq_len=args.seq_len,
-                                  num_samples=args.num_samples, seed=args.seed)
-            res = compile_loaded(copy.deepcopy(loaded.model), loaded.kind, opts, Path(tmp) / "out",
-                                 Progress(not args.quiet), tokenizer=loaded.tokenizer,
-                                 source=loaded.source, spec=args.model)
-            compile_s = time.perf_counter() - t
-            ppl = perplexity_onnx(Path(tmp) / "out" / "model.onnx", windows)
-        data["runs"][key] = {**cfg, "ppl": ppl["ppl"], "ppl_ratio": ppl["ppl"] / data["dense"]["ppl"],
-                             "ratio_achieved": res.report["ratio_achieved"],
-                             "params_after": res.report["params"]["after"],
-                             "compile_seconds": compile_s, "timings": res.report["timings"]}
+        opts = CompileOptions(ratio=cfg["ratio"], criterion=cfg["criterion"],
+                              reconstruct=cfg["reconstruct"], seq_len=args.seq_len,
+                              num_samples=args.num_samples, seed=args.seed)
+        gm = copy.deepcopy(captured.gm)
+        t = time.perf_counter()
+        progress = Progress(not args.quiet)
+        plan, result, _, _ = prune_graph(gm, analysis, opts, loaded.tokenizer, progress, captured)
+        prune_s = time.perf_counter() - t
+        if args.onnx:
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx_path = export_onnx(gm, captured.example, Path(tmp) / "model.onnx",
+                                        captured.output_name, captured.max_seq)
+                ppl = perplexity_onnx(onnx_path, windows)["ppl"]
+        else:
+            ppl = perplexity_torch(gm, windows)["ppl"]
+        shapes = {k: tuple(v.shape) for k, v in captured.gm.state_dict().items()}
+        removed = sum((s.units - len(plan.modules[s.name].kept)) * unit_params(s, shapes)
+                      for s in analysis.structures if s.name in plan.modules)
+        data["runs"][key] = {**cfg, "ppl": ppl, "ppl_ratio": ppl / data["dense"]["ppl"],
+                             "ratio_achieved": removed / structure_params(analysis.structures, shapes),
+                             "params_after": result.params_after, "prune_seconds": prune_s,
+                             "timings": progress.timings}
         _save(path, data)
+        print(f"[bench] {key}: ppl {ppl:.3f}", file=sys.stderr, flush=True)
     md = markdown(data, ratios, criteria)
     (path.with_suffix(".md")).write_text(md)
     print(md)
@@ -98,9 +114,9 @@ def quality(args):
 def markdown(data, ratios, criteria) -> str:
     runs = data["runs"]
     dense = data["dense"]["ppl"]
-    lines = [f"Dense SmolLM2-135M perplexity: **{dense:.2f}**. Cells: perplexity of the pruned "
-             f"ONNX model (ratio to dense). {data['setup']['calibration']}; "
-             f"{data['setup']['evaluation']}.", ""]
+    lines = [f"Dense perplexity: **{dense:.2f}**. Cells: perplexity of the pruned model "
+             f"(ratio to dense). Calibration: {data['setup']['calibration']}. Evaluation: "
+             f"{data['setup']['evaluation']}. Command: `{data['setup']['command']}`.", ""]
     head = "| criterion | reconstruction | " + " | ".join(f"ratio {r}" for r in ratios) + " |"
     lines += [head, "|" + "---|" * (2 + len(ratios))]
     best = {}
@@ -147,6 +163,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--onnx", action="store_true",
+                   help="export every pruned model and measure it in onnxruntime (slower)")
     args = p.parse_args()
     args.ratios = args.ratios or ("0.2,0.5" if args.quick else "0.1,0.2,0.3,0.4,0.5")
     args.num_samples = args.num_samples or (16 if args.quick else 32)
