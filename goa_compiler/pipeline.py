@@ -46,6 +46,7 @@ class CompileOptions:
     eval_tokens: int = 32768
     head_criterion: str = "moment"
     goa_score: str = "empirical"
+    ridge: float = 1e-2
     batch_size: int = 8
     overwrite: bool = False
 
@@ -62,6 +63,8 @@ class CompileOptions:
             raise CompileError(f"unknown goa score {self.goa_score!r}")
         if self.head_criterion not in ("moment", "similarity"):
             raise CompileError(f"unknown head criterion {self.head_criterion!r}")
+        if not (self.ridge > 0):
+            raise CompileError(f"--ridge must be positive, got {self.ridge}")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise CompileError("--num-samples, --seq-len and --batch-size must be positive")
 

@@ -34,8 +34,6 @@ from .selection import global_counts, targets, uniform_counts
 from .stats import CrossMoments, HeadSimilarity, Moments
 
 F64 = torch.float64
-import os
-RIDGE = float(os.environ.get("GOA_RIDGE", "1e-4"))
 
 
 class CalibrationError(Exception):
@@ -203,7 +201,7 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                 xm.n, xm.s, xm.gram = joint.n, joint.sx, joint.xtx
                 rec["level1_error"] = {"before": output_error(joint, *_joint_weights(s, l1, orig))}
                 with_bias = biased == {True}     # a projection without a bias cannot gain one
-                W, bb = refit_linear(joint, bias=with_bias, rel_lambda=RIDGE)
+                W, bb = refit_linear(joint, bias=with_bias, rel_lambda=opts.ridge)
                 row = 0
                 for n in l1:
                     w, axis, b = s.projections[n]
@@ -236,7 +234,7 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
             W2o = _as_out_in(current(l2w), l2axis).to(F64)
             b2o = _bias(overrides, l2b) if l2b in overrides else _bias(orig, l2b)
             if module_recon in ("paper", "refit"):
-                W2, b2 = refit_linear(cross2, bias=l2b is not None, rel_lambda=RIDGE)
+                W2, b2 = refit_linear(cross2, bias=l2b is not None, rel_lambda=opts.ridge)
                 overrides[l2w] = _layout(W2, l2axis).to(orig[l2w].dtype)
                 if l2b is not None:
                     overrides[l2b] = b2.to(orig[l2b].dtype)
@@ -259,9 +257,11 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
             err_none = (output_error(cross2, W2p, b2o.to(F64) if b2o is not None else None)
                         if cross2 is not None else None)
             if module_recon == "refit" and len(drop_cols):
-                # with an intercept: the removed channels' mean is absorbed into a bias (one is
-                # added to a bias-free level-2 projection, as FLAP's compensation does)
-                Wk, bk = refit_linear(restrict(cross2, keep_cols), bias=l2b is not None, rel_lambda=RIDGE)
+                # least squares on the kept channels only; an intercept only where the
+                # projection has a bias (adding one to bias-free projections over-fitted
+                # SmolLM2 badly in our measurements: see the README)
+                Wk, bk = refit_linear(restrict(cross2, keep_cols), bias=l2b is not None,
+                                      rel_lambda=opts.ridge)
                 W2f = torch.zeros_like(W2, dtype=F64)
                 W2f[:, torch.as_tensor(keep_cols)] = Wk
                 b2f = bk
