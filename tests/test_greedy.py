@@ -79,3 +79,18 @@ def test_skip_layers_keeps_blocks_dense_and_still_meets_the_ratio(tmp_path):
         if m["layer"] == 0:
             assert len(m["kept"]) == m["total"]
     assert abs(r["ratio_achieved"] - 0.3) < 0.1
+
+
+def test_global_allocation_and_head_similarity(tmp_path):
+    """Global allocation (FLAP-style standardised scores) with goa's JS head similarity:
+    the ratio is met overall, and modules may lose different fractions."""
+    _, _, res = _compile("llama", tmp_path, allocation="global", head_criterion="similarity",
+                         ratio=0.3)
+    r = res.report
+    assert r["allocation"] == "global"
+    assert abs(r["ratio_achieved"] - 0.3) < 0.1
+    ffn = [m for m in r["modules"] if m["kind"] == "ffn"]
+    att = [m for m in r["modules"] if m["kind"] == "attention"]
+    assert all(len(m["kept"]) >= 1 for m in r["modules"])
+    assert att and ffn
+    assert r["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
