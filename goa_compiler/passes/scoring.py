@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..structure import LEVEL1_ROLES, ParamSlice, Structure
+from ..structure import ParamSlice, Structure
 from .stats import HeadSimilarity, Moments
 
 F64 = torch.float64
