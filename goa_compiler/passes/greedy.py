@@ -269,7 +269,10 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                 W2f = W2.to(F64).clone()
                 W2f[:, dc] = 0.0
                 b2f = b2.to(F64) if b2 is not None else None
-            if opts.criterion == "flap" and len(drop_cols):
+            # FLAP's bias compensation belongs to the unrefit weights; the refit on the kept
+            # channels already redistributes the removed channels' output (adding both
+            # double-counts, and measured ppl > 1e7 on SmolLM2)
+            if opts.criterion == "flap" and len(drop_cols) and module_recon != "refit":
                 full = {l2w: _layout(W2.to(F64), l2axis)}
                 delta = scoring.flap_bias_compensation(s, full, stats, kept)
                 b2f = delta if b2f is None else b2f + delta
