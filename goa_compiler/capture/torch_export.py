@@ -71,6 +71,10 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     with torch.no_grad():
         ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)
     gm = ep.module()
+    # what the output does not need (an encoder's pooler) is neither analysed, counted nor
+    # exported
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name)
 
 

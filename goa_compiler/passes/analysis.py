@@ -106,10 +106,9 @@ class _State:
         weight): the projection is no level 1, not a structure analysis failed to prove."""
         for t in tags:
             key = ("root", t.root)
-            if key not in self.refusals:
-                self.refusals[key] = reason
-                if terminal:
-                    self.terminal.add(key)
+            self.refusals.setdefault(key, reason)
+            if terminal:
+                self.terminal.add(key)
 
     def join(self, a: Tag, b: Tag, length: int):
         """Channels at the same index of two tagged axes belong to one unit."""
@@ -210,7 +209,19 @@ def analyze_graph(graph: Graph) -> Analysis:
         except _Reject as e:
             tags = _input_tags(st, node)
             st.refuse(tags, f"{node.target} ({node.name}): {e}", terminal=e.terminal)
+            if not e.terminal:
+                _carry_refused(st, node)
     return _collect(st, users)
+
+
+def _carry_refused(st: _State, node: Node):
+    """After a refusal, let the (already refused) channels flow on through a shape-preserving
+    op, so the report can tell a structure that was refused on its way to a level-2
+    projection (a candidate: say why) from a projection that is simply no level 1."""
+    first = next((r for r in node.inputs if isinstance(r, Ref) and _tags(st, r)), None)
+    if first is not None and node.shape is not None and _shape(st, first) == node.shape \
+            and node.name not in st.tags:
+        st.tags[node.name] = dict(_tags(st, first))
 
 
 def _input_tags(st: _State, node: Node) -> list[Tag]:
@@ -647,12 +658,13 @@ def _collect(st: _State, users) -> Analysis:
         l2s = [n for k, n in members if k == "l2"]
         reasons = [st.refusals[("root", r)] for r in roots if ("root", r) in st.refusals]
         if not l2s:
-            keys = [("root", r) for r in roots if ("root", r) in st.refusals]
-            structural = [k for k in keys if k not in st.terminal]
+            # channels that end in the residual stream or a model output belong to no level 1
+            ends = any(("root", r) in st.terminal for r in roots)
             for r in roots:
                 reason = st.refusals.get(("root", r)) or (
                     reasons[0] if reasons else "its channels never reach another projection")
-                refused.append(Refusal(r, st.projs[r].weight, reason, candidate=bool(structural)))
+                refused.append(Refusal(r, st.projs[r].weight, reason,
+                                       candidate=bool(reasons) and not ends))
             continue
         if reasons:
             for r in roots:

@@ -212,6 +212,15 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                         overrides[b] = bias.to(orig[b].dtype)
                     row += width
                 rec["level1_error"]["after"] = output_error(joint, *_joint_weights(s, l1, overrides))
+                if rec["level1_error"]["after"] > rec["level1_error"]["before"]:
+                    # the ridge can cost more than the refit gains on few tokens: keep the
+                    # original level 1, so reconstruction never increases the error
+                    for n in l1:
+                        w, _, b = s.projections[n]
+                        overrides.pop(w, None)
+                        overrides.pop(b, None)
+                    rec["level1_error"]["after"] = rec["level1_error"]["before"]
+                    rec["level1_error"]["kept_original"] = True
             # -- the level-2 input through the (refit) level 1, against the dense level-2 output
             heads = HeadSimilarity() if needs.heads and s.kind == "attention" else None
             cross2 = CrossMoments() if dense else None
@@ -277,6 +286,10 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                 delta = scoring.flap_bias_compensation(s, full, stats, kept)
                 b2f = delta if b2f is None else b2f + delta
             err_after = output_error(cross2, W2f, b2f) if cross2 is not None else None
+            if module_recon == "refit" and err_after is not None and err_after > err_none:
+                # same guard for level 2: the pruned original is better than this refit
+                W2f, b2f, err_after = W2p, (b2o.to(F64) if b2o is not None else None), err_none
+                rec["kept_original_level2"] = True
             overrides[l2w] = _layout(W2f, l2axis).to(orig[l2w].dtype)
             if b2f is not None:
                 if l2b is not None:
