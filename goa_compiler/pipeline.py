@@ -144,15 +144,13 @@ def data_free_scores(analysis: Analysis, weights: dict[str, torch.Tensor], crite
     for s in analysis.structures:
         if criterion == "magnitude":
             out[s.name] = scoring.magnitude(s, weights)
-        elif criterion == "random":
-            out[s.name] = scoring.random_scores(s, rng)
         else:
-            out[s.name] = scoring.goa_second_moment(s, weights, None)
+            out[s.name] = scoring.random_scores(s, rng)
     return out
 
 
 def prune_graph(gm: torch.fx.GraphModule, analysis: Analysis, opts: CompileOptions, tokenizer,
-                progress: Progress, captured: Captured):
+                progress: Progress):
     """Scoring, selection, reconstruction and rewrite on a captured graph (edited in place).
     Returns (plan, rewrite result, scores, report extras)."""
     shapes = param_shapes(gm)
@@ -171,8 +169,7 @@ def prune_graph(gm: torch.fx.GraphModule, analysis: Analysis, opts: CompileOptio
         if tokenizer is None:
             raise CompileError(f"criterion {opts.criterion!r} / reconstruction {opts.reconstruct!r} "
                                "needs calibration data and a tokenizer")
-        plan, new_weights, scores, extra = greedy_compile(
-            gm, analysis, opts, tokenizer, progress, captured)
+        plan, new_weights, scores, extra = greedy_compile(gm, analysis, opts, tokenizer, progress)
     with progress.phase("rewrite"):
         result = rewrite(gm, analysis, plan, new_weights, extra.get("new_biases"))
     return plan, result, scores, extra
@@ -216,7 +213,7 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
             eval_windows = evaluation_windows(tokenizer, opts)
             ppl["before"] = perplexity_torch(model, eval_windows)["ppl"]
 
-    plan, result, scores, extra = prune_graph(gm, analysis, opts, tokenizer, progress, captured)
+    plan, result, scores, extra = prune_graph(gm, analysis, opts, tokenizer, progress)
     with staged_output(out, opts.overwrite) as tmp:
         with progress.phase("export"):
             onnx_path = export_onnx(gm, captured.example, tmp / "model.onnx", captured.output_name,

@@ -88,7 +88,7 @@ def quality(args):
         gm = copy.deepcopy(captured.gm)
         t = time.perf_counter()
         progress = Progress(not args.quiet)
-        plan, result, _, _ = prune_graph(gm, analysis, opts, loaded.tokenizer, progress, captured)
+        plan, result, _, _ = prune_graph(gm, analysis, opts, loaded.tokenizer, progress)
         prune_s = time.perf_counter() - t
         if args.onnx:
             with tempfile.TemporaryDirectory() as tmp:

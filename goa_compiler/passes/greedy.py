@@ -20,7 +20,6 @@ allocation), whatever the number of modules.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,17 +68,6 @@ def _check_finite(t: torch.Tensor, s: Structure, what: str):
                                f"({s.level2_node}); the model or the calibration data is broken")
 
 
-@dataclass
-class _Needs:
-    heads: bool
-    stats: bool
-
-
-def _needs(criterion: str, head_criterion: str) -> _Needs:
-    return _Needs(heads=criterion == "goa" and head_criterion == "similarity",
-                  stats=criterion not in ("magnitude", "random"))
-
-
 def score_structure(criterion: str, s: Structure, weights, stats: scoring.ModuleStats | None,
                     rng: np.random.Generator, head_criterion: str = "moment",
                     goa_score: str = "empirical") -> np.ndarray:
@@ -111,10 +99,11 @@ def calibration_windows(tokenizer, opts) -> torch.Tensor:
     return token_windows(tokenizer, texts, opts.seq_len, opts.num_samples, opts.seed)
 
 
-def dense_stats(gm, structures: list[Structure], feeds, needs: _Needs, progress) -> dict[str, scoring.ModuleStats]:
+def dense_stats(gm, structures: list[Structure], feeds, needs_heads: bool,
+                progress) -> dict[str, scoring.ModuleStats]:
     """One dense pass collecting every structure's statistics (for global allocation)."""
     stats = {s.name: scoring.ModuleStats(Moments(True), Moments(True),
-                                         HeadSimilarity() if needs.heads and s.kind == "attention" else None)
+                                         HeadSimilarity() if needs_heads and s.kind == "attention" else None)
              for s in structures}
     for feed in progress.iter(feeds, "allocation pass"):
         st = Stream(gm, feed)
@@ -132,10 +121,10 @@ def dense_stats(gm, structures: list[Structure], feeds, needs: _Needs, progress)
     return stats
 
 
-def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer, progress, captured):
+def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer, progress):
     """Returns (plan, new full-size weights, scores, report extras)."""
     head_criterion = getattr(opts, "head_criterion", "moment")
-    needs = _needs(opts.criterion, head_criterion)
+    needs_heads = opts.criterion == "goa" and head_criterion == "similarity"
     rng = np.random.default_rng(opts.seed)
     with progress.phase("calibration data"):
         windows = calibration_windows(tokenizer, opts)
@@ -146,7 +135,7 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
 
     if opts.allocation == "global":
         with progress.phase("allocation"):
-            st = dense_stats(gm, structures, feeds, needs, progress)
+            st = dense_stats(gm, structures, feeds, needs_heads, progress)
             pre = {s.name: score_structure(opts.criterion, s, orig, st[s.name], rng, head_criterion,
                                            opts.goa_score)
                    for s in structures}
@@ -222,7 +211,7 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                     rec["level1_error"]["after"] = rec["level1_error"]["before"]
                     rec["level1_error"]["kept_original"] = True
             # -- the level-2 input through the (refit) level 1, against the dense level-2 output
-            heads = HeadSimilarity() if needs.heads and s.kind == "attention" else None
+            heads = HeadSimilarity() if needs_heads and s.kind == "attention" else None
             cross2 = CrossMoments() if dense else None
             hm = Moments(full=True)
             for k, p in enumerate(pruned):
