@@ -96,6 +96,12 @@ _IGNORE = {"sym_size", "sym_numel", "sym_stride", "_assert_scalar", "sym_constra
            "sym_constrain_range_for_size", "_assert_async", "_assert_tensor_metadata"}
 
 
+def fetch_attr(module: torch.nn.Module, target: str):
+    """The attribute at a dotted path (a get_attr node's target, a parameter's name)."""
+    owner, _, leaf = target.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
 def _dim(d):
     if isinstance(d, torch.SymInt):
         return sympy.sympify(d.node.expr)
@@ -146,9 +152,7 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
             nodes[n.name] = Node(n.name, "input", [], shape, target=n.name)
             continue
         if n.op == "get_attr":
-            t = gm
-            for part in str(n.target).split("."):
-                t = getattr(t, part)
+            t = fetch_attr(gm, str(n.target))
             if isinstance(t, torch.Tensor):
                 shape = tuple(t.shape)
                 params[n.name] = str(n.target)

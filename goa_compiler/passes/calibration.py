@@ -16,12 +16,7 @@ from typing import Callable
 import torch
 import torch.fx
 
-
-def _fetch_attr(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+from ..graph import fetch_attr
 
 
 class Stream:
@@ -76,7 +71,7 @@ class Stream:
             elif n.op == "get_attr":
                 out = self.overrides.get(n.target)
                 if out is None:
-                    out = _fetch_attr(self.gm, n.target)
+                    out = fetch_attr(self.gm, n.target)
             elif n.op == "call_function":
                 args = torch.fx.node.map_arg(n.args, lambda a: env[a.name])
                 kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a.name])

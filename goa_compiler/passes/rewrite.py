@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..graph import fetch_attr
 from ..structure import Analysis, Plan, Structure
 
 
@@ -40,11 +41,6 @@ def removed_root_channels(structure: Structure, kept: list[int]) -> dict[str, np
     return {r: np.sort(idx[drop].reshape(-1)) for r, idx in structure.root_index.items()}
 
 
-def _get_param(gm: torch.nn.Module, name: str) -> torch.Tensor:
-    mod, _, leaf = name.rpartition(".")
-    return getattr(gm.get_submodule(mod) if mod else gm, leaf)
-
-
 def _set_param(gm: torch.nn.Module, name: str, value: torch.Tensor):
     mod, _, leaf = name.rpartition(".")
     owner = gm.get_submodule(mod) if mod else gm
@@ -65,7 +61,7 @@ def count_params(gm: torch.fx.GraphModule) -> int:
     for n in gm.graph.nodes:
         if n.op != "get_attr" or not n.users:
             continue
-        t = _get_param(gm, str(n.target))
+        t = fetch_attr(gm, str(n.target))
         if not isinstance(t, torch.nn.Parameter) or id(t) in seen:
             continue
         seen.add(id(t))
@@ -116,7 +112,7 @@ def rewrite(gm: torch.fx.GraphModule, analysis: Analysis, plan: Plan,
     for (param, axis), idx in removals.items():
         per_param.setdefault(param, []).append((axis, idx))
     for param, cuts in per_param.items():
-        t = _get_param(gm, param)
+        t = fetch_attr(gm, param)
         old_shape = tuple(t.shape)
         for axis, idx in cuts:
             keep = np.setdiff1d(np.arange(t.shape[axis]), idx)
