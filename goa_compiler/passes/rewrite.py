@@ -133,10 +133,10 @@ def rewrite(gm: torch.fx.GraphModule, analysis: Analysis, plan: Plan,
             gone = root_removed.get(c.root, np.array([], dtype=np.int64))
             kept_in = (c.stop - c.start) - int(((gone >= c.start) & (gone < c.stop)).sum())
             new = kept_in // c.block * c.repeat
-            if new == c.original:
+            if c.kind == "split":       # analysis records every piece of a split channel axis
+                splits.setdefault(c.node, {})[c.pos] = (c.original, new)
                 continue
-            if c.kind == "split":
-                splits.setdefault(c.node, {})[c.pos] = new
+            if new == c.original:
                 continue
             node = nodes[c.node]
             args = list(node.args)
@@ -149,11 +149,11 @@ def rewrite(gm: torch.fx.GraphModule, analysis: Analysis, plan: Plan,
             node.args = tuple(args)
             result.patched.append((c.node, c.arg, c.pos, c.original, new))
             result.modified = True
-    for name, new_sizes in splits.items():
+    for name, pieces in splits.items():
+        if all(old == new for old, new in pieces.values()):
+            continue
         node = nodes[name]
-        sizes = _split_sizes(node)
-        for k, v in new_sizes.items():
-            sizes[k] = v
+        sizes = [pieces[k][1] for k in sorted(pieces)]
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         node.target = torch.ops.aten.split_with_sizes.default
         node.args = (node.args[0], sizes, dim)
@@ -163,20 +163,6 @@ def rewrite(gm: torch.fx.GraphModule, analysis: Analysis, plan: Plan,
     gm.recompile()
     result.params_after = count_params(gm)
     return result
-
-
-def _split_sizes(node: torch.fx.Node) -> list[int]:
-    x = node.args[0]
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    size = int(x.meta["val"].shape[dim])
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    if name == "split_with_sizes":
-        return list(node.args[1])
-    if name == "chunk":
-        per = -(-size // node.args[1])
-    else:
-        per = node.args[1]
-    return [min(per, size - i) for i in range(0, size, per)]
 
 
 def _replace_or_add(gm: torch.nn.Module, name: str, value: torch.Tensor):
