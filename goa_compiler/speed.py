@@ -1,0 +1,101 @@
+"""Inference speed of emitted models: onnxruntime latency and the FLOPs of a graph.
+
+Used by the `--min-speedup` gate and by tools/bench.py. Latency is a median over repeated
+runs after warm-up, in one process, so that two models measured one after the other can be
+compared as a ratio (absolute numbers on shared machines are noisy; ratios much less so).
+The ideal speedup of a pruned model is dense FLOPs / pruned FLOPs of the same graph at the
+same input shape, counted by torch's FlopCounterMode (matmuls, attention, convolutions).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+PREFILL_SEQ = 128
+
+
+def has_kv_cache(path: str | os.PathLike) -> bool:
+    """Whether the ONNX model takes past keys/values as inputs (a decoder with a KV cache)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any("past" in i.name for i in model.graph.input)
+
+
+def session(path: str | os.PathLike, providers=None, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def feeds_for(sess, batch: int, seq_len: int, vocab_size: int | None, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    high = min(int(vocab_size), 1000) if vocab_size else 100
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = rng.integers(0, high, size=(batch, seq_len), dtype=np.int64)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((batch, seq_len), dtype=np.int64)
+        else:
+            raise ValueError(f"latency: unsupported model input {i.name!r}")
+    return feeds
+
+
+def onnx_latency(path: str | os.PathLike, *, batch: int = 1, seq_len: int = PREFILL_SEQ, reps: int = 20,
+                 warmup: int = 3, providers=None, vocab_size: int | None = None,
+                 threads: int | None = None, sess=None) -> dict:
+    """Median wall time of one run of the model on [batch, seq_len] tokens, in milliseconds."""
+    sess = sess or session(path, providers, threads)
+    feeds = feeds_for(sess, batch, seq_len, vocab_size)
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t) * 1e3)
+    q = np.percentile(times, [10, 90])
+    return {"median_ms": statistics.median(times), "p10_ms": float(q[0]), "p90_ms": float(q[1]),
+            "mean_ms": statistics.fmean(times), "reps": reps, "batch": batch, "seq_len": seq_len,
+            "provider": sess.get_providers()[0]}
+
+
+def interleaved_latency(paths: dict[str, str], *, rounds: int = 5, reps: int = 10, **kw) -> dict[str, dict]:
+    """Latency of several models measured in alternating rounds (A B A B ...), so that a slow
+    phase of a shared machine hits all of them alike; medians over all rounds' runs."""
+    sessions = {k: session(p, kw.get("providers"), kw.get("threads")) for k, p in paths.items()}
+    runs: dict[str, list[float]] = {k: [] for k in paths}
+    last = {}
+    for _ in range(rounds):
+        for k, p in paths.items():
+            r = onnx_latency(p, reps=reps, sess=sessions[k], **{a: b for a, b in kw.items()
+                                                                if a not in ("providers", "threads")})
+            runs[k].append(r["median_ms"])
+            last[k] = r
+    out = {}
+    for k, v in runs.items():
+        out[k] = {**last[k], "median_ms": statistics.median(v), "round_medians_ms": v,
+                  "reps": rounds * reps}
+    return out
+
+
+def graph_flops(module: torch.nn.Module, batch: int = 1, seq_len: int = PREFILL_SEQ) -> int:
+    """FLOPs of one forward pass of ``module(input_ids, attention_mask)`` (a captured or
+    rewritten graph, or a Hugging Face model) on [batch, seq_len] tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(ids, mask)
+    return int(counter.get_total_flops())
