@@ -21,11 +21,14 @@ class UserError(Exception):
 def _user_errors():
     from .capture.sources import ModelLoadError
     from .data import DataError
+    from .eval import ModelRunError
     from .output import OutputError
+    from .passes.greedy import CalibrationError
     from .passes.selection import SelectionError
     from .pipeline import CompileError
 
-    return (UserError, ModelLoadError, DataError, OutputError, CompileError, SelectionError)
+    return (UserError, ModelLoadError, DataError, OutputError, CompileError, SelectionError,
+            ModelRunError, CalibrationError)
 
 
 def _load(spec: str, trust_remote_code: bool):
