@@ -89,13 +89,24 @@ def interleaved_latency(paths: dict[str, str], *, rounds: int = 5, reps: int = 1
     return out
 
 
+def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and AV of CPU scaled-dot-product attention (FlopCounterMode has no formula for
+    the CPU kernel): 2*b*h*s_q*s_k*d for each; a causal mask is not discounted, as for the
+    other kernels."""
+    b, h, s_q, d = q_shape
+    s_k, d_v = k_shape[-2], v_shape[-1]
+    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
+
+
 def graph_flops(module: torch.nn.Module, batch: int = 1, seq_len: int = PREFILL_SEQ) -> int:
     """FLOPs of one forward pass of ``module(input_ids, attention_mask)`` (a captured or
-    rewritten graph, or a Hugging Face model) on [batch, seq_len] tokens."""
+    rewritten graph, or a Hugging Face model) on [batch, seq_len] tokens: matmuls and
+    attention (the rest, norms and activations, is a few percent and left out)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     ids = torch.zeros(batch, seq_len, dtype=torch.long)
     mask = torch.ones(batch, seq_len, dtype=torch.long)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         module(ids, mask)
     return int(counter.get_total_flops())

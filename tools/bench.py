@@ -1,13 +1,24 @@
 #!/usr/bin/env python
-"""Benchmarks (tools, not tests): quality of the pruned models against the baselines.
+"""Benchmarks (tools, not tests): quality, compile cost and inference speed of goa-compiler
+against its baselines and Torch-Pruning, on SmolLM2-135M, side by side in one run.
 
-    python tools/bench.py quality [--quick] [--ratios 0.2,0.5] [--criteria goa,flap,...]
+    python tools/bench.py quality|cost|speed|all [--quick] [--ratios 0.1,0.3] [--fresh]
 
-quality: SmolLM2-135M pruned at each ratio by each criterion, with and without
-reconstruction; held-out perplexity (KJV eval split, never used for calibration) of each
-emitted ONNX model in onnxruntime, and its ratio to the dense model's. Every finished run is
-appended to the JSON file at once, so an interrupted sweep resumes where it stopped.
-Writes bench/results/quality.json and bench/results/quality.md.
+quality  every criterion (goa, flap, wanda-sp, magnitude, random) with and without
+         reconstruction, plus Torch-Pruning (tools/peers/torch_pruning_peer.py), at each ratio:
+         held-out perplexity (KJV eval split, never used for calibration) of each pruned
+         model exported to ONNX and run in onnxruntime, and its ratio to the dense model's.
+cost     one full `goa compile` (goa + refit): wall time and peak resident memory per phase,
+         against the floor: one dense forward pass over the same calibration tokens.
+speed    onnxruntime latency of the dense and pruned ONNX models: prefill (batch 1, 128
+         tokens) and one decode step, medians over interleaved rounds, with the ideal speedup
+         (dense FLOPs / pruned FLOPs of the same graph). On onnxruntime's CUDA provider too
+         when a GPU is present (skipped with a message otherwise).
+
+Results: bench/results/<what>[-quick].json (each finished run is saved at once, so an
+interrupted sweep resumes where it stopped; --fresh starts over), <what>[-quick].md and
+PNG plots. `--quick` (one ratio, fewer tokens and configurations) is the smoke run that
+must finish in 15 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -16,132 +27,105 @@ import copy
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import torch  # noqa: E402
 
 from goa_compiler.capture.sources import load_model  # noqa: E402
 from goa_compiler.capture.torch_export import capture  # noqa: E402
-from goa_compiler.eval import perplexity_onnx, perplexity_torch  # noqa: E402
-from goa_compiler.export.onnx import export_onnx  # noqa: E402
+from goa_compiler.eval import perplexity_onnx  # noqa: E402
+from goa_compiler.export.onnx import export_onnx, onnx_param_count  # noqa: E402
 from goa_compiler.graph import from_fx  # noqa: E402
 from goa_compiler.passes.analysis import analyze_graph  # noqa: E402
+from goa_compiler.passes.greedy import calibration_windows  # noqa: E402
 from goa_compiler.passes.selection import structure_params, unit_params  # noqa: E402
-from goa_compiler.pipeline import CompileOptions, evaluation_windows, prune_graph  # noqa: E402
+from goa_compiler.pipeline import (CompileOptions, compile_loaded, evaluation_windows,  # noqa: E402
+                                   prune_graph)
 from goa_compiler.progress import Progress  # noqa: E402
+from goa_compiler import speed as sp  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEFAULT_RECON = "refit"
+CRITERIA = ("goa", "flap", "wanda-sp", "magnitude", "random")
+PEER = "torch-pruning"
+QUICK_CONFIGS = [("goa", "none"), ("goa", "refit"), ("flap", "none"), ("flap", "refit"),
+                 ("wanda-sp", "none"), ("wanda-sp", "refit"), ("magnitude", "none"),
+                 ("random", "none"), (PEER, "taylor")]
+COST_RATIO = 0.3
 
 
-def _configs(criteria, ratios):
-    out = []
-    for ratio in ratios:
-        for crit in criteria:
-            for recon in ("none", DEFAULT_RECON) + (("paper",) if crit == "goa" else ()):
-                out.append(dict(criterion=crit, reconstruct=recon, ratio=ratio))
-    return out
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _key(c):
-    return f"{c['criterion']}/{c['reconstruct']}/{c['ratio']}"
+# ------------------------------------------------------------------------------ shared state
 
+class Context:
+    """The model, its captured graph and analysis, the token windows and a scratch directory
+    for ONNX files, shared by the sections of one run."""
 
-def quality(args):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("quality-quick.json" if args.quick else "quality.json")
-    data = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
-    data.setdefault("runs", {})
-    loaded = load_model(args.model)
-    captured = capture(loaded.model, loaded.kind)
-    analysis = analyze_graph(from_fx(captured.gm))
-    opts0 = CompileOptions(ratio=0.0, seq_len=args.seq_len, num_samples=args.num_samples,
-                           eval_data="kjv", eval_tokens=args.eval_tokens, seed=args.seed)
-    windows = evaluation_windows(loaded.tokenizer, opts0)
-    if "dense" not in data:
-        data["dense"] = {"ppl": perplexity_torch(captured.gm, windows)["ppl"], "tokens": int(windows.numel())}
-    backend = "onnxruntime (CPU), on the emitted model.onnx" if args.onnx else \
-        "PyTorch, on the rewritten graph that is exported (every export is verified against it)"
-    data["setup"] = {
-        "model": loaded.source, "calibration": f"KJV calibration split (odd chapters), "
-        f"{args.num_samples} random windows of {args.seq_len} tokens, seed {args.seed}",
-        "evaluation": f"KJV eval split (even chapters, disjoint), first {windows.numel()} tokens in "
-        f"windows of {args.seq_len}; perplexity measured in {backend}",
-        "allocation": "uniform", "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "command": " ".join(["python", "tools/bench.py"] + sys.argv[1:]),
-    }
-    _save(path, data)
-    criteria = args.criteria.split(",")
-    ratios = [float(r) for r in args.ratios.split(",")]
-    for cfg in _configs(criteria, ratios):
-        key = _key(cfg)
-        if key in data["runs"]:
-            continue
-        print(f"[bench] {key}", file=sys.stderr, flush=True)
-        opts = CompileOptions(ratio=cfg["ratio"], criterion=cfg["criterion"],
-                              reconstruct=cfg["reconstruct"], seq_len=args.seq_len,
-                              num_samples=args.num_samples, seed=args.seed)
-        gm = copy.deepcopy(captured.gm)
+    def __init__(self, args):
+        self.args = args
         t = time.perf_counter()
-        progress = Progress(not args.quiet)
-        plan, result, _, _ = prune_graph(gm, analysis, opts, loaded.tokenizer, progress)
-        prune_s = time.perf_counter() - t
-        if args.onnx:
-            with tempfile.TemporaryDirectory() as tmp:
-                onnx_path = export_onnx(gm, captured.example, Path(tmp) / "model.onnx",
-                                        captured.output_name, captured.max_seq)
-                ppl = perplexity_onnx(onnx_path, windows)["ppl"]
-        else:
-            ppl = perplexity_torch(gm, windows)["ppl"]
-        shapes = {k: tuple(v.shape) for k, v in captured.gm.state_dict().items()}
-        removed = sum((s.units - len(plan.modules[s.name].kept)) * unit_params(s, shapes)
-                      for s in analysis.structures if s.name in plan.modules)
-        data["runs"][key] = {**cfg, "ppl": ppl, "ppl_ratio": ppl / data["dense"]["ppl"],
-                             "ratio_achieved": removed / structure_params(analysis.structures, shapes),
-                             "params_after": result.params_after, "prune_seconds": prune_s,
-                             "timings": progress.timings}
-        _save(path, data)
-        print(f"[bench] {key}: ppl {ppl:.3f}", file=sys.stderr, flush=True)
-    md = markdown(data, ratios, criteria)
-    (path.with_suffix(".md")).write_text(md)
-    print(md)
+        self.loaded = load_model(args.model)
+        self.captured = capture(self.loaded.model, self.loaded.kind)
+        self.analysis = analyze_graph(from_fx(self.captured.gm))
+        self.shapes = {k: tuple(v.shape) for k, v in self.captured.gm.state_dict().items()}
+        self.opts0 = CompileOptions(ratio=0.0, seq_len=args.seq_len, num_samples=args.num_samples,
+                                    eval_data="kjv", eval_tokens=args.eval_tokens, seed=args.seed)
+        self.eval_windows = evaluation_windows(self.loaded.tokenizer, self.opts0)
+        self.calib_windows = calibration_windows(self.loaded.tokenizer, self.opts0)
+        self.tmp = Path(tempfile.mkdtemp(prefix="goa-bench-"))
+        self.onnx: dict[str, Path] = {}     # "criterion/recon/ratio" -> exported file
+        self.optimized: set[str] = set()    # keys of self.onnx exported with graph optimisation
+        self.dense_ppl: float | None = None
+        log(f"model ready in {time.perf_counter() - t:.0f}s: {self.loaded.source}")
+
+    def opts(self, criterion, recon, ratio) -> CompileOptions:
+        return CompileOptions(ratio=ratio, criterion=criterion, reconstruct=recon,
+                              seq_len=self.args.seq_len, num_samples=self.args.num_samples,
+                              seed=self.args.seed)
+
+    def export(self, gm, name: str, optimize: bool) -> Path:
+        path = self.tmp / f"{name.replace('/', '_')}.onnx"
+        export_onnx(gm, self.captured.example, path, self.captured.output_name, self.captured.max_seq,
+                    optimize=optimize)
+        return path
+
+    def dense_onnx(self) -> Path:
+        if "dense" not in self.onnx:
+            log("exporting the dense model")
+            self.onnx["dense"] = self.export(self.captured.gm, "dense", optimize=True)
+            self.optimized.add("dense")
+        return self.onnx["dense"]
+
+    def removed(self, plan) -> int:
+        return sum((s.units - len(plan.modules[s.name].kept)) * unit_params(s, self.shapes)
+                   for s in self.analysis.structures if s.name in plan.modules)
+
+    def total(self) -> int:
+        return structure_params(self.analysis.structures, self.shapes)
 
 
-def markdown(data, ratios, criteria) -> str:
-    runs = data["runs"]
-    dense = data["dense"]["ppl"]
-    lines = [f"Dense perplexity: **{dense:.2f}**. Cells: perplexity of the pruned model "
-             f"(ratio to dense). Calibration: {data['setup']['calibration']}. Evaluation: "
-             f"{data['setup']['evaluation']}. Command: `{data['setup']['command']}`.", ""]
-    head = "| criterion | reconstruction | " + " | ".join(f"ratio {r}" for r in ratios) + " |"
-    lines += [head, "|" + "---|" * (2 + len(ratios))]
-    best = {}
-    for r in ratios:
-        cands = {k: v for k, v in runs.items() if v["ratio"] == r}
-        if cands:
-            best[r] = min(cands, key=lambda k: cands[k]["ppl"])
-    for crit in criteria:
-        for recon in ("none", DEFAULT_RECON, "paper"):
-            cells = []
-            for r in ratios:
-                k = f"{crit}/{recon}/{r}"
-                if k not in runs:
-                    cells.append("" if recon == "paper" else "-")
-                    continue
-                v = runs[k]
-                cell = f"{v['ppl']:.2f} ({v['ppl_ratio']:.2f}x)"
-                cells.append(f"**{cell}**" if best.get(r) == k else cell)
-            if any(cells):
-                lines.append(f"| {crit} | {recon} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Bold: best at that ratio. `none` is each criterion in its published form (FLAP "
-                 "with its own bias compensation); `refit` is the default two-step reconstruction "
-                 "plus the post-selection refit; `paper` refits before pruning only.")
-    return "\n".join(lines) + "\n"
+def _key(criterion, recon, ratio):
+    return f"{criterion}/{recon}/{ratio}"
+
+
+def _results_path(what, quick):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / (f"{what}-quick.json" if quick else f"{what}.json")
+
+
+def _load(path, fresh):
+    return json.loads(path.read_text()) if path.exists() and not fresh else {}
 
 
 def _save(path, data):
@@ -150,26 +134,446 @@ def _save(path, data):
     tmp.replace(path)
 
 
+def _machine():
+    import onnxruntime as ort
+
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _command():
+    return " ".join(["python", "tools/bench.py"] + sys.argv[1:])
+
+
+# ------------------------------------------------------------------------------ quality
+
+def configs(args):
+    if args.quick:
+        base = QUICK_CONFIGS
+    else:
+        base = [(c, r) for c in CRITERIA for r in ("none", "refit")] + [(PEER, "taylor")]
+    wanted = set(args.criteria.split(",")) if args.criteria else None
+    return [(r, c, rec) for r in args.ratio_list for c, rec in base if wanted is None or c in wanted]
+
+
+def quality(ctx: Context):
+    args = ctx.args
+    path = _results_path("quality", args.quick)
+    data = _load(path, args.fresh)
+    data.setdefault("runs", {})
+    if "dense" not in data:
+        ppl = perplexity_onnx(ctx.dense_onnx(), ctx.eval_windows)["ppl"]
+        data["dense"] = {"ppl": ppl, "tokens": int(ctx.eval_windows.numel())}
+    ctx.dense_ppl = data["dense"]["ppl"]
+    data["setup"] = {
+        "model": ctx.loaded.source,
+        "calibration": f"KJV calibration split (odd chapters), {args.num_samples} random windows of "
+                       f"{args.seq_len} tokens, seed {args.seed}",
+        "evaluation": f"KJV eval split (even chapters, disjoint), first {ctx.eval_windows.numel()} tokens "
+                      f"in windows of {args.seq_len}; every pruned model exported to ONNX and run in "
+                      f"onnxruntime (CPU)",
+        "allocation": "uniform (goa-compiler); FFN-only for Torch-Pruning (see the peer's notes)",
+        "command": _command(), **_machine(),
+    }
+    _save(path, data)
+    for ratio, crit, recon in configs(args):
+        key = _key(crit, recon, ratio)
+        if key in data["runs"]:
+            continue
+        log(f"quality {key}")
+        t = time.perf_counter()
+        try:
+            rec = _peer_run(ctx, ratio) if crit == PEER else _goa_run(ctx, crit, recon, ratio)
+        except Exception as e:  # a failing configuration is a result too
+            rec = {"error": f"{type(e).__name__}: {e}"}
+            log(f"quality {key} FAILED: {rec['error']}")
+        rec.update(criterion=crit, reconstruct=recon, ratio=ratio, seconds=time.perf_counter() - t)
+        if "ppl" in rec:
+            rec["ppl_ratio"] = rec["ppl"] / ctx.dense_ppl
+            log(f"quality {key}: ppl {rec['ppl']:.3f} ({rec['ppl_ratio']:.2f}x dense)")
+        data["runs"][key] = rec
+        _save(path, data)
+    md = quality_markdown(data, args.ratio_list)
+    path.with_suffix(".md").write_text(md)
+    plot_quality(data, path.with_suffix(".png"))
+    print(md)
+    return data
+
+
+def _goa_run(ctx: Context, crit, recon, ratio) -> dict:
+    key = _key(crit, recon, ratio)
+    gm = copy.deepcopy(ctx.captured.gm)
+    progress = Progress(not ctx.args.quiet)
+    t = time.perf_counter()
+    plan, result, _, _ = prune_graph(gm, ctx.analysis, ctx.opts(crit, recon, ratio), ctx.loaded.tokenizer,
+                                     progress)
+    prune_s = time.perf_counter() - t
+    if key not in ctx.onnx:
+        t = time.perf_counter()
+        ctx.onnx[key] = ctx.export(gm, key, optimize=False)
+        export_s = time.perf_counter() - t
+    else:
+        export_s = 0.0
+    ppl = perplexity_onnx(ctx.onnx[key], ctx.eval_windows)
+    return {"ppl": ppl["ppl"], "ratio_achieved": ctx.removed(plan) / ctx.total(),
+            "params_after": result.params_after, "prune_seconds": prune_s, "export_seconds": export_s,
+            "eval_seconds": ppl["seconds"]}
+
+
+def _peer_run(ctx: Context, ratio) -> dict:
+    from peers.torch_pruning_peer import prune_ffn
+
+    ffn = [s for s in ctx.analysis.structures if s.kind == "ffn"]
+    per_neuron = unit_params(ffn[0], ctx.shapes)
+    per_block = int(round(ratio * ctx.total() / (per_neuron * len(ffn))))
+    per_block = min(per_block, ffn[0].units - 1)
+    model = copy.deepcopy(ctx.loaded.model)
+    t = time.perf_counter()
+    info = prune_ffn(model, ctx.calib_windows, per_block, importance="taylor",
+                     batch_size=ctx.args.batch_size)
+    prune_s = time.perf_counter() - t
+    captured = capture(model, ctx.loaded.kind)
+    path = ctx.tmp / f"peer_{ratio}.onnx"
+    export_onnx(captured.gm, captured.example, path, captured.output_name, captured.max_seq, optimize=False)
+    ppl = perplexity_onnx(path, ctx.eval_windows)
+    removed = per_block * per_neuron * len(ffn)
+    return {"ppl": ppl["ppl"], "ratio_achieved": removed / ctx.total(), "prune_seconds": prune_s,
+            "params_after": onnx_param_count(path), "peer": info, "eval_seconds": ppl["seconds"]}
+
+
+def quality_markdown(data, ratios) -> str:
+    runs = data["runs"]
+    dense = data["dense"]["ppl"]
+    s = data["setup"]
+    lines = [f"Dense perplexity: **{dense:.2f}** ({s['model']}). Cells: held-out perplexity of the pruned "
+             f"model in onnxruntime (ratio to dense). Calibration: {s['calibration']}. Evaluation: "
+             f"{s['evaluation']}. Command: `{s['command']}`.", ""]
+    lines += ["| method | reconstruction | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
+              "|" + "---|" * (2 + len(ratios))]
+    best = {}
+    for r in ratios:
+        cands = {k: v for k, v in runs.items() if v["ratio"] == r and "ppl" in v}
+        if cands:
+            best[r] = min(cands, key=lambda k: cands[k]["ppl"])
+    rows = [(c, rec) for c in CRITERIA for rec in ("none", "refit")] + [(PEER, "taylor")]
+    for crit, recon in rows:
+        cells = []
+        for r in ratios:
+            v = runs.get(_key(crit, recon, r))
+            if v is None:
+                cells.append("-")
+            elif "ppl" not in v:
+                cells.append("failed")
+            else:
+                cell = f"{v['ppl']:.2f} ({v['ppl_ratio']:.2f}x)"
+                cells.append(f"**{cell}**" if best.get(r) == _key(crit, recon, r) else cell)
+        if any(c != "-" for c in cells):
+            label = "Torch-Pruning 1.6.1 (FFN only)" if crit == PEER else crit
+            rlabel = "none (Taylor importance)" if crit == PEER else recon
+            lines.append(f"| {label} | {rlabel} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Winner per ratio: " + "; ".join(
+        f"{r}: {best[r].rsplit('/', 1)[0]} ({runs[best[r]]['ppl']:.2f})" for r in ratios if r in best) + ".")
+    goa = {r: runs.get(_key("goa", "refit", r)) for r in ratios}
+    notes = []
+    for r in ratios:
+        g = goa[r]
+        if g and "ppl" in g and r in best and best[r] != _key("goa", "refit", r):
+            b = runs[best[r]]
+            notes.append(f"at {r} goa+refit is {g['ppl'] / b['ppl']:.2f}x the winner's perplexity")
+    if notes:
+        lines.append("Where goa (with its default reconstruction) loses: " + "; ".join(notes) + ".")
+    lines.append("")
+    lines.append("`none`: each criterion in its published form (FLAP with its own bias compensation); "
+                 "`refit`: goa-compiler's default reconstruction (greedy least-squares refits of every "
+                 "pruned module against the dense outputs). Bold: best at that ratio.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality(data, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = data["runs"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [(c, rec) for c in CRITERIA for rec in ("none", "refit")] + [(PEER, "taylor")]
+    colors = dict(zip(CRITERIA + (PEER,), ["C0", "C1", "C2", "C3", "C4", "C5"]))
+    for crit, recon in rows:
+        pts = sorted((v["ratio"], v["ppl_ratio"]) for v in runs.values()
+                     if v["criterion"] == crit and v["reconstruct"] == recon and "ppl" in v)
+        if not pts:
+            continue
+        style = "-" if recon == "refit" else (":" if crit == PEER else "--")
+        label = f"{crit} + {recon}" if crit != PEER else "Torch-Pruning (Taylor, FFN only)"
+        ax.plot(*zip(*pts), style, marker="o", color=colors[crit], label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("pruning ratio (fraction of attention + FFN parameters removed)")
+    ax.set_ylabel("perplexity / dense perplexity")
+    ax.set_title(f"SmolLM2-135M, held-out KJV (dense ppl {data['dense']['ppl']:.2f})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ cost
+
+class TimedProgress(Progress):
+    """Progress that also records when each phase started and ended (for memory peaks)."""
+
+    def __init__(self, enabled):
+        super().__init__(enabled)
+        self.spans: list[tuple[str, float, float]] = []
+
+    def phase(self, name):
+        parent = super().phase(name)
+        spans = self.spans
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                return parent.__enter__()
+
+            def __exit__(self, *exc):
+                spans.append((name, self.t, time.perf_counter()))
+                return parent.__exit__(*exc)
+
+        return _Span()
+
+
+class RssSampler(threading.Thread):
+    """Resident memory of this process, sampled every 20 ms."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process()
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.samples.append((time.perf_counter(), self.proc.memory_info().rss))
+            time.sleep(0.02)
+
+    def peak(self, t0, t1) -> int:
+        vals = [r for t, r in self.samples if t0 <= t <= t1]
+        return max(vals) if vals else 0
+
+
+def floor_seconds(ctx: Context, reps: int = 3) -> float:
+    """One dense forward pass over the calibration tokens (batches as the compile uses)."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            for batch in ctx.calib_windows.split(ctx.args.batch_size):
+                ctx.loaded.model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def cost(ctx: Context):
+    args = ctx.args
+    path = _results_path("cost", args.quick)
+    floor = floor_seconds(ctx)
+    out = ctx.tmp / "cost-out"
+    opts = ctx.opts("goa", "refit", COST_RATIO)
+    sampler = RssSampler()
+    sampler.start()
+    progress = TimedProgress(not args.quiet)
+    base = sampler.proc.memory_info().rss
+    t0 = time.perf_counter()
+    compile_loaded(ctx.loaded.model, ctx.loaded.kind, opts, out, progress, tokenizer=ctx.loaded.tokenizer,
+                   source=ctx.loaded.source)
+    total = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    ctx.onnx[_key("goa", "refit", COST_RATIO)] = out / "model.onnx"   # what `goa compile` emits
+    ctx.optimized.add(_key("goa", "refit", COST_RATIO))
+    phases = []
+    for name, a, b in progress.spans:
+        phases.append({"phase": name, "seconds": b - a, "x_floor": (b - a) / floor,
+                       "peak_rss_mib": sampler.peak(a, b) / 2**20})
+    data = {"setup": {"model": ctx.loaded.source, "compile": f"goa + refit, ratio {COST_RATIO}, uniform",
+                      "calibration_tokens": int(ctx.calib_windows.numel()),
+                      "floor": f"one dense forward pass (PyTorch, batch {args.batch_size}) over the same "
+                               f"{ctx.calib_windows.numel()} calibration tokens, median of 3",
+                      "command": _command(), **_machine()},
+            "floor_seconds": floor, "total_seconds": total, "total_x_floor": total / floor,
+            "rss_before_mib": base / 2**20, "peak_rss_mib": max(r for _, r in sampler.samples) / 2**20,
+            "phases": phases}
+    _save(path, data)
+    md = cost_markdown(data)
+    path.with_suffix(".md").write_text(md)
+    print(md)
+    return data
+
+
+def cost_markdown(d) -> str:
+    s = d["setup"]
+    lines = [f"Compile: {s['compile']} of {s['model']}; {s['calibration_tokens']} calibration tokens. "
+             f"Floor: {s['floor']} = **{d['floor_seconds']:.2f} s**. Whole compile: "
+             f"**{d['total_seconds']:.1f} s = {d['total_x_floor']:.0f}x the floor**, peak resident memory "
+             f"{d['peak_rss_mib']:.0f} MiB (process held {d['rss_before_mib']:.0f} MiB before the compile, "
+             f"with the model loaded). Command: `{s['command']}`.", "",
+             "| phase | seconds | x floor | peak RSS (MiB) |", "|---|---|---|---|"]
+    for p in d["phases"]:
+        lines.append(f"| {p['phase']} | {p['seconds']:.1f} | {p['x_floor']:.1f} | {p['peak_rss_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ speed
+
+def speed(ctx: Context, provider: str = "CPUExecutionProvider"):
+    import onnxruntime as ort
+
+    args = ctx.args
+    gpu = provider != "CPUExecutionProvider"
+    what = "speed-gpu" if gpu else "speed"
+    path = _results_path(what, args.quick)
+    if gpu and provider not in ort.get_available_providers():
+        msg = (f"GPU section skipped: onnxruntime {ort.__version__} offers "
+               f"{', '.join(ort.get_available_providers())}, no {provider} (no GPU or no onnxruntime-gpu)")
+        log(msg)
+        _save(path, {"skipped": msg, "command": _command()})
+        path.with_suffix(".md").write_text(msg + "\n")
+        return None
+    models = {"dense": ctx.dense_onnx()}
+    flops = {"dense": (sp.graph_flops(ctx.captured.gm, 1, sp.PREFILL_SEQ), sp.graph_flops(ctx.captured.gm, 1, 1))}
+    params = {"dense": onnx_param_count(models["dense"])}
+    for ratio in args.ratio_list:
+        key = _key("goa", "refit", ratio)
+        gm = copy.deepcopy(ctx.captured.gm)
+        # latency depends on shapes only; every uniform-allocation criterion gives the same ones
+        plan, _, _, _ = prune_graph(gm, ctx.analysis, ctx.opts("magnitude", "none", ratio), None,
+                                    Progress(False))
+        if key in ctx.optimized:
+            models[str(ratio)] = ctx.onnx[key]
+        else:
+            log(f"speed: exporting the ratio {ratio} model")
+            models[str(ratio)] = ctx.export(gm, f"speed_{ratio}", optimize=True)
+        flops[str(ratio)] = (sp.graph_flops(gm, 1, sp.PREFILL_SEQ), sp.graph_flops(gm, 1, 1))
+        params[str(ratio)] = onnx_param_count(models[str(ratio)])
+    providers = [provider]
+    vocab = int(ctx.loaded.model.config.vocab_size)
+    rounds, reps = (3, 5) if args.quick else (5, 10)
+    log("speed: prefill latency")
+    prefill = sp.interleaved_latency({k: str(v) for k, v in models.items()}, rounds=rounds, reps=reps,
+                                     seq_len=sp.PREFILL_SEQ, vocab_size=vocab, providers=providers)
+    log("speed: decode-step latency")
+    decode = sp.interleaved_latency({k: str(v) for k, v in models.items()}, rounds=rounds, reps=reps * 4,
+                                    seq_len=1, vocab_size=vocab, providers=providers)
+    kv = sp.has_kv_cache(models["dense"])
+    rows = []
+    for k in models:
+        rows.append({"model": k, "params": params[k],
+                     "prefill_ms": prefill[k]["median_ms"], "decode_ms": decode[k]["median_ms"],
+                     "prefill_speedup": prefill["dense"]["median_ms"] / prefill[k]["median_ms"],
+                     "decode_speedup": decode["dense"]["median_ms"] / decode[k]["median_ms"],
+                     "ideal_prefill_speedup": flops["dense"][0] / flops[k][0],
+                     "ideal_decode_speedup": flops["dense"][1] / flops[k][1],
+                     "prefill_gflops": flops[k][0] / 1e9, "decode_gflops": flops[k][1] / 1e9,
+                     "prefill_round_medians_ms": prefill[k]["round_medians_ms"]})
+    data = {"setup": {"model": ctx.loaded.source, "provider": provider,
+                      "prefill": f"batch 1, {sp.PREFILL_SEQ} tokens",
+                      "decode": ("one token with the KV cache" if kv else
+                                 "one token, batch 1: the exported graph carries no KV cache yet, so this is "
+                                 "a decode step's projections and FFN without attention over past tokens"),
+                      "timing": f"median over {rounds} interleaved rounds (dense, pruned, ... in turn) of "
+                                f"{reps} runs (decode {reps * 4}) after warm-up",
+                      "ideal": "dense FLOPs / pruned FLOPs of the same graph at the same shape "
+                               "(torch FlopCounterMode: matmuls and attention)",
+                      "pruned_models": "uniform allocation (shapes are the same for every criterion)",
+                      "command": _command(), **_machine()},
+            "rows": rows}
+    _save(path, data)
+    md = speed_markdown(data)
+    path.with_suffix(".md").write_text(md)
+    plot_speed(data, path.with_suffix(".png"))
+    print(md)
+    return data
+
+
+def speed_markdown(d) -> str:
+    s = d["setup"]
+    lines = [f"{s['model']}, onnxruntime {s['onnxruntime']} {s['provider']}, {s['machine']}. Prefill: "
+             f"{s['prefill']}; decode: {s['decode']}. Latency: {s['timing']}. Ideal speedup: {s['ideal']}. "
+             f"Command: `{s['command']}`.", "",
+             "| model | params | prefill ms | speedup (ideal) | decode-step ms | speedup (ideal) |",
+             "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        name = "dense" if r["model"] == "dense" else f"ratio {r['model']}"
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f} M | {r['prefill_ms']:.1f} | "
+                     f"{r['prefill_speedup']:.2f}x ({r['ideal_prefill_speedup']:.2f}x) | {r['decode_ms']:.2f} | "
+                     f"{r['decode_speedup']:.2f}x ({r['ideal_decode_speedup']:.2f}x) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speed(d, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = d["rows"]
+    x = [0.0 if r["model"] == "dense" else float(r["model"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, kind, label in ((axes[0], "prefill", "prefill (1 x 128 tokens)"),
+                            (axes[1], "decode", "decode step (1 token)")):
+        ax.plot(x, [r[f"{kind}_ms"] for r in rows], "-o", label="measured")
+        ax.plot(x, [rows[0][f"{kind}_ms"] / r[f"ideal_{kind}_speedup"] for r in rows], "--", color="gray",
+                label="ideal (dense / FLOP ratio)")
+        ax.set_xlabel("pruning ratio")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"onnxruntime {d['setup']['provider']}, {d['setup']['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ main
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["quality"])
-    p.add_argument("--quick", action="store_true", help="ratios 0.2,0.5 and fewer tokens")
+    p.add_argument("what", choices=["quality", "cost", "speed", "all"])
+    p.add_argument("--quick", action="store_true", help="ratio 0.3, 8 calibration windows, 2048 eval tokens, "
+                   "nine configurations: the smoke run (under 15 minutes on 2 cores)")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--ratios", default=None)
-    p.add_argument("--criteria", default="goa,flap,wanda-sp,magnitude,random")
+    p.add_argument("--ratios", default=None, help="comma-separated (default 0.1,...,0.5; quick 0.3)")
+    p.add_argument("--criteria", default=None, help="restrict quality to these criteria (and torch-pruning)")
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu", choices=["auto", "off"], default="auto",
+                   help="also run speed on onnxruntime's CUDA provider when present")
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--onnx", action="store_true",
-                   help="export every pruned model and measure it in onnxruntime (slower)")
     args = p.parse_args()
-    args.ratios = args.ratios or ("0.2,0.5" if args.quick else "0.1,0.2,0.3,0.4,0.5")
-    args.num_samples = args.num_samples or (16 if args.quick else 32)
-    args.eval_tokens = args.eval_tokens or (4096 if args.quick else 8192)
-    quality(args)
+    args.ratio_list = [float(r) for r in (args.ratios or ("0.3" if args.quick else "0.1,0.2,0.3,0.4,0.5")).split(",")]
+    args.num_samples = args.num_samples or (8 if args.quick else 32)
+    args.eval_tokens = args.eval_tokens or (2048 if args.quick else 8192)
+    start = time.perf_counter()
+    ctx = Context(args)
+    if args.what in ("cost", "all"):
+        cost(ctx)
+    if args.what in ("quality", "all"):
+        quality(ctx)
+    if args.what in ("speed", "all"):
+        speed(ctx)
+        if args.gpu == "auto":
+            speed(ctx, "CUDAExecutionProvider")
+    log(f"done in {time.perf_counter() - start:.0f}s")
 
 
 if __name__ == "__main__":
