@@ -5,14 +5,22 @@ window the logits at position t predict token t+1, so positions 1..L-1 are predi
 negative log-likelihood is averaged over all predicted tokens in float64, and
 perplexity = exp(mean NLL). Each result is a dict: ppl, nll, tokens (predicted tokens),
 windows, seconds (wall time of the forward passes and scoring).
+
+An ONNX model that cannot be read or run (corrupt file, wrong inputs or outputs, a vocabulary
+smaller than the token ids) raises ``ModelRunError`` with a one-line message.
 """
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import numpy as np
 import torch
+
+
+class ModelRunError(ValueError):
+    """The ONNX model cannot be loaded or run on the windows; the message is one line."""
 
 
 def perplexity_torch(model, windows: torch.Tensor, batch_size: int = 8) -> dict:
@@ -39,16 +47,21 @@ def perplexity_torch(model, windows: torch.Tensor, batch_size: int = 8) -> dict:
 def perplexity_onnx(path, windows: torch.Tensor, batch_size: int = 8, providers=None) -> dict:
     """Perplexity of an ONNX causal LM with inputs ``input_ids`` (+ ``attention_mask`` if it
     has one, all ones, int64) and an output ``logits`` [batch, seq, vocab]."""
-    import onnxruntime as ort
-
     windows = _check_windows(windows)
-    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    session = onnx_session(path, providers)
     inputs = [i.name for i in session.get_inputs()]
     unknown = [n for n in inputs if n not in ("input_ids", "attention_mask")]
     if "input_ids" not in inputs or unknown:
-        raise ValueError(f"{path}: expected inputs input_ids[, attention_mask], found {', '.join(inputs)}")
-    outputs = [o.name for o in session.get_outputs()]
-    output = "logits" if "logits" in outputs else outputs[0]
+        raise ModelRunError(f"{path}: expected inputs input_ids[, attention_mask], found {', '.join(inputs)}")
+    outs = session.get_outputs()
+    if not outs:
+        raise ModelRunError(f"{path}: the model has no outputs")
+    out = next((o for o in outs if o.name == "logits"), outs[0])
+    vocab = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
+    top = int(windows.max())
+    if vocab is not None and top >= vocab:
+        raise ModelRunError(f"{path}: token id {top} is outside the model's vocabulary of {vocab} "
+                            "(the tokenizer does not match the model)")
     total, count = 0.0, 0
     start = time.perf_counter()
     for batch in windows.split(batch_size):
@@ -56,10 +69,36 @@ def perplexity_onnx(path, windows: torch.Tensor, batch_size: int = 8, providers=
         feed = {"input_ids": ids}
         if "attention_mask" in inputs:
             feed["attention_mask"] = np.ones_like(ids)
-        (logits,) = session.run([output], feed)
-        s, c = _nll_sum(torch.from_numpy(logits), batch)
+        try:
+            (logits,) = session.run([out.name], feed)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common base class
+            raise ModelRunError(f"{path}: onnxruntime cannot run the model ({_one_line(e)})") from e
+        logits = np.asarray(logits)
+        if (logits.dtype.kind != "f" or logits.ndim != 3 or logits.shape[:2] != ids.shape
+                or logits.shape[2] <= top):
+            raise ModelRunError(f"{path}: output {out.name} is {logits.dtype} {list(logits.shape)}, expected "
+                                f"float logits [{ids.shape[0]}, {ids.shape[1]}, vocab > {top}]")
+        s, c = _nll_sum(torch.from_numpy(logits.astype(np.float32, copy=False)), batch)
         total, count = total + s, count + c
     return _result(total, count, len(windows), time.perf_counter() - start)
+
+
+def onnx_session(path, providers=None):
+    """An onnxruntime session on ``path``; a file that onnx cannot parse and check, or that
+    onnxruntime cannot load, raises ModelRunError."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # noqa: BLE001 - parse and checker errors have no common base class
+        raise ModelRunError(f"{path}: corrupt or unreadable ONNX file ({_one_line(e)})") from e
+    options = ort.SessionOptions()
+    options.log_severity_level = 4   # errors are raised (and reported as one line) here, not logged
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise ModelRunError(f"{path}: onnxruntime cannot load the model ({_one_line(e)})") from e
 
 
 def _check_windows(windows) -> torch.Tensor:
@@ -90,6 +129,15 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     return total, ids.shape[0] * (ids.shape[1] - 1)
 
 
+_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = _ORT_PREFIX.sub("", " ".join(str(e).split())) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _result(total: float, count: int, windows: int, seconds: float) -> dict:
     nll = total / count
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows, "seconds": seconds}
+    ppl = math.inf if nll > 700 else math.exp(nll)   # exp overflows past ~709 (nan stays nan)
+    return {"ppl": ppl, "nll": nll, "tokens": count, "windows": windows, "seconds": seconds}
