@@ -4,6 +4,7 @@ model, and a previous OUT stays untouched until the new one is whole."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -12,7 +13,11 @@ from pathlib import Path
 
 
 class OutputError(Exception):
-    """OUT cannot be used (exists and is not empty without --overwrite, or not a directory)."""
+    """OUT cannot be used (exists and is not empty without --overwrite, or not a directory),
+    or the disk filled up while writing it."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -27,14 +32,33 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def staged_output(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory; on success it replaces ``out`` atomically (rename)."""
+    """Yield a temporary directory; on success it replaces ``out`` atomically (rename).
+
+    On any failure the temporary directory is removed and ``out`` is left as it was; a full
+    disk (or quota) while writing becomes an OutputError."""
     out = check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = []
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        _remove_empty(created)
+        if _disk_full(e):
+            raise OutputError(f"no space left on device to write {out} ({_reason(e)})") from e
+        raise
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        if _disk_full(e):
+            state = "left as it was" if out.exists() else "not created"
+            raise OutputError(f"no space left on device while writing {out} ({_reason(e)}); "
+                              f"nothing written, {out} {state}") from e
         raise
     backup = None
     if out.exists():
@@ -49,6 +73,32 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False):
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """An ENOSPC/EDQUOT OSError, also when wrapped by a library (its cause or context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    while e is not None and not (isinstance(e, OSError) and e.errno in DISK_FULL):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return "disk full"
+    where = f" ({os.path.basename(str(e.filename))})" if getattr(e, "filename", None) else ""
+    return f"{os.strerror(e.errno)}{where}"
+
+
+def _remove_empty(dirs: list[Path]):
+    for d in dirs:                    # deepest first
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def write_json(path: str | os.PathLike, data) -> None:
