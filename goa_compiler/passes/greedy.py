@@ -65,7 +65,17 @@ def _layout(W: torch.Tensor, out_axis: int) -> torch.Tensor:
 def _check_finite(t: torch.Tensor, s: Structure, what: str):
     if not torch.isfinite(t).all():
         raise CalibrationError(f"non-finite activations at the {what} of {s.name} "
-                               f"({s.level2_node}); the model or the calibration data is broken")
+                               f"({_module_path(s)}); the model or the calibration data is broken")
+
+
+def _module_path(s: Structure) -> str:
+    """The model's own name for the structure's module (e.g. model.layers.1.mlp), from the
+    level-2 weight's name; the graph node when that name has no module part."""
+    weight = s.projections[s.level2_node][0]
+    if weight.startswith("model."):      # capture wraps the model as "model"
+        weight = weight[len("model."):]
+    parts = weight.split(".")
+    return ".".join(parts[:-2]) if len(parts) > 2 else s.level2_node
 
 
 def score_structure(criterion: str, s: Structure, weights, stats: scoring.ModuleStats | None,
@@ -96,7 +106,8 @@ def _pins(s: Structure) -> set[str]:
 
 def calibration_windows(tokenizer, opts) -> torch.Tensor:
     texts = load_texts(opts.calib, split="calib")
-    return token_windows(tokenizer, texts, opts.seq_len, opts.num_samples, opts.seed)
+    return token_windows(tokenizer, texts, opts.seq_len, opts.num_samples, opts.seed,
+                         source=opts.calib or "kjv (calibration split)")
 
 
 def dense_stats(gm, structures: list[Structure], feeds, needs_heads: bool,
@@ -126,12 +137,14 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
     head_criterion = getattr(opts, "head_criterion", "moment")
     needs_heads = opts.criterion == "goa" and head_criterion == "similarity"
     rng = np.random.default_rng(opts.seed)
-    with progress.phase("calibration data"):
-        windows = calibration_windows(tokenizer, opts)
-    feeds = batches(windows, getattr(opts, "batch_size", 8))
     orig = dict(gm.state_dict())
     shapes = {k: tuple(v.shape) for k, v in orig.items()}
     structures, skip, ratio = targets(analysis.structures, opts.ratio, opts.skip_layers, shapes)
+    if opts.allocation != "global":   # refuse an impossible ratio before the slow part
+        counts = uniform_counts(structures, ratio, shapes)
+    with progress.phase("calibration data"):
+        windows = calibration_windows(tokenizer, opts)
+    feeds = batches(windows, getattr(opts, "batch_size", 8))
 
     if opts.allocation == "global":
         with progress.phase("allocation"):
@@ -140,8 +153,6 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                                            opts.goa_score)
                    for s in structures}
             counts = global_counts(structures, pre, ratio, shapes)
-    else:
-        counts = uniform_counts(structures, ratio, shapes)
 
     recon = opts.reconstruct
     pins: set[str] = set()
@@ -183,7 +194,9 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                 x = p.value(s.probes.level1_input)
                 _check_finite(x, s, "level-1 input")
                 if joint is not None:
-                    joint.update(x, torch.cat([dense[k].value(n) for n in l1], dim=-1))
+                    y = torch.cat([dense[k].value(n) for n in l1], dim=-1)
+                    _check_finite(y, s, "level-1 output (dense model)")
+                    joint.update(x, y)
                 else:
                     xm.update(x)
             if joint is not None:
@@ -222,7 +235,9 @@ def greedy_compile(gm: torch.fx.GraphModule, analysis: Analysis, opts, tokenizer
                 h = p.value(s.probes.level2_input)
                 _check_finite(h, s, "level-2 input")
                 if cross2 is not None:
-                    cross2.update(h, dense[k].value(s.level2_node))
+                    y = dense[k].value(s.level2_node)
+                    _check_finite(y, s, "level-2 output (dense model)")
+                    cross2.update(h, y)
                 else:
                     hm.update(h)
             if cross2 is not None:

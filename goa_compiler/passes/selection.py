@@ -4,7 +4,8 @@
 level-2 weights and level-1 biases) to remove. Two allocations:
 
 * uniform: every module loses the same fraction of its own parameters, rounded to whole
-  units (never all of them);
+  units; a ratio whose rounding would remove every unit of a module (every K/V group of a
+  layer's attention, every neuron of its FFN) is refused, naming the layer;
 * global: units of all modules compete on scores made comparable across layers
   (standardised per module, as FLAP does), removed cheapest-first until the target
   parameter count is reached.
@@ -69,15 +70,18 @@ def structure_params(structures: list[Structure], shapes: dict[str, tuple]) -> i
 
 def uniform_counts(structures: list[Structure], ratio: float,
                    shapes: dict[str, tuple] | None = None) -> dict[str, int]:
-    """Units to remove per module: round(ratio * units), at most units - 1.
+    """Units to remove per module: round(ratio * units).
 
     With ``shapes``, the rounding error of coarse modules (a K/V group is a third of
     SmolLM2's attention) is absorbed by the finest-grained modules (FFN neurons), spread
-    evenly over them, so the whole model lands on the requested ratio."""
+    evenly over them, so the whole model lands on the requested ratio.
+
+    A count that would remove every unit of a module raises SelectionError (a module with
+    nothing left is no longer the same function family: the compiler does not do that)."""
     out = {}
     for s in structures:
         n = int(np.floor(ratio * s.units + 0.5))
-        out[s.name] = min(max(n, 0), s.units - 1)
+        out[s.name] = _at_most_all_but_one(s, max(n, 0), ratio)
     if shapes is None or ratio <= 0:
         return out
     per = {s.name: unit_params(s, shapes) for s in structures}
@@ -91,8 +95,18 @@ def uniform_counts(structures: list[Structure], ratio: float,
     fine_total = sum(s.units for s in fine)
     frac = min(max(left / (finest * fine_total), 0.0), 1.0)
     for s in fine:
-        out[s.name] = min(int(np.floor(frac * s.units + 0.5)), s.units - 1)
+        out[s.name] = _at_most_all_but_one(s, int(np.floor(frac * s.units + 0.5)), ratio)
     return out
+
+
+def _at_most_all_but_one(s: Structure, n: int, ratio: float) -> int:
+    if n >= s.units:
+        unit = {"kv-group": "K/V group", "head": "head"}.get(s.granularity, "neuron")
+        what = "attention" if s.kind == "attention" else "FFN"
+        raise SelectionError(
+            f"ratio {ratio:.4g} would remove every {unit} of layer {s.layer}'s {what} ({s.name}: "
+            f"{n} of {s.units}); use a smaller --ratio or --allocation global")
+    return n
 
 
 def global_counts(structures: list[Structure], scores: dict[str, np.ndarray], ratio: float,
