@@ -75,7 +75,7 @@ def kjv_chapters(split: str = "calib") -> list[str]:
 
 
 def token_windows(tokenizer, texts: list[str], seq_len: int, num_samples: int | None, seed: int,
-                  add_bos: bool = True) -> torch.LongTensor:
+                  add_bos: bool = True, source: str | None = None) -> torch.LongTensor:
     """Cut the token stream of ``SEPARATOR.join(texts)`` into windows: LongTensor [n, seq_len].
 
     num_samples None: every consecutive, non-overlapping window (the tail is dropped); the
@@ -88,6 +88,9 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, num_samples: int | 
     add_bos: start every window with the special tokens the tokenizer itself puts at the start
     of a sequence (Llama's <s>, BERT's [CLS]); tokenizers that add none (GPT-2, SmolLM2) get
     none, so every position is text. The window length is ``seq_len`` either way.
+
+    Text with fewer tokens than one window raises DataError saying how many tokens were found
+    and how many one window needs (``source`` names the data in the message).
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -95,22 +98,33 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, num_samples: int | 
     body = seq_len - len(prefix)
     if body < 1:
         raise ValueError(f"seq_len {seq_len} leaves no room for text after {len(prefix)} start tokens")
-    if num_samples is None:
-        stream = _encode_stream(tokenizer, texts)
-        count = len(stream) // body
-        if count == 0:
-            raise DataError(f"text too short: {len(stream)} tokens, a window needs {body}")
-        rows = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
-    else:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        rows = _sample_windows(tokenizer, SEPARATOR.join(texts), body, num_samples, seed)
+    try:
+        if num_samples is None:
+            stream = _encode_stream(tokenizer, texts)
+            count = len(stream) // body
+            if count == 0:
+                raise _TooShort(len(stream))
+            rows = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
+        else:
+            if num_samples < 1:
+                raise ValueError(f"num_samples must be positive, got {num_samples}")
+            rows = _sample_windows(tokenizer, SEPARATOR.join(texts), body, num_samples, seed)
+    except _TooShort as e:
+        start = f" (+ {len(prefix)} start token{'s' if len(prefix) > 1 else ''})" if prefix else ""
+        raise DataError(f"{source + ': ' if source else ''}text too short: {e.found} tokens found, "
+                        f"one window of --seq-len {seq_len} needs {body}{start}") from None
     if prefix:
         rows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(len(rows), -1), rows], dim=1)
     return rows
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+class _TooShort(Exception):
+    def __init__(self, found: int):
+        super().__init__(found)
+        self.found = found
+
 
 def _read_file(path: Path) -> list[str]:
     raw = path.read_bytes()
@@ -119,7 +133,8 @@ def _read_file(path: Path) -> list[str]:
     try:
         content = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise DataError(f"{path}: binary data or not UTF-8 text (invalid byte at offset {e.start}), "
+                        "expected UTF-8 text") from None
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
@@ -222,5 +237,5 @@ def _tail_window(tokenizer, text: str, body: int) -> list[int]:
         if len(usable) >= body:
             return usable[-body:]
         if start == 0:
-            raise DataError(f"text too short: {len(usable)} tokens, a window needs {body}")
+            raise _TooShort(len(usable))
         span *= 2
