@@ -1,7 +1,12 @@
 """The `goa` command: analyze, compile, eval.
 
-Exit statuses: 0 success; 2 bad input or configuration (one line on stderr); 1 internal
-error. ``--json`` prints machine-readable output on stdout; logs go to stderr.
+Exit statuses: 0 success; 2 bad input or configuration (one line on stderr); 3 a quality
+gate of `goa compile` failed (OUT is still written; one line per failed gate on stderr);
+1 internal error. ``--json`` prints machine-readable output on stdout (with --json, a
+failure prints {"error": ..., "exit_status": ...}); logs go to stderr.
+
+`goa compile --config goa.toml` reads its options from a TOML file (goa_compiler/config.py);
+flags given on the command line override the file.
 """
 from __future__ import annotations
 
@@ -11,7 +16,20 @@ import os
 import sys
 import traceback
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE = 0, 1, 2, 3
+
+EXIT_STATUSES = """exit statuses:
+  0  success
+  2  bad input or configuration (unloadable model, bad option, config file or data,
+     non-empty OUT, no prunable structure); one line on stderr, nothing written
+  3  a quality gate failed (compile): OUT is written, report.json says which gate and by
+     how much, and stderr has one line per failed gate
+  1  internal error (set GOA_DEBUG=1 for the traceback)
+--json prints machine-readable output on stdout (on failure {"error", "exit_status"});
+progress and logs go to stderr."""
+
+# Marks a compile option not given on the command line (so a config file may set it).
+UNSET = type("Unset", (), {"__repr__": lambda self: "UNSET", "__bool__": lambda self: False})()
 
 
 class UserError(Exception):
@@ -20,6 +38,7 @@ class UserError(Exception):
 
 def _user_errors():
     from .capture.sources import ModelLoadError
+    from .config import ConfigError
     from .data import DataError
     from .eval import ModelRunError
     from .output import OutputError
@@ -27,7 +46,7 @@ def _user_errors():
     from .passes.selection import SelectionError
     from .pipeline import CompileError
 
-    return (UserError, ModelLoadError, DataError, OutputError, CompileError, SelectionError,
+    return (UserError, ConfigError, ModelLoadError, DataError, OutputError, CompileError, SelectionError,
             ModelRunError, CalibrationError)
 
 
@@ -87,26 +106,65 @@ def _print_analysis(summary: dict, show_all: bool):
 
 # ------------------------------------------------------------------------------ compile
 
+def resolve_compile_args(args) -> argparse.Namespace:
+    """Merge built-in defaults < config file < flags given on the command line into ``args``,
+    checking every value (ConfigError / UserError, one line, before anything slow runs)."""
+    from .config import check_value, load_config, merge
+
+    schema, defaults = args.compile_schema, args.compile_defaults
+    explicit = {k: getattr(args, k) for k in schema if getattr(args, k, UNSET) is not UNSET}
+    for k, v in explicit.items():
+        check_value(schema[k], v, schema[k].flag)
+    file_values = load_config(args.config, schema) if args.config is not None else {}
+    merged = merge(defaults, file_values, explicit)
+    missing = [schema[k].flag for k in ("model", "ratio", "out") if merged.get(k) is None]
+    if missing:
+        raise UserError(f"missing {' and '.join(missing)} (give "
+                        f"{'it' if len(missing) == 1 else 'them'} on the command line or in --config FILE)")
+    for k, v in merged.items():
+        setattr(args, k, v)
+    return args
+
+
 def cmd_compile(args) -> int:
     from .pipeline import CompileOptions, compile_loaded
     from .progress import Progress
     from .output import check_out
 
+    args = resolve_compile_args(args)
     opts = CompileOptions(
         ratio=args.ratio, criterion=args.criterion, reconstruct=args.reconstruct, seed=args.seed,
         allocation=args.allocation, calib=args.calib, num_samples=args.num_samples,
         seq_len=args.seq_len, skip_layers=args.skip_layers, eval_data=args.eval,
         eval_tokens=args.eval_tokens, head_criterion=args.head_criterion, goa_score=args.goa_score,
         ridge=args.ridge,
-        batch_size=args.batch_size, overwrite=args.overwrite)
+        batch_size=args.batch_size, overwrite=args.overwrite,
+        max_ppl_increase=args.max_ppl_increase, max_logit_error=args.max_logit_error,
+        min_speedup=args.min_speedup, measure_speed=args.measure_speed)
     opts.check()
     check_out(args.out, args.overwrite)   # fail before the slow part
     progress = Progress(enabled=not args.quiet)
     with progress.phase("load"):
         loaded = _load(args.model, args.trust_remote_code)
+    if args.dry_run:
+        from .data import load_texts
+
+        for spec, split in ((args.calib, "calib"), (opts.effective_eval_data, "eval")):
+            if spec not in (None, "kjv", "default"):
+                load_texts(spec, split=split)    # DataError (one line) when unusable
+        options = {k: getattr(args, k) for k in args.compile_schema}
+        if args.json:
+            print(json.dumps({"dry_run": True, "config": args.config, "options": options}, indent=2))
+        else:
+            print(f"configuration OK: would compile {loaded.source} into {args.out} (--dry-run: nothing written)")
+        return EXIT_OK
+    config_path = os.path.abspath(args.config) if args.config else None
     report = compile_loaded(loaded.model, loaded.kind, opts, args.out, progress,
                             tokenizer=loaded.tokenizer, source=loaded.source,
-                            spec=_spec_for_report(args.model)).report
+                            spec=_spec_for_report(args.model), model_path=loaded.path,
+                            config_path=config_path).report
+    results = (report.get("gates") or {}).get("results", [])
+    failed = [r for r in results if not r["passed"]]
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -116,7 +174,18 @@ def cmd_compile(args) -> int:
         if "perplexity" in report:
             pp = report["perplexity"]
             print(f"perplexity {pp['before']:.3f} -> {pp['after']:.3f} on {pp['data']}")
-    return EXIT_OK
+        if "logit_error" in report:
+            print(f"relative logit error {report['logit_error']['value']:.4g}")
+        if "latency" in report:
+            lat = report["latency"]
+            print(f"latency {lat['dense_ms']:.2f} ms -> {lat['pruned_ms']:.2f} ms "
+                  f"(speedup {lat['speedup']:.3f}x, onnxruntime CPU, seq {lat['seq_len']})")
+        for r in results:
+            if r["passed"]:
+                print(r["message"])
+    for r in failed:
+        print(r["message"], file=sys.stderr)
+    return EXIT_GATE if failed else EXIT_OK
 
 
 # ------------------------------------------------------------------------------ eval
@@ -175,11 +244,14 @@ def _tokenizer_from_report(onnx_path: str) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goa", description="Structured pruning of transformer LMs "
-                                "by Greedy Output Approximation, emitted as smaller ONNX models.")
+                                "by Greedy Output Approximation, emitted as smaller ONNX models.",
+                                epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
-        sp.add_argument("model", help="local HF directory, HF hub id, .gguf file, or alias smollm2-135m")
+    def common(sp, model_optional=False):
+        sp.add_argument("model", nargs="?" if model_optional else None,
+                        help="local HF directory, HF hub id, .gguf file, or alias smollm2-135m"
+                             + (" (or `model` in --config)" if model_optional else ""))
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         sp.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the checkpoint (off by default)")
@@ -190,10 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--all", action="store_true", help="also list projections that are not level 1")
     a.set_defaults(func=cmd_analyze)
 
-    c = sub.add_parser("compile", help="prune, reconstruct and export to ONNX")
-    common(c)
-    c.add_argument("--ratio", type=float, required=True,
-                   help="fraction of the parameters in the depth-2 structures to remove, in [0, 1)")
+    c = sub.add_parser("compile", help="prune, reconstruct and export to ONNX",
+                       epilog=COMPILE_EPILOG + "\n\n" + EXIT_STATUSES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(c, model_optional=True)
+    c.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML file of compile options (keys: the long option names, plus model and "
+                        "out); flags given on the command line override it")
+    c.add_argument("--ratio", type=float, default=None,
+                   help="fraction of the parameters in the depth-2 structures to remove, in [0, 1) (required)")
     c.add_argument("--criterion", default="goa", choices=["goa", "magnitude", "random", "wanda-sp", "flap"])
     c.add_argument("--reconstruct", default="refit", choices=["paper", "refit", "none"])
     c.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
@@ -216,9 +293,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "(METHOD.md's 1e-4 over-fits 4k calibration tokens; see README)")
     c.add_argument("--batch-size", type=int, default=8, help="calibration sequences per batch")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", default=None, help="output directory (required): model.onnx, report.json, "
+                   "report.html")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    c.set_defaults(func=cmd_compile)
+    g = c.add_argument_group("quality gates (exit status 3 when one fails; OUT is still written)")
+    g.add_argument("--max-ppl-increase", type=float, default=None, metavar="X",
+                   help="largest allowed relative increase of held-out perplexity, pruned vs dense "
+                        "(0.15 = 15%%); evaluates on --eval DATA, or on the KJV held-out split")
+    g.add_argument("--max-logit-error", type=float, default=None, metavar="X",
+                   help="largest allowed ||Z_pruned - Z_dense||_F / ||Z_dense||_F of the logits (last "
+                        "hidden state for encoders), emitted ONNX vs dense PyTorch, on the first "
+                        "4 held-out windows (with --eval) or 4 random calibration windows")
+    g.add_argument("--min-speedup", type=float, default=None, metavar="S",
+                   help="smallest allowed onnxruntime CPU prefill speedup (dense latency / pruned "
+                        "latency, batch 1, 128 tokens; the dense model exported the same way)")
+    g.add_argument("--measure-speed", action="store_true",
+                   help="measure the speedup (as for --min-speedup) without gating on it")
+    c.add_argument("--dry-run", action="store_true",
+                   help="check the options, config file, data paths and OUT, load the model, and stop")
+    schema, defaults = _defer_defaults(c)
+    c.set_defaults(func=cmd_compile, compile_schema=schema, compile_defaults=defaults)
 
     e = sub.add_parser("eval", help="perplexity of a HF model or an emitted ONNX model")
     e.add_argument("model", help="HF model spec, or an ONNX file / compile OUT directory")
@@ -233,6 +327,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+COMPILE_EPILOG = """configuration file (--config goa.toml): flat TOML keys named like the long
+options, with dashes or underscores, plus `model` and `out`; e.g.
+  model = "smollm2-135m"
+  out = "out/ci"
+  ratio = 0.2
+  num-samples = 32
+  eval = "kjv"
+  max-ppl-increase = 0.15
+Precedence: defaults < config file < flags given on the command line. Unknown keys, wrong
+types and bad values are refused (exit status 2) before anything is loaded or written."""
+
+
+def _defer_defaults(parser: argparse.ArgumentParser):
+    """Record the parser's defaults and replace them with UNSET, so that after parsing a
+    value that is not UNSET was given on the command line. Returns (schema, defaults)."""
+    from .config import schema_from_parser
+
+    schema = schema_from_parser(parser)
+    defaults = {}
+    for action in parser._actions:  # noqa: SLF001
+        if action.dest in schema:
+            defaults[action.dest] = action.default
+            action.default = UNSET
+    return schema, defaults
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -242,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        _json_error(args, msg, EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -253,7 +375,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print("(set GOA_DEBUG=1 for the traceback)", file=sys.stderr)
+        _json_error(args, f"internal error: {type(e).__name__}: {e}", EXIT_INTERNAL)
         return EXIT_INTERNAL
+
+
+def _json_error(args, message: str, status: int):
+    """With --json, a failure is also a JSON object on stdout."""
+    if getattr(args, "json", False) is True:
+        print(json.dumps({"error": message, "exit_status": status}))
 
 
 if __name__ == "__main__":

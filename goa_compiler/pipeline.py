@@ -2,6 +2,10 @@
 -> selection -> rewrite -> export and verify, with a report of what was done."""
 from __future__ import annotations
 
+import dataclasses
+import math
+import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +52,11 @@ class CompileOptions:
     ridge: float = 1e-2
     batch_size: int = 8
     overwrite: bool = False
+    # quality gates (goa_compiler/gates.py); None = not set
+    max_ppl_increase: float | None = None
+    max_logit_error: float | None = None
+    min_speedup: float | None = None
+    measure_speed: bool = False     # measure the speedup without gating on it
 
     def check(self):
         if not (0.0 <= self.ratio < 1.0):
@@ -66,6 +75,22 @@ class CompileOptions:
             raise CompileError(f"--ridge must be positive, got {self.ridge}")
         if self.num_samples < 1 or self.seq_len < 2 or self.batch_size < 1:
             raise CompileError("--num-samples, --seq-len and --batch-size must be positive")
+        for name in ("max_ppl_increase", "max_logit_error", "min_speedup"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and (v > 0 if name == "min_speedup" else v >= 0)):
+                raise CompileError(f"--{name.replace('_', '-')} must be a finite "
+                                   f"{'positive' if name == 'min_speedup' else 'non-negative'} number, got {v}")
+
+    @property
+    def effective_eval_data(self) -> str | None:
+        """--eval DATA; with --max-ppl-increase and no --eval, the KJV held-out split."""
+        if self.eval_data is None and self.max_ppl_increase is not None:
+            return "kjv"
+        return self.eval_data
+
+    @property
+    def speed_wanted(self) -> bool:
+        return self.measure_speed or self.min_speedup is not None
 
 
 def display_name(param: str) -> str:
@@ -184,9 +209,20 @@ class CompileResult:
 
 def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out: str | Path,
                    progress: Progress | None = None, tokenizer=None, source: str = "",
-                   spec: str | None = None) -> CompileResult:
-    """Compile an already-loaded model into OUT (model.onnx + report.json)."""
+                   spec: str | None = None, model_path: str | None = None,
+                   config_path: str | None = None) -> CompileResult:
+    """Compile an already-loaded model into OUT (model.onnx, report.json, report.html).
+
+    Measurements for the quality gates happen here: perplexity before/after (with --eval, or
+    on the KJV held-out split for --max-ppl-increase), the relative logit error of the
+    emitted ONNX against the dense model (--max-logit-error) and the onnxruntime speedup over
+    the dense model exported the same way (--min-speedup, --measure-speed). A failing gate
+    does not stop the compile: OUT is written and ``report["gates"]["passed"]`` is false.
+    ``model_path`` (the directory the weights were read from) and ``config_path`` are hashed
+    into ``report["inputs"]``."""
     opts.check()
+    if opts.effective_eval_data != opts.eval_data:
+        opts = dataclasses.replace(opts, eval_data=opts.effective_eval_data)
     progress = progress or Progress(False)
     torch.manual_seed(opts.seed)
     from .output import check_out
@@ -202,6 +238,7 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
             sorted({r.reason for r in analysis.refused if r.candidate})[:3] or ["no projections"]))
     shapes = param_shapes(gm)
     before = count_params(gm)
+    vocab_size = int(model.config.vocab_size)
     eval_windows = None
     ppl: dict = {}
     if opts.eval_data:
@@ -212,29 +249,168 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
         with progress.phase("eval dense"):
             eval_windows = evaluation_windows(tokenizer, opts)
             ppl["before"] = perplexity_torch(model, eval_windows)["ppl"]
+    logit_ref = None
+    if opts.max_logit_error is not None:
+        with progress.phase("logit reference"):
+            windows, what = logit_windows(tokenizer, opts, eval_windows, vocab_size)
+            logit_ref = (windows, what, dense_outputs(model, kind, windows))
 
-    plan, result, scores, extra = prune_graph(gm, analysis, opts, tokenizer, progress)
-    with staged_output(out, opts.overwrite) as tmp:
-        with progress.phase("export"):
-            onnx_path = export_onnx(gm, captured.example, tmp / "model.onnx", captured.output_name,
-                                    captured.max_seq)
-        with progress.phase("verify"):
-            ids = torch.randint(0, int(model.config.vocab_size), (2, 12),
-                                generator=torch.Generator().manual_seed(opts.seed))
-            err = verify(onnx_path, gm, ids)
-        if eval_windows is not None:
-            from .eval import perplexity_onnx
+    with ExitStack() as stack:
+        dense_onnx = None
+        if opts.speed_wanted:
+            with progress.phase("export dense"):
+                dense_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="goa-dense-")))
+                dense_onnx = export_onnx(gm, captured.example, dense_dir / "model.onnx",
+                                         captured.output_name, captured.max_seq)
 
-            with progress.phase("eval pruned"):
-                ppl["after"] = perplexity_onnx(onnx_path, eval_windows)["ppl"]
-            ppl.update(data=opts.eval_data, tokens=int(eval_windows.numel()),
-                       seq_len=int(eval_windows.shape[1]), measured_on="torch (dense), onnxruntime (pruned)")
-            extra["perplexity"] = ppl
-        extra["model_spec"] = spec
-        report = build_report(analysis, plan, opts, shapes, before, result.params_after,
-                              onnx_param_count(onnx_path), err, scores, progress, source, extra)
-        write_json(tmp / "report.json", report)
+        plan, result, scores, extra = prune_graph(gm, analysis, opts, tokenizer, progress)
+        with staged_output(out, opts.overwrite) as tmp:
+            with progress.phase("export"):
+                onnx_path = export_onnx(gm, captured.example, tmp / "model.onnx", captured.output_name,
+                                        captured.max_seq)
+            with progress.phase("verify"):
+                ids = torch.randint(0, vocab_size, (2, 12), generator=torch.Generator().manual_seed(opts.seed))
+                err = verify(onnx_path, gm, ids)
+            measured: dict[str, float | None] = {}
+            if eval_windows is not None:
+                from .eval import perplexity_onnx
+
+                with progress.phase("eval pruned"):
+                    ppl["after"] = perplexity_onnx(onnx_path, eval_windows)["ppl"]
+                ppl.update(data=opts.eval_data, tokens=int(eval_windows.numel()),
+                           seq_len=int(eval_windows.shape[1]),
+                           measured_on="torch (dense), onnxruntime (pruned)")
+                ppl["increase"] = ppl["after"] / ppl["before"] - 1.0
+                extra["perplexity"] = ppl
+                measured["max-ppl-increase"] = ppl["increase"]
+            if logit_ref is not None:
+                with progress.phase("logit error"):
+                    extra["logit_error"] = logit_error(onnx_path, *logit_ref)
+                measured["max-logit-error"] = extra["logit_error"]["value"]
+            if dense_onnx is not None:
+                with progress.phase("latency"):
+                    extra["latency"] = measure_latency(dense_onnx, onnx_path, vocab_size,
+                                                       min(SPEED_SEQ, captured.max_seq))
+                measured["min-speedup"] = extra["latency"]["speedup"]
+            from .gates import evaluate, gates_from
+
+            extra["gates"] = evaluate(gates_from(opts), measured).to_dict()
+            extra["model_spec"] = spec
+            extra["inputs"] = compile_inputs(opts, spec, model_path, model, config_path,
+                                             logit_ref[1] if logit_ref else None)
+            from .provenance import versions
+
+            extra["versions"] = versions()
+            report = build_report(analysis, plan, opts, shapes, before, result.params_after,
+                                  onnx_param_count(onnx_path), err, scores, progress, source, extra)
+            write_json(tmp / "report.json", report)
+            from .html_report import render
+
+            (tmp / "report.html").write_text(render(report), encoding="utf-8")
     return CompileResult(report, analysis, plan)
+
+
+# ------------------------------------------------------------------------------ measurements
+
+LOGIT_WINDOWS = 4    # windows of --seq-len tokens for --max-logit-error
+SPEED_SEQ = 128      # prefill length of the latency measurement
+SPEED_ROUNDS, SPEED_REPS, SPEED_WARMUP = 3, 10, 2
+
+
+def logit_windows(tokenizer, opts: CompileOptions, eval_windows, vocab_size: int):
+    """The windows of the logit error, and a description: the first LOGIT_WINDOWS held-out
+    windows when perplexity is evaluated; else LOGIT_WINDOWS random windows of the
+    calibration data (seed + 1, so not the calibration windows themselves); else (no
+    tokenizer) random tokens."""
+    if eval_windows is not None:
+        w = eval_windows[:LOGIT_WINDOWS]
+        return w, f"{opts.eval_data} (held-out), first {len(w)} windows of {w.shape[1]} tokens"
+    if tokenizer is not None:
+        from .data import load_texts, token_windows
+
+        texts = load_texts(opts.calib, split="calib")
+        w = token_windows(tokenizer, texts, opts.seq_len, LOGIT_WINDOWS, seed=opts.seed + 1)
+        name = opts.calib or "kjv"
+        return w, f"{name} (calibration split), {len(w)} random windows of {w.shape[1]} tokens, seed {opts.seed + 1}"
+    w = torch.randint(0, vocab_size, (LOGIT_WINDOWS, opts.seq_len),
+                      generator=torch.Generator().manual_seed(opts.seed))
+    return w, f"random tokens (no tokenizer), {LOGIT_WINDOWS} windows of {opts.seq_len}, seed {opts.seed}"
+
+
+def dense_outputs(model: torch.nn.Module, kind: str, windows: torch.Tensor) -> np.ndarray:
+    """The dense model's logits (causal LM) or last hidden state (encoder), float32."""
+    from transformers import PreTrainedModel
+
+    mask = torch.ones_like(windows)
+    with torch.inference_mode():
+        if isinstance(model, PreTrainedModel):
+            kw = {"use_cache": False} if kind == "causal-lm" else {}
+            out = model(input_ids=windows, attention_mask=mask, **kw)
+        else:
+            out = model(windows, mask)
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            out = getattr(out, attr)
+            break
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float().numpy()
+
+
+def logit_error(onnx_path, windows: torch.Tensor, what: str, reference: np.ndarray) -> dict:
+    """Relative Frobenius error ||Z_onnx - Z_dense||_F / ||Z_dense||_F over all windows,
+    positions and output channels (float64 sums)."""
+    from .export.onnx import run_onnx
+
+    ids = windows.numpy()
+    got = run_onnx(onnx_path, ids, np.ones_like(ids))
+    if got.shape != reference.shape:
+        raise CompileError(f"logit error: ONNX output {got.shape} != dense output {reference.shape}")
+    diff = np.linalg.norm((got.astype(np.float64) - reference.astype(np.float64)).ravel())
+    norm = np.linalg.norm(reference.astype(np.float64).ravel())
+    return {"value": float(diff / norm) if norm > 0 else float("inf"),
+            "definition": "||Z_pruned - Z_dense||_F / ||Z_dense||_F of the outputs (logits, or the "
+                          "last hidden state of an encoder)",
+            "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": what,
+            "measured_on": "onnxruntime (pruned ONNX) vs torch (dense model)"}
+
+
+def measure_latency(dense_path, pruned_path, vocab_size: int, seq_len: int) -> dict:
+    """onnxruntime CPU prefill latency ([1, seq_len] tokens) of both models, in alternating
+    rounds (dense, pruned, dense, ...); each model's latency is the median of its round
+    medians, and the speedup is dense / pruned."""
+    import statistics
+
+    from .speed import onnx_latency
+
+    rounds: dict[str, list[float]] = {"dense": [], "pruned": []}
+    for _ in range(SPEED_ROUNDS):
+        for name, path in (("dense", dense_path), ("pruned", pruned_path)):
+            r = onnx_latency(path, batch=1, seq_len=seq_len, reps=SPEED_REPS, warmup=SPEED_WARMUP,
+                             vocab_size=vocab_size)
+            rounds[name].append(float(r["median_ms"]))
+    dense_ms, pruned_ms = statistics.median(rounds["dense"]), statistics.median(rounds["pruned"])
+    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms,
+            "speedup": dense_ms / pruned_ms if pruned_ms > 0 else float("inf"),
+            "batch": 1, "seq_len": seq_len, "rounds": SPEED_ROUNDS, "reps_per_round": SPEED_REPS,
+            "dense_round_ms": rounds["dense"], "pruned_round_ms": rounds["pruned"],
+            "measured_on": "onnxruntime CPUExecutionProvider, prefill; dense model exported the same way"}
+
+
+def compile_inputs(opts: CompileOptions, spec, model_path, model, config_path, logit_data) -> dict:
+    """sha256 of what the compile read (see provenance.py)."""
+    from .provenance import config_input, data_inputs, model_inputs
+
+    inputs: dict = {"model": model_inputs(spec, model_path or (spec if spec and Path(spec).is_dir() else None),
+                                          model)}
+    uses_calib = opts.criterion not in DATA_FREE or opts.reconstruct != "none"
+    if uses_calib or (logit_data is not None and "calibration split" in logit_data):
+        inputs["calibration"] = data_inputs(opts.calib, "calib")
+    if opts.eval_data:
+        inputs["eval"] = data_inputs(opts.eval_data, "eval")
+    if config_path:
+        inputs["config"] = config_input(config_path)
+    return inputs
 
 
 def build_report(analysis: Analysis, plan: Plan, opts: CompileOptions, shapes, before: int,

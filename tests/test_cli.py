@@ -41,7 +41,7 @@ def test_compile_writes_onnx_and_report(llama_dir, tmp_path, capsys):
                    "--reconstruct", "none", "--out", str(out), "--quiet", "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
     assert report == json.loads((out / "report.json").read_text())
     assert {"modules", "params", "ratio_requested", "ratio_achieved"} <= set(report)
     att = report["modules"][0]
