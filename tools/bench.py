@@ -194,7 +194,7 @@ def quality(ctx: Context):
             log(f"quality {key}: ppl {rec['ppl']:.3f} ({rec['ppl_ratio']:.2f}x dense)")
         data["runs"][key] = rec
         _save(path, data)
-    md = quality_markdown(data, args.ratio_list)
+    md = quality_markdown(data, sorted({v["ratio"] for v in data["runs"].values()}))
     path.with_suffix(".md").write_text(md)
     plot_quality(data, path.with_suffix(".png"))
     print(md)
