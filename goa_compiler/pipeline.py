@@ -379,17 +379,13 @@ def measure_latency(dense_path, pruned_path, vocab_size: int, seq_len: int) -> d
     """onnxruntime CPU prefill latency ([1, seq_len] tokens) of both models, in alternating
     rounds (dense, pruned, dense, ...); each model's latency is the median of its round
     medians, and the speedup is dense / pruned."""
-    import statistics
+    from .speed import interleaved_latency
 
-    from .speed import onnx_latency
-
-    rounds: dict[str, list[float]] = {"dense": [], "pruned": []}
-    for _ in range(SPEED_ROUNDS):
-        for name, path in (("dense", dense_path), ("pruned", pruned_path)):
-            r = onnx_latency(path, batch=1, seq_len=seq_len, reps=SPEED_REPS, warmup=SPEED_WARMUP,
-                             vocab_size=vocab_size)
-            rounds[name].append(float(r["median_ms"]))
-    dense_ms, pruned_ms = statistics.median(rounds["dense"]), statistics.median(rounds["pruned"])
+    lat = interleaved_latency({"dense": str(dense_path), "pruned": str(pruned_path)}, rounds=SPEED_ROUNDS,
+                              reps=SPEED_REPS, warmup=SPEED_WARMUP, batch=1, seq_len=seq_len,
+                              vocab_size=vocab_size)
+    rounds = {k: [float(x) for x in v["round_medians_ms"]] for k, v in lat.items()}
+    dense_ms, pruned_ms = lat["dense"]["median_ms"], lat["pruned"]["median_ms"]
     return {"dense_ms": dense_ms, "pruned_ms": pruned_ms,
             "speedup": dense_ms / pruned_ms if pruned_ms > 0 else float("inf"),
             "batch": 1, "seq_len": seq_len, "rounds": SPEED_ROUNDS, "reps_per_round": SPEED_REPS,

@@ -134,6 +134,13 @@ def _save(path, data):
     tmp.replace(path)
 
 
+def _publish(path, data, md):
+    """Save the JSON, write its Markdown table beside it and print the table."""
+    _save(path, data)
+    path.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def _machine():
     import onnxruntime as ort
 
@@ -194,10 +201,8 @@ def quality(ctx: Context):
             log(f"quality {key}: ppl {rec['ppl']:.3f} ({rec['ppl_ratio']:.2f}x dense)")
         data["runs"][key] = rec
         _save(path, data)
-    md = quality_markdown(data, sorted({v["ratio"] for v in data["runs"].values()}))
-    path.with_suffix(".md").write_text(md)
+    _publish(path, data, quality_markdown(data, sorted({v["ratio"] for v in data["runs"].values()})))
     plot_quality(data, path.with_suffix(".png"))
-    print(md)
     return data
 
 
@@ -408,10 +413,7 @@ def cost(ctx: Context):
             "floor_seconds": floor, "total_seconds": total, "total_x_floor": total / floor,
             "rss_before_mib": base / 2**20, "peak_rss_mib": max(r for _, r in sampler.samples) / 2**20,
             "phases": phases}
-    _save(path, data)
-    md = cost_markdown(data)
-    path.with_suffix(".md").write_text(md)
-    print(md)
+    _publish(path, data, cost_markdown(data))
     return data
 
 
@@ -441,8 +443,7 @@ def speed(ctx: Context, provider: str = "CPUExecutionProvider"):
         msg = (f"GPU section skipped: onnxruntime {ort.__version__} offers "
                f"{', '.join(ort.get_available_providers())}, no {provider} (no GPU or no onnxruntime-gpu)")
         log(msg)
-        _save(path, {"skipped": msg, "command": _command()})
-        path.with_suffix(".md").write_text(msg + "\n")
+        _publish(path, {"skipped": msg, "command": _command()}, msg + "\n")
         return None
     models = {"dense": ctx.dense_onnx()}
     flops = {"dense": (sp.graph_flops(ctx.captured.gm, 1, sp.PREFILL_SEQ), sp.graph_flops(ctx.captured.gm, 1, 1))}
@@ -451,7 +452,7 @@ def speed(ctx: Context, provider: str = "CPUExecutionProvider"):
         key = _key("goa", "refit", ratio)
         gm = copy.deepcopy(ctx.captured.gm)
         # latency depends on shapes only; every uniform-allocation criterion gives the same ones
-        plan, _, _, _ = prune_graph(gm, ctx.analysis, ctx.opts("magnitude", "none", ratio), None,
+        prune_graph(gm, ctx.analysis, ctx.opts("magnitude", "none", ratio), None,
                                     Progress(False))
         if key in ctx.optimized:
             models[str(ratio)] = ctx.onnx[key]
@@ -492,11 +493,8 @@ def speed(ctx: Context, provider: str = "CPUExecutionProvider"):
                       "pruned_models": "uniform allocation (shapes are the same for every criterion)",
                       "command": _command(), **_machine()},
             "rows": rows}
-    _save(path, data)
-    md = speed_markdown(data)
-    path.with_suffix(".md").write_text(md)
+    _publish(path, data, speed_markdown(data))
     plot_speed(data, path.with_suffix(".png"))
-    print(md)
     return data
 
 
