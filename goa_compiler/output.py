@@ -37,16 +37,12 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False):
     On any failure the temporary directory is removed and ``out`` is left as it was; a full
     disk (or quota) while writing becomes an OutputError."""
     out = check_out(out, overwrite)
-    created = []
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        created.append(parent)
-        parent = parent.parent
+    created = missing_parents(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
-        _remove_empty(created)
+        remove_empty(created)
         if _disk_full(e):
             raise OutputError(f"no space left on device to write {out} ({_reason(e)})") from e
         raise
@@ -54,7 +50,7 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False):
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
+        remove_empty(created)
         if _disk_full(e):
             state = "left as it was" if out.exists() else "not created"
             raise OutputError(f"no space left on device while writing {out} ({_reason(e)}); "
@@ -95,8 +91,19 @@ def _reason(e: BaseException) -> str:
     return f"{os.strerror(e.errno)}{where}"
 
 
-def _remove_empty(dirs: list[Path]):
-    for d in dirs:                    # deepest first
+def missing_parents(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first (what a
+    ``mkdir(parents=True)`` is about to create, so that a failure can remove it again)."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def remove_empty(dirs: list[Path]):
+    """Remove each directory of ``dirs`` (deepest first) that is still empty."""
+    for d in dirs:
         with contextlib.suppress(OSError):
             d.rmdir()
 

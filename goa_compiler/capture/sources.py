@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ..output import missing_parents, remove_empty
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -148,7 +150,7 @@ def _gguf_to_checkpoint(gguf: Path, target: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    created = _missing_parents(target.parent)
+    created = missing_parents(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary directory
@@ -182,20 +184,9 @@ def _gguf_to_checkpoint(gguf: Path, target: Path) -> Path:
             shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:              # deepest first: the cache directories this call made
-            with contextlib.suppress(OSError):
-                d.rmdir()              # only if still empty
+        remove_empty(created)          # the cache directories this call made, if still empty
         raise
     return target
-
-
-def _missing_parents(path: Path) -> list[Path]:
-    """``path`` and its ancestors that do not exist yet, deepest first."""
-    out = []
-    while not path.exists() and path != path.parent:
-        out.append(path)
-        path = path.parent
-    return out
 
 
 def _load_dir(spec: str, path: Path, source: str, trust_remote_code: bool) -> LoadedModel:
@@ -256,7 +247,7 @@ def _from_pretrained(spec: str, where: str, kind: str, trust_remote_code: bool):
                 if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e):
                     raise
                 model = auto.from_pretrained(where, attn_implementation="eager", **kwargs)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise ModelLoadError(
             f"{spec}: refusing to unpickle the checkpoint in {where}: it holds more than plain tensors "
             f"(pickled weights are only read with weights_only=True; convert them to safetensors)") from None
