@@ -1,7 +1,7 @@
-# make setup | test | test-fast | demo      (everything runs in .venv, made by tools/setup.sh)
+# make setup | test | test-fast | demo | bench-quick | bench   (everything runs in .venv, made by tools/setup.sh)
 PY := .venv/bin/python
 
-.PHONY: setup test test-fast demo
+.PHONY: setup test test-fast demo bench-quick bench
 
 setup:
 	bash tools/setup.sh
@@ -14,3 +14,9 @@ test-fast: setup
 
 demo: setup
 	.venv/bin/goa compile smollm2-135m --ratio 0.2 --out out/smollm2-135m-r0.2 --overwrite
+
+bench-quick: setup
+	$(PY) tools/bench.py all --quick --quiet
+
+bench: setup
+	$(PY) tools/bench.py all --quiet

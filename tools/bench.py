@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from goa_compiler.capture.sources import load_model  # noqa: E402
 from goa_compiler.capture.torch_export import capture  # noqa: E402
 from goa_compiler.eval import perplexity_onnx  # noqa: E402
-from goa_compiler.export.onnx import export_onnx, onnx_param_count  # noqa: E402
+from goa_compiler.export.onnx import export_onnx, onnx_param_count, rebind_weights, verify  # noqa: E402
 from goa_compiler.graph import from_fx  # noqa: E402
 from goa_compiler.passes.analysis import analyze_graph  # noqa: E402
 from goa_compiler.passes.greedy import calibration_windows  # noqa: E402
@@ -86,6 +86,8 @@ class Context:
         self.tmp = Path(tempfile.mkdtemp(prefix="goa-bench-"))
         self.onnx: dict[str, Path] = {}     # "criterion/recon/ratio" -> exported file
         self.optimized: set[str] = set()    # keys of self.onnx exported with graph optimisation
+        self.templates: dict[tuple, Path] = {}   # parameter names and shapes -> plain export
+        self.compiled: dict[str, dict] = {}      # key -> report.json of a `goa compile` made here
         self.dense_ppl: float | None = None
         log(f"model ready in {time.perf_counter() - t:.0f}s: {self.loaded.source}")
 
@@ -99,6 +101,27 @@ class Context:
         export_onnx(gm, self.captured.example, path, self.captured.output_name, self.captured.max_seq,
                     optimize=optimize)
         return path
+
+    def export_plain(self, gm, name: str) -> tuple[Path, str]:
+        """A plain (unoptimised) ONNX file of ``gm`` for perplexity, and how it was made.
+        Models with the parameter shapes of one exported before (every uniform-allocation
+        criterion at one ratio) reuse that graph with their own weights (rebind_weights:
+        seconds instead of a minute), checked against ``gm`` like every export."""
+        sig = tuple((n, tuple(t.shape)) for n, t in gm.named_parameters(remove_duplicate=False))
+        path = self.tmp / f"{name.replace('/', '_')}.onnx"
+        ids = torch.randint(0, int(self.loaded.model.config.vocab_size), (2, 12),
+                            generator=torch.Generator().manual_seed(0))
+        if sig in self.templates:
+            rebind_weights(self.templates[sig], gm, path)
+            err = verify(path, gm, ids)
+            if err < 1e-4:
+                return path, f"graph of {self.templates[sig].name} with its weights (max rel. diff {err:.1e})"
+            log(f"{name}: rebound graph differs from the model by {err:.1e}; exporting instead")
+        export_onnx(gm, self.captured.example, path, self.captured.output_name, self.captured.max_seq,
+                    optimize=False)
+        err = verify(path, gm, ids)
+        self.templates.setdefault(sig, path)
+        return path, f"exported (max rel. diff {err:.1e})"
 
     def dense_onnx(self) -> Path:
         if "dense" not in self.onnx:
@@ -208,22 +231,28 @@ def quality(ctx: Context):
 
 def _goa_run(ctx: Context, crit, recon, ratio) -> dict:
     key = _key(crit, recon, ratio)
+    if key in ctx.compiled:   # the cost section's `goa compile` made this one: its emitted ONNX
+        rep = ctx.compiled[key]
+        ppl = perplexity_onnx(ctx.onnx[key], ctx.eval_windows)
+        return {"ppl": ppl["ppl"], "ratio_achieved": rep["ratio_achieved"], "params_after": rep["params"]["after"],
+                "prune_seconds": sum(v for k, v in rep["timings"].items() if k not in ("capture", "export", "verify")),
+                "export_seconds": rep["timings"].get("export", 0.0), "export": "`goa compile` (cost section)",
+                "eval_seconds": ppl["seconds"]}
     gm = copy.deepcopy(ctx.captured.gm)
     progress = Progress(not ctx.args.quiet)
     t = time.perf_counter()
     plan, result, _, _ = prune_graph(gm, ctx.analysis, ctx.opts(crit, recon, ratio), ctx.loaded.tokenizer,
                                      progress)
     prune_s = time.perf_counter() - t
-    if key not in ctx.onnx:
-        t = time.perf_counter()
-        ctx.onnx[key] = ctx.export(gm, key, optimize=False)
-        export_s = time.perf_counter() - t
-    else:
-        export_s = 0.0
-    ppl = perplexity_onnx(ctx.onnx[key], ctx.eval_windows)
+    t = time.perf_counter()
+    path, how = ctx.export_plain(gm, key)
+    export_s = time.perf_counter() - t
+    ppl = perplexity_onnx(path, ctx.eval_windows)
+    if path not in ctx.templates.values():   # a sweep makes dozens; templates stay
+        path.unlink()
     return {"ppl": ppl["ppl"], "ratio_achieved": ctx.removed(plan) / ctx.total(),
             "params_after": result.params_after, "prune_seconds": prune_s, "export_seconds": export_s,
-            "eval_seconds": ppl["seconds"]}
+            "export": how, "eval_seconds": ppl["seconds"]}
 
 
 def _peer_run(ctx: Context, ratio) -> dict:
@@ -239,12 +268,14 @@ def _peer_run(ctx: Context, ratio) -> dict:
                      batch_size=ctx.args.batch_size)
     prune_s = time.perf_counter() - t
     captured = capture(model, ctx.loaded.kind)
-    path = ctx.tmp / f"peer_{ratio}.onnx"
-    export_onnx(captured.gm, captured.example, path, captured.output_name, captured.max_seq, optimize=False)
+    t = time.perf_counter()
+    path, how = ctx.export_plain(captured.gm, f"peer/{ratio}")
+    export_s = time.perf_counter() - t
     ppl = perplexity_onnx(path, ctx.eval_windows)
     removed = per_block * per_neuron * len(ffn)
     return {"ppl": ppl["ppl"], "ratio_achieved": removed / ctx.total(), "prune_seconds": prune_s,
-            "params_after": onnx_param_count(path), "peer": info, "eval_seconds": ppl["seconds"]}
+            "params_after": onnx_param_count(path), "peer": info, "export_seconds": export_s, "export": how,
+            "eval_seconds": ppl["seconds"]}
 
 
 def quality_markdown(data, ratios) -> str:
@@ -394,13 +425,14 @@ def cost(ctx: Context):
     progress = TimedProgress(not args.quiet)
     base = sampler.proc.memory_info().rss
     t0 = time.perf_counter()
-    compile_loaded(ctx.loaded.model, ctx.loaded.kind, opts, out, progress, tokenizer=ctx.loaded.tokenizer,
-                   source=ctx.loaded.source)
+    result = compile_loaded(ctx.loaded.model, ctx.loaded.kind, opts, out, progress,
+                            tokenizer=ctx.loaded.tokenizer, source=ctx.loaded.source)
     total = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
     ctx.onnx[_key("goa", "refit", COST_RATIO)] = out / "model.onnx"   # what `goa compile` emits
     ctx.optimized.add(_key("goa", "refit", COST_RATIO))
+    ctx.compiled[_key("goa", "refit", COST_RATIO)] = result.report
     phases = []
     for name, a, b in progress.spans:
         phases.append({"phase": name, "seconds": b - a, "x_floor": (b - a) / floor,
