@@ -23,7 +23,9 @@ must finish in 15 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
+import multiprocessing
 import json
 import os
 import platform
@@ -89,6 +91,8 @@ class Context:
         self.templates: dict[tuple, Path] = {}   # parameter names and shapes -> plain export
         self.compiled: dict[str, dict] = {}      # key -> report.json of a `goa compile` made here
         self.dense_ppl: float | None = None
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._dense_job: concurrent.futures.Future | None = None
         log(f"model ready in {time.perf_counter() - t:.0f}s: {self.loaded.source}")
 
     def opts(self, criterion, recon, ratio) -> CompileOptions:
@@ -123,12 +127,33 @@ class Context:
         self.templates.setdefault(sig, path)
         return path, f"exported (max rel. diff {err:.1e})"
 
+    def worker(self) -> concurrent.futures.ProcessPoolExecutor:
+        """One background process for self-contained jobs (the dense export, the peer): the
+        ONNX exporter is single-threaded Python, so on 2 cores it overlaps with pruning here."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def start_dense_export(self):
+        if "dense" not in self.onnx and self._dense_job is None:
+            log("exporting the dense model (background process)")
+            self._dense_job = self.worker().submit(_dense_job, self.args.model, str(self.tmp / "dense.onnx"))
+
     def dense_onnx(self) -> Path:
         if "dense" not in self.onnx:
-            log("exporting the dense model")
-            self.onnx["dense"] = self.export(self.captured.gm, "dense", optimize=True)
+            if self._dense_job is None:
+                log("exporting the dense model")
+                self.export(self.captured.gm, "dense", optimize=True)
+            else:
+                self._dense_job.result()
+            self.onnx["dense"] = self.tmp / "dense.onnx"
             self.optimized.add("dense")
         return self.onnx["dense"]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
 
     def removed(self, plan) -> int:
         return sum((s.units - len(plan.modules[s.name].kept)) * unit_params(s, self.shapes)
@@ -192,10 +217,6 @@ def quality(ctx: Context):
     path = _results_path("quality", args.quick)
     data = _load(path, args.fresh)
     data.setdefault("runs", {})
-    if "dense" not in data:
-        ppl = perplexity_onnx(ctx.dense_onnx(), ctx.eval_windows)["ppl"]
-        data["dense"] = {"ppl": ppl, "tokens": int(ctx.eval_windows.numel())}
-    ctx.dense_ppl = data["dense"]["ppl"]
     data["setup"] = {
         "model": ctx.loaded.source,
         "calibration": f"KJV calibration split (odd chapters), {args.num_samples} random windows of "
@@ -207,23 +228,32 @@ def quality(ctx: Context):
         "command": _command(), **_machine(),
     }
     _save(path, data)
-    for ratio, crit, recon in configs(args):
+    todo = [(r, c, rec) for r, c, rec in configs(args) if _key(c, rec, r) not in data["runs"]]
+    # background: the dense export, then the peer at each ratio; the criteria run here meanwhile
+    if "dense" not in data:
+        ctx.start_dense_export()
+    peer_jobs = {r: _peer_submit(ctx, r) for r, c, _ in todo if c == PEER}
+    for ratio, crit, recon in todo:
         key = _key(crit, recon, ratio)
-        if key in data["runs"]:
-            continue
         log(f"quality {key}")
         t = time.perf_counter()
         try:
-            rec = _peer_run(ctx, ratio) if crit == PEER else _goa_run(ctx, crit, recon, ratio)
+            rec = _peer_run(ctx, *peer_jobs[ratio]) if crit == PEER else _goa_run(ctx, crit, recon, ratio)
         except Exception as e:  # a failing configuration is a result too
             rec = {"error": f"{type(e).__name__}: {e}"}
             log(f"quality {key} FAILED: {rec['error']}")
         rec.update(criterion=crit, reconstruct=recon, ratio=ratio, seconds=time.perf_counter() - t)
         if "ppl" in rec:
-            rec["ppl_ratio"] = rec["ppl"] / ctx.dense_ppl
-            log(f"quality {key}: ppl {rec['ppl']:.3f} ({rec['ppl_ratio']:.2f}x dense)")
+            log(f"quality {key}: ppl {rec['ppl']:.3f}")
         data["runs"][key] = rec
         _save(path, data)
+    if "dense" not in data:
+        ppl = perplexity_onnx(ctx.dense_onnx(), ctx.eval_windows)["ppl"]
+        data["dense"] = {"ppl": ppl, "tokens": int(ctx.eval_windows.numel())}
+    ctx.dense_ppl = data["dense"]["ppl"]
+    for rec in data["runs"].values():
+        if "ppl" in rec:
+            rec["ppl_ratio"] = rec["ppl"] / ctx.dense_ppl
     _publish(path, data, quality_markdown(data, sorted({v["ratio"] for v in data["runs"].values()})))
     plot_quality(data, path.with_suffix(".png"))
     return data
@@ -255,27 +285,63 @@ def _goa_run(ctx: Context, crit, recon, ratio) -> dict:
             "export": how, "eval_seconds": ppl["seconds"]}
 
 
-def _peer_run(ctx: Context, ratio) -> dict:
+# ------------------------------------------------------------------------------ background jobs
+# They run in the worker process (ctx.worker()), which loads the model once for all of them.
+
+_WORKER_MODELS: dict = {}
+
+
+def _worker_model(name):
+    if name not in _WORKER_MODELS:
+        torch.set_num_threads(1)   # the main process prunes on the cores meanwhile
+        _WORKER_MODELS[name] = load_model(name)
+    return _WORKER_MODELS[name]
+
+
+def _dense_job(model_name, path):
+    loaded = _worker_model(model_name)
+    cap = capture(loaded.model, loaded.kind)
+    export_onnx(cap.gm, cap.example, path, cap.output_name, cap.max_seq, optimize=True)
+    return path
+
+
+def _peer_job(model_name, calib_windows, per_block, batch_size, path) -> dict:
+    """Torch-Pruning on a copy of the model, then the pruned model captured and exported
+    (plain) like every quality run, and checked against PyTorch."""
     from peers.torch_pruning_peer import prune_ffn
 
+    loaded = _worker_model(model_name)
+    model = copy.deepcopy(loaded.model)
+    t = time.perf_counter()
+    info = prune_ffn(model, calib_windows, per_block, importance="taylor", batch_size=batch_size)
+    prune_s = time.perf_counter() - t
+    cap = capture(model, loaded.kind)
+    t = time.perf_counter()
+    export_onnx(cap.gm, cap.example, path, cap.output_name, cap.max_seq, optimize=False)
+    ids = torch.randint(0, int(model.config.vocab_size), (2, 12), generator=torch.Generator().manual_seed(0))
+    err = verify(path, cap.gm, ids)
+    return {"peer": info, "prune_seconds": prune_s, "export_seconds": time.perf_counter() - t,
+            "export": f"exported (max rel. diff {err:.1e})", "path": path}
+
+
+def _peer_submit(ctx: Context, ratio) -> tuple[concurrent.futures.Future, int]:
     ffn = [s for s in ctx.analysis.structures if s.kind == "ffn"]
     per_neuron = unit_params(ffn[0], ctx.shapes)
     per_block = int(round(ratio * ctx.total() / (per_neuron * len(ffn))))
     per_block = min(per_block, ffn[0].units - 1)
-    model = copy.deepcopy(ctx.loaded.model)
-    t = time.perf_counter()
-    info = prune_ffn(model, ctx.calib_windows, per_block, importance="taylor",
-                     batch_size=ctx.args.batch_size)
-    prune_s = time.perf_counter() - t
-    captured = capture(model, ctx.loaded.kind)
-    t = time.perf_counter()
-    path, how = ctx.export_plain(captured.gm, f"peer/{ratio}")
-    export_s = time.perf_counter() - t
+    job = ctx.worker().submit(_peer_job, ctx.args.model, ctx.calib_windows, per_block, ctx.args.batch_size,
+                              str(ctx.tmp / f"peer_{ratio}.onnx"))
+    return job, per_block * per_neuron * len(ffn)
+
+
+def _peer_run(ctx: Context, job, removed) -> dict:
+    rec = job.result()
+    path = Path(rec.pop("path"))
     ppl = perplexity_onnx(path, ctx.eval_windows)
-    removed = per_block * per_neuron * len(ffn)
-    return {"ppl": ppl["ppl"], "ratio_achieved": removed / ctx.total(), "prune_seconds": prune_s,
-            "params_after": onnx_param_count(path), "peer": info, "export_seconds": export_s, "export": how,
-            "eval_seconds": ppl["seconds"]}
+    rec.update(ppl=ppl["ppl"], ratio_achieved=removed / ctx.total(), params_after=onnx_param_count(path),
+               eval_seconds=ppl["seconds"])
+    path.unlink()
+    return rec
 
 
 def quality_markdown(data, ratios) -> str:
@@ -595,14 +661,17 @@ def main():
     args.eval_tokens = args.eval_tokens or (2048 if args.quick else 8192)
     start = time.perf_counter()
     ctx = Context(args)
-    if args.what in ("cost", "all"):
-        cost(ctx)
-    if args.what in ("quality", "all"):
-        quality(ctx)
-    if args.what in ("speed", "all"):
-        speed(ctx)
-        if args.gpu == "auto":
-            speed(ctx, "CUDAExecutionProvider")
+    try:
+        if args.what in ("cost", "all"):
+            cost(ctx)
+        if args.what in ("quality", "all"):
+            quality(ctx)
+        if args.what in ("speed", "all"):
+            speed(ctx)
+            if args.gpu == "auto":
+                speed(ctx, "CUDAExecutionProvider")
+    finally:
+        ctx.close()
     log(f"done in {time.perf_counter() - start:.0f}s")
 
 
