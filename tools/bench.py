@@ -18,15 +18,17 @@ speed    onnxruntime latency of the dense and pruned ONNX models: prefill (batch
 Results: bench/results/<what>[-quick].json (each finished run is saved at once, so an
 interrupted sweep resumes where it stopped; --fresh starts over), <what>[-quick].md and
 PNG plots. `--quick` (one ratio, fewer tokens and configurations) is the smoke run that
-must finish in 15 minutes on 2 cores.
+must finish in 15 minutes on 2 cores: to that end models of equal parameter shapes share
+one exported graph (rebind_weights), and the dense export and the peer run in a background
+process while the criteria prune.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import copy
-import multiprocessing
 import json
+import multiprocessing
 import os
 import platform
 import statistics
