@@ -83,16 +83,15 @@ class Context:
         self.captured = capture(self.loaded.model, self.loaded.kind)
         self.analysis = analyze_graph(from_fx(self.captured.gm))
         self.shapes = {k: tuple(v.shape) for k, v in self.captured.gm.state_dict().items()}
+        self.vocab_size = int(self.loaded.model.config.vocab_size)
         self.opts0 = CompileOptions(ratio=0.0, seq_len=args.seq_len, num_samples=args.num_samples,
                                     eval_data="kjv", eval_tokens=args.eval_tokens, seed=args.seed)
         self.eval_windows = evaluation_windows(self.loaded.tokenizer, self.opts0)
         self.calib_windows = calibration_windows(self.loaded.tokenizer, self.opts0)
         self.tmp = Path(tempfile.mkdtemp(prefix="goa-bench-"))
-        self.onnx: dict[str, Path] = {}     # "criterion/recon/ratio" -> exported file
-        self.optimized: set[str] = set()    # keys of self.onnx exported with graph optimisation
+        self.onnx: dict[str, Path] = {}     # "dense" or "criterion/recon/ratio" -> optimised export
         self.templates: dict[tuple, Path] = {}   # parameter names and shapes -> plain export
         self.compiled: dict[str, dict] = {}      # key -> report.json of a `goa compile` made here
-        self.dense_ppl: float | None = None
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._dense_job: concurrent.futures.Future | None = None
         log(f"model ready in {time.perf_counter() - t:.0f}s: {self.loaded.source}")
@@ -115,19 +114,15 @@ class Context:
         seconds instead of a minute), checked against ``gm`` like every export."""
         sig = tuple((n, tuple(t.shape)) for n, t in gm.named_parameters(remove_duplicate=False))
         path = self.tmp / f"{name.replace('/', '_')}.onnx"
-        ids = torch.randint(0, int(self.loaded.model.config.vocab_size), (2, 12),
-                            generator=torch.Generator().manual_seed(0))
         if sig in self.templates:
             rebind_weights(self.templates[sig], gm, path)
-            err = verify(path, gm, ids)
+            err = _max_rel_diff(path, gm, self.vocab_size)
             if err < 1e-4:
                 return path, f"graph of {self.templates[sig].name} with its weights (max rel. diff {err:.1e})"
             log(f"{name}: rebound graph differs from the model by {err:.1e}; exporting instead")
-        export_onnx(gm, self.captured.example, path, self.captured.output_name, self.captured.max_seq,
-                    optimize=False)
-        err = verify(path, gm, ids)
+        how = _export_plain_checked(gm, self.captured, path, self.vocab_size)
         self.templates.setdefault(sig, path)
-        return path, f"exported (max rel. diff {err:.1e})"
+        return path, how
 
     def worker(self) -> concurrent.futures.ProcessPoolExecutor:
         """One background process for self-contained jobs (the dense export, the peer): the
@@ -150,7 +145,6 @@ class Context:
             else:
                 self._dense_job.result()
             self.onnx["dense"] = self.tmp / "dense.onnx"
-            self.optimized.add("dense")
         return self.onnx["dense"]
 
     def close(self):
@@ -163,6 +157,20 @@ class Context:
 
     def total(self) -> int:
         return structure_params(self.analysis.structures, self.shapes)
+
+
+def _max_rel_diff(path, gm, vocab_size: int) -> float:
+    """onnxruntime against PyTorch on two fixed random 12-token sequences (as `goa compile`
+    verifies its output)."""
+    ids = torch.randint(0, vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    return verify(path, gm, ids)
+
+
+def _export_plain_checked(gm, captured, path: Path, vocab_size: int) -> str:
+    """Export ``gm`` without optimisation (captured: its example inputs and output name) and
+    check the file against it; returns how it was made, for the results."""
+    export_onnx(gm, captured.example, path, captured.output_name, captured.max_seq, optimize=False)
+    return f"exported (max rel. diff {_max_rel_diff(path, gm, vocab_size):.1e})"
 
 
 def _key(criterion, recon, ratio):
@@ -252,10 +260,9 @@ def quality(ctx: Context):
     if "dense" not in data:
         ppl = perplexity_onnx(ctx.dense_onnx(), ctx.eval_windows)["ppl"]
         data["dense"] = {"ppl": ppl, "tokens": int(ctx.eval_windows.numel())}
-    ctx.dense_ppl = data["dense"]["ppl"]
     for rec in data["runs"].values():
         if "ppl" in rec:
-            rec["ppl_ratio"] = rec["ppl"] / ctx.dense_ppl
+            rec["ppl_ratio"] = rec["ppl"] / data["dense"]["ppl"]
     _publish(path, data, quality_markdown(data, sorted({v["ratio"] for v in data["runs"].values()})))
     plot_quality(data, path.with_suffix(".png"))
     return data
@@ -319,11 +326,9 @@ def _peer_job(model_name, calib_windows, per_block, batch_size, path) -> dict:
     prune_s = time.perf_counter() - t
     cap = capture(model, loaded.kind)
     t = time.perf_counter()
-    export_onnx(cap.gm, cap.example, path, cap.output_name, cap.max_seq, optimize=False)
-    ids = torch.randint(0, int(model.config.vocab_size), (2, 12), generator=torch.Generator().manual_seed(0))
-    err = verify(path, cap.gm, ids)
+    how = _export_plain_checked(cap.gm, cap, Path(path), int(model.config.vocab_size))
     return {"peer": info, "prune_seconds": prune_s, "export_seconds": time.perf_counter() - t,
-            "export": f"exported (max rel. diff {err:.1e})", "path": path}
+            "export": how, "path": path}
 
 
 def _peer_submit(ctx: Context, ratio) -> tuple[concurrent.futures.Future, int]:
@@ -499,7 +504,6 @@ def cost(ctx: Context):
     sampler.stop.set()
     sampler.join()
     ctx.onnx[_key("goa", "refit", COST_RATIO)] = out / "model.onnx"   # what `goa compile` emits
-    ctx.optimized.add(_key("goa", "refit", COST_RATIO))
     ctx.compiled[_key("goa", "refit", COST_RATIO)] = result.report
     phases = []
     for name, a, b in progress.spans:
@@ -552,9 +556,8 @@ def speed(ctx: Context, provider: str = "CPUExecutionProvider"):
         key = _key("goa", "refit", ratio)
         gm = copy.deepcopy(ctx.captured.gm)
         # latency depends on shapes only; every uniform-allocation criterion gives the same ones
-        prune_graph(gm, ctx.analysis, ctx.opts("magnitude", "none", ratio), None,
-                                    Progress(False))
-        if key in ctx.optimized:
+        prune_graph(gm, ctx.analysis, ctx.opts("magnitude", "none", ratio), None, Progress(False))
+        if key in ctx.onnx:
             models[str(ratio)] = ctx.onnx[key]
         else:
             log(f"speed: exporting the ratio {ratio} model")
@@ -562,14 +565,13 @@ def speed(ctx: Context, provider: str = "CPUExecutionProvider"):
         flops[str(ratio)] = (sp.graph_flops(gm, 1, sp.PREFILL_SEQ), sp.graph_flops(gm, 1, 1))
         params[str(ratio)] = onnx_param_count(models[str(ratio)])
     providers = [provider]
-    vocab = int(ctx.loaded.model.config.vocab_size)
     rounds, reps = (3, 5) if args.quick else (5, 10)
     log("speed: prefill latency")
     prefill = sp.interleaved_latency({k: str(v) for k, v in models.items()}, rounds=rounds, reps=reps,
-                                     seq_len=sp.PREFILL_SEQ, vocab_size=vocab, providers=providers)
+                                     seq_len=sp.PREFILL_SEQ, vocab_size=ctx.vocab_size, providers=providers)
     log("speed: decode-step latency")
     decode = sp.interleaved_latency({k: str(v) for k, v in models.items()}, rounds=rounds, reps=reps * 4,
-                                    seq_len=1, vocab_size=vocab, providers=providers)
+                                    seq_len=1, vocab_size=ctx.vocab_size, providers=providers)
     kv = sp.has_kv_cache(models["dense"])
     rows = []
     for k in models:

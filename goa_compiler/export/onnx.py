@@ -78,8 +78,9 @@ def rebind_weights(template: str | os.PathLike, gm: torch.nn.Module, path: str |
     initializers are replaced, which costs seconds where an export costs a minute. Only a
     template exported with ``optimize=False`` can be rebound: the optimiser folds weights into
     new constants. Raises ValueError, writing nothing, unless every parameter of ``gm``
-    names an initializer of the same shape and dtype (tied parameters may share one); buffers are replaced where the graph has them, and the exporter's own
-    constants are left as they were."""
+    names an initializer of the same shape and dtype (tied parameters may share one);
+    buffers are replaced where the graph has them, and the exporter's own constants are
+    left as they were."""
     from onnx import numpy_helper
 
     model = onnx.load(str(template))
