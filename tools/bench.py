@@ -649,7 +649,7 @@ def main():
                    "nine configurations: the smoke run (under 15 minutes on 2 cores)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", default=None, help="comma-separated (default 0.1,...,0.5; quick 0.3)")
-    p.add_argument("--criteria", default=None, help="restrict quality to these criteria (and torch-pruning)")
+    p.add_argument("--criteria", default=None, help="restrict quality to these comma-separated methods (criteria, or torch-pruning for the peer)")
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
