@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from goa_compiler import cli
+from goa_compiler.ui import cli
 from models import tiny
 
 
@@ -65,7 +65,7 @@ def test_bad_ratio_exits_2_and_writes_nothing(llama_dir, tmp_path, ratio, capsys
 
 
 def test_failure_mid_compile_leaves_nothing(llama_dir, tmp_path, monkeypatch, capsys):
-    import goa_compiler.pipeline as pipeline
+    import goa_compiler.driver.pipeline as pipeline
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

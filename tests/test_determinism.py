@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from goa_compiler import cli
+from goa_compiler.ui import cli
 from models import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_same_inputs_same_bytes(tmp_path, capsys):
     assert cli.main(["compile", *args, "--out", str(a)]) == 0
     # the second run in a fresh interpreter with another hash seed (set/dict order of strings)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "goa_compiler.cli", "compile", *args, "--out", str(b)],
+    r = subprocess.run([sys.executable, "-m", "goa_compiler", "compile", *args, "--out", str(b)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     capsys.readouterr()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from goa_compiler.eval import perplexity_onnx, perplexity_torch
+from goa_compiler.measure.eval import perplexity_onnx, perplexity_torch
 from models.tiny import build
 
 

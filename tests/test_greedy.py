@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from goa_compiler.export.onnx import run_onnx
-from goa_compiler.pipeline import CompileOptions, compile_loaded
+from goa_compiler.driver.pipeline import CompileOptions, compile_loaded
 from models import tiny
 
 
@@ -33,16 +33,6 @@ def test_ratio_zero_compiles_to_the_dense_model(tmp_path):
     got = run_onnx(tmp_path / "out" / "model.onnx", ids.numpy())
     assert res.report["params"]["after"] == res.report["params"]["before"]
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
-
-
-@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
-def test_refit_never_increases_module_error(tmp_path, family):
-    _, _, res = _compile(family, tmp_path)
-    errors = [m["output_error"] for m in res.report["modules"]]
-    assert errors
-    for e in errors:
-        assert e["final"] <= e["pruned_no_reconstruction"] * (1 + 1e-6) + 1e-12
-    assert res.report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
 
 
 @pytest.mark.parametrize("criterion,reconstruct", [
@@ -71,26 +61,122 @@ def test_same_seed_same_result(tmp_path):
     assert np.array_equal(ya, yb)
 
 
+def _unit_params(model) -> dict[str, int]:
+    """Parameters one unit removes in a tiny Llama (no biases), from its config: a query head
+    with its K/V head (q, k, v rows and o columns: 4 * head_dim * hidden), an FFN neuron
+    (gate and up rows, down column: 3 * hidden)."""
+    c = model.config
+    assert c.num_key_value_heads == c.num_attention_heads and not c.attention_bias and not c.mlp_bias
+    hd = c.hidden_size // c.num_attention_heads
+    return {"attention": 4 * hd * c.hidden_size, "ffn": 3 * c.hidden_size}
+
+
+def _removed(report, per) -> int:
+    """Structured parameters removed, recounted from the modules' kept units; checks the
+    report's own totals against the same count."""
+    mods = report["modules"]
+    p = report["params"]
+    assert sum(m["total"] * per[m["kind"]] for m in mods) == p["structured_before"]
+    removed = sum((m["total"] - len(m["kept"])) * per[m["kind"]] for m in mods)
+    assert removed == p["structured_removed"]
+    assert report["ratio_achieved"] == removed / p["structured_before"]
+    return removed
+
+
 def test_skip_layers_keeps_blocks_dense_and_still_meets_the_ratio(tmp_path):
-    _, _, res = _compile("llama", tmp_path, skip_layers="first", ratio=0.3)
+    """Layer 0 stays dense; layer 1 loses enough that the whole model loses the ratio: uniform
+    allocation rounds the attention heads and lets the FFN neurons (the finest units) absorb
+    the rounding, so the result is within one FFN neuron of the request."""
+    model, _, res = _compile("llama", tmp_path, skip_layers="first", ratio=0.3)
     r = res.report
     assert r["skipped_layers"] == [0]
+    per = _unit_params(model)
     for m in r["modules"]:
         if m["layer"] == 0:
-            assert len(m["kept"]) == m["total"]
-    assert abs(r["ratio_achieved"] - 0.3) < 0.1
+            assert m["kept"] == list(range(m["total"]))
+        else:
+            assert len(m["kept"]) < m["total"]
+    removed = _removed(r, per)
+    assert abs(removed - 0.3 * r["params"]["structured_before"]) <= per["ffn"]
 
 
 def test_global_allocation_and_head_similarity(tmp_path):
     """Global allocation (FLAP-style standardised scores) with goa's JS head similarity:
-    the ratio is met overall, and modules may lose different fractions."""
-    _, _, res = _compile("llama", tmp_path, allocation="global", head_criterion="similarity",
+    the ratio is met overall within one unit, modules of one kind lose different fractions,
+    and the attention scores are the similarity ranking, not the second moment."""
+    model, _, res = _compile("llama", tmp_path, allocation="global", head_criterion="similarity",
+                             ratio=0.3)
+    _, _, mom = _compile("llama", tmp_path, name="moment", allocation="global", head_criterion="moment",
                          ratio=0.3)
     r = res.report
     assert r["allocation"] == "global"
-    assert abs(r["ratio_achieved"] - 0.3) < 0.1
-    ffn = [m for m in r["modules"] if m["kind"] == "ffn"]
-    att = [m for m in r["modules"] if m["kind"] == "attention"]
+    per = _unit_params(model)
+    removed = _removed(r, per)
+    # units are taken cheapest-first while they bring the count closer to the target: the
+    # result misses it by at most one (the largest) unit
+    assert abs(removed - 0.3 * r["params"]["structured_before"]) <= max(per.values())
     assert all(len(m["kept"]) >= 1 for m in r["modules"])
-    assert att and ffn
+    lost = {}
+    for m in r["modules"]:
+        lost.setdefault(m["kind"], set()).add((m["total"] - len(m["kept"])) / m["total"])
+    assert set(lost) == {"attention", "ffn"}
+    assert any(len(fractions) > 1 for fractions in lost.values()), lost
+
+    # the similarity scores of H heads: the H - 1 heads marked redundant score -H, ..., -2,
+    # the last one its smallest JS distance to the others (in [0, ln 2])
+    heads = model.config.num_attention_heads
+    att = [m for m in r["modules"] if m["kind"] == "attention"]
+    att_mom = [m for m in mom.report["modules"] if m["kind"] == "attention"]
+    assert len(att) == len(att_mom) == model.config.num_hidden_layers
+    for m, mm in zip(att, att_mom):
+        sc = m["scores"]
+        marked = [-float(h) for h in range(heads, 1, -1)]          # -H, ..., -2
+        assert sc["min"] == -float(heads) and sc["median"] == float(np.median(marked + [sc["max"]]))
+        assert 0.0 <= sc["max"] <= np.log(2)
+        assert mm["scores"]["min"] > 0                  # the second moment: positive energies
+        assert mm["scores"] != sc
     assert r["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
+
+
+@pytest.mark.xfail(strict=True, reason="product bug: frontends/fx.py Stream reads every get_attr node "
+                   "(all at the top of the exported graph) on its first run_until, before greedy installs "
+                   "any override, so the 'pruned' stream keeps running on the dense weights")
+def test_pruned_stream_sees_the_units_removed_upstream(tmp_path):
+    """Without reconstruction, layer 0's FFN is scored (goa: per-neuron output energy
+    ||W_down[:, j]||^2 E[h_j^2]) on the level-2 input of the model whose layer-0 attention has
+    already lost its dropped heads (greedy.py step 7: the pruned stream continues with the
+    committed weights). Recomputed here in the Hugging Face model with those o_proj columns
+    zeroed, on the same calibration windows."""
+    from goa_compiler.prune import calibration
+
+    model, _, res = _compile("llama", tmp_path, reconstruct="none", ratio=0.3)
+    r = res.report
+    att, ffn = r["modules"][0], r["modules"][1]
+    assert (att["name"], ffn["name"]) == ("layer0.attention", "layer0.ffn")
+    dropped = [h for h in range(att["total"]) if h not in att["kept"]]
+    assert dropped
+    opts = CompileOptions(ratio=0.3, num_samples=8, seq_len=32, seed=0)
+    windows = calibration.calibration_windows(tiny.byte_tokenizer(), opts)
+
+    def energies(m):
+        layer = m.model.layers[0]
+        seen = []
+        hook = layer.mlp.down_proj.register_forward_pre_hook(lambda mod, a: seen.append(a[0].double()))
+        with torch.no_grad():
+            m(input_ids=windows, attention_mask=torch.ones_like(windows))
+        hook.remove()
+        h = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+        w = layer.mlp.down_proj.weight.detach().double()
+        e = (w ** 2).sum(0) * (h ** 2).sum(0) / h.shape[0]
+        return {"min": float(e.min()), "median": float(np.median(e.numpy())), "max": float(e.max())}
+
+    dense = energies(model)
+    pruned = copy.deepcopy(model)
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        for h in dropped:
+            pruned.model.layers[0].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0.0
+    want = energies(pruned)
+    assert abs(want["median"] - dense["median"]) > 1e-3 * dense["median"]   # the check can tell them apart
+    for k in ("min", "median", "max"):
+        assert ffn["scores"][k] == pytest.approx(want[k], rel=1e-5), (k, ffn["scores"], want, dense)

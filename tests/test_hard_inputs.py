@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from goa_compiler import cli
+from goa_compiler.ui import cli
 from models import tiny
 
 TEXT = "In the beginning God created the heaven and the earth. And the earth was without form. " * 20
@@ -402,7 +402,7 @@ def test_disk_full_while_writing_the_model_keeps_the_previous_out(llama_dir, tmp
 
 
 def test_disk_full_while_writing_the_report_creates_no_out(llama_dir, tmp_path, monkeypatch, capsys):
-    import goa_compiler.pipeline as pipeline
+    import goa_compiler.driver.pipeline as pipeline
 
     def full_disk(path, data):
         Path(path).write_text("{")

@@ -12,8 +12,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from goa_compiler import cli
-from goa_compiler.html_report import render
+from goa_compiler.ui import cli
+from goa_compiler.ui.html_report import render
 from models import tiny
 
 HOSTILE = '<script>alert("x")</script> & "quotes" \'single\''

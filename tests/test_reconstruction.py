@@ -2,8 +2,8 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from goa_compiler.passes.reconstruction import output_error, refit_linear, restrict, ridge_solve
-from goa_compiler.passes.stats import CrossMoments
+from goa_compiler.prune.lstsq import output_error, refit_linear, restrict, ridge_solve
+from goa_compiler.prune.stats import CrossMoments
 
 F64 = torch.float64
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from goa_compiler.passes import scoring
-from goa_compiler.passes.scoring import ModuleStats
-from goa_compiler.passes.stats import HeadSimilarity, Moments
-from goa_compiler.structure import ParamSlice, Probes, Structure
+from goa_compiler.prune import criteria as scoring
+from goa_compiler.prune.criteria import ModuleStats
+from goa_compiler.prune.stats import HeadSimilarity, Moments
+from goa_compiler.ir.structure import Kind, ParamSlice, Probes, Role, Structure
 
 F64 = torch.float64
 HID = 8
@@ -25,12 +25,20 @@ def _gqa():
          "o.weight": torch.randn(HID, H * HD, generator=g)}
     qi = np.arange(H * HD).reshape(KV, rep * HD)
     kvi = np.arange(KV * HD).reshape(KV, HD)
-    s = Structure("attn0", "attention", 0, KV, rep * HD,
-                  [ParamSlice("q.weight", 0, "q", qi), ParamSlice("q.bias", 0, "bias", qi),
-                   ParamSlice("k.weight", 0, "k", kvi), ParamSlice("v.weight", 0, "v", kvi),
-                   ParamSlice("o.weight", 1, "o", qi)],
-                  Probes("x", "h", "attn"), heads=H, kv_heads=KV, head_dim=HD, granularity="kv-group")
+    s = _structure("attn0", "attention", 0,
+                   [ParamSlice("q.weight", 0, "q", qi), ParamSlice("q.bias", 0, "bias", qi),
+                    ParamSlice("k.weight", 0, "k", kvi), ParamSlice("v.weight", 0, "v", kvi),
+                    ParamSlice("o.weight", 1, "o", qi)],
+                   Probes("x", "h", "attn"), heads=H, kv_heads=KV, head_dim=HD)
+    assert s.granularity == "kv-group" and s.units == KV and s.unit_channels == rep * HD
     return s, w
+
+
+def _structure(name, kind, layer, slices, probes, **facts):
+    """A hand-built Structure: scoring reads only the slices (units come from the level 2)."""
+    return Structure(name, Kind(kind), layer, tuple(ParamSlice(x.param, x.axis, Role(x.role), x.index)
+                                                    for x in slices),
+                     probes, level2_node="l2", projections={}, root_index={}, **facts)
 
 
 def _gpt2():
@@ -46,8 +54,8 @@ def _gpt2():
         sl += [ParamSlice("c_attn.weight", 1, role, base + r * H * HD),
                ParamSlice("c_attn.bias", 0, "bias", base + r * H * HD)]
     sl.append(ParamSlice("c_proj.weight", 0, "o", base))
-    s = Structure("attn1", "attention", 1, H, HD, sl, Probes("x", "h", "attn"),
-                  heads=H, kv_heads=H, head_dim=HD, granularity="head")
+    s = _structure("attn1", "attention", 1, sl, Probes("x", "h", "attn"), heads=H, kv_heads=H, head_dim=HD)
+    assert s.granularity == "head" and s.units == H
     return s, w
 
 
@@ -60,9 +68,9 @@ def _ffn():
          "down.weight": torch.randn(HID, I, generator=g),
          "down.bias": torch.randn(HID, generator=g)}
     idx = np.arange(I)[:, None]
-    s = Structure("ffn0", "ffn", 0, I, 1,
-                  [ParamSlice("gate.weight", 0, "gate", idx), ParamSlice("up.weight", 0, "up", idx),
-                   ParamSlice("down.weight", 1, "down", idx)], Probes("x", "h"))
+    s = _structure("ffn0", "ffn", 0,
+                   [ParamSlice("gate.weight", 0, "gate", idx), ParamSlice("up.weight", 0, "up", idx),
+                    ParamSlice("down.weight", 1, "down", idx)], Probes("x", "h"))
     return s, w
 
 

@@ -3,17 +3,18 @@ assertions: these machines are noisy)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 
-from goa_compiler import speed
+from goa_compiler.measure import speed
 from goa_compiler.capture.sources import load_model
 from goa_compiler.capture.torch_export import capture
 from goa_compiler.export.onnx import export_onnx
-from goa_compiler.graph import from_fx
-from goa_compiler.passes.analysis import analyze_graph
-from goa_compiler.pipeline import CompileOptions, prune_graph
-from goa_compiler.progress import Progress
+from goa_compiler.frontends.fx import from_fx
+from goa_compiler.analysis import analyze_graph
+from goa_compiler.driver.pipeline import CompileOptions, prune_captured
+from goa_compiler.ui.progress import Progress
 from models import tiny
 
 
@@ -24,7 +25,8 @@ def pruned(tmp_path_factory):
     cap = capture(loaded.model, loaded.kind)
     analysis = analyze_graph(from_fx(cap.gm))
     gm = copy.deepcopy(cap.gm)
-    prune_graph(gm, analysis, CompileOptions(ratio=0.5, criterion="magnitude"), None, Progress(False))
+    prune_captured(dataclasses.replace(cap, gm=gm), analysis,
+                   CompileOptions(ratio=0.5, criterion="magnitude", reconstruct="none"), None, Progress(False))
     path = export_onnx(gm, cap.example, d / "p.onnx", cap.output_name, cap.max_seq)
     return loaded, cap, gm, path
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from goa_compiler.passes.stats import CrossMoments, HeadSimilarity, Moments
+from goa_compiler.prune.stats import CrossMoments, HeadSimilarity, Moments
 
 F64 = torch.float64
 

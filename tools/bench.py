@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -46,16 +47,16 @@ import torch  # noqa: E402
 
 from goa_compiler.capture.sources import load_model  # noqa: E402
 from goa_compiler.capture.torch_export import capture  # noqa: E402
-from goa_compiler.eval import perplexity_onnx  # noqa: E402
+from goa_compiler.measure.eval import perplexity_onnx  # noqa: E402
 from goa_compiler.export.onnx import export_onnx, onnx_param_count, rebind_weights, verify  # noqa: E402
-from goa_compiler.graph import from_fx  # noqa: E402
-from goa_compiler.passes.analysis import analyze_graph  # noqa: E402
-from goa_compiler.passes.greedy import calibration_windows  # noqa: E402
-from goa_compiler.passes.selection import structure_params, unit_params  # noqa: E402
-from goa_compiler.pipeline import (CompileOptions, compile_loaded, evaluation_windows,  # noqa: E402
-                                   prune_graph)
-from goa_compiler.progress import Progress  # noqa: E402
-from goa_compiler import speed as sp  # noqa: E402
+from goa_compiler.frontends.fx import from_fx  # noqa: E402
+from goa_compiler.analysis import analyze_graph  # noqa: E402
+from goa_compiler.prune.calibration import calibration_windows  # noqa: E402
+from goa_compiler.prune.allocation import structure_params, unit_params  # noqa: E402
+from goa_compiler.driver.pipeline import CompileOptions, compile_loaded, prune_captured  # noqa: E402
+from goa_compiler.measure.eval import evaluation_windows  # noqa: E402
+from goa_compiler.ui.progress import Progress  # noqa: E402
+from goa_compiler.measure import speed as sp  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CRITERIA = ("goa", "flap", "wanda-sp", "magnitude", "random")
@@ -280,8 +281,9 @@ def _goa_run(ctx: Context, crit, recon, ratio) -> dict:
     gm = copy.deepcopy(ctx.captured.gm)
     progress = Progress(not ctx.args.quiet)
     t = time.perf_counter()
-    plan, result, _, _ = prune_graph(gm, ctx.analysis, ctx.opts(crit, recon, ratio), ctx.loaded.tokenizer,
-                                     progress)
+    st = prune_captured(dataclasses.replace(ctx.captured, gm=gm), ctx.analysis, ctx.opts(crit, recon, ratio),
+                        ctx.loaded.tokenizer, progress)
+    plan, result = st.plan, st.rewritten
     prune_s = time.perf_counter() - t
     t = time.perf_counter()
     path, how = ctx.export_plain(gm, key)
@@ -556,7 +558,8 @@ def speed(ctx: Context, provider: str = "CPUExecutionProvider"):
         key = _key("goa", "refit", ratio)
         gm = copy.deepcopy(ctx.captured.gm)
         # latency depends on shapes only; every uniform-allocation criterion gives the same ones
-        prune_graph(gm, ctx.analysis, ctx.opts("magnitude", "none", ratio), None, Progress(False))
+        prune_captured(dataclasses.replace(ctx.captured, gm=gm), ctx.analysis, ctx.opts("magnitude", "none", ratio),
+                       None, Progress(False))
         if key in ctx.onnx:
             models[str(ratio)] = ctx.onnx[key]
         else:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..output import missing_parents, remove_empty
+from goa_compiler.ui.output import missing_parents, remove_empty
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

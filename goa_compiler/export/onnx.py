@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..capture.torch_export import dynamic_shapes, recapture
+from goa_compiler.capture.torch_export import dynamic_shapes, recapture
 
 
 def export_onnx(gm: torch.nn.Module, example, path: str | os.PathLike, output_name: str,

@@ -1,79 +1,17 @@
-"""A small common view of a captured graph, shared by the passes.
-
-Analysis reads only this view: nodes in topological order, each with a normalised op name,
-its inputs (references to other nodes or Python constants), the shape of its output, and
-whether it is a parameter. ``from_fx`` builds it from a torch.export / torch.fx graph; an
-ONNX (onnx-ir) adapter can build the same view later without touching the passes.
-
-Normalised ops (``Node.op``) and their ``attrs``:
-    param                                 a parameter or buffer (attrs: name)
-    input, output
-    linear      x, weight, bias           attrs: w_out_axis (0 for [out, in], 1 for [in, out])
-    view        x                         attrs: sizes (the argument list, to patch)
-    permute     x                         attrs: dims
-    unsqueeze   x                         attrs: dim
-    squeeze     x                         attrs: dims
-    expand      x                         attrs: sizes
-    slice       x                         attrs: dim, start, end, step
-    split       x                         attrs: dim, sizes (multi-output, read by getitem)
-    getitem     x                         attrs: index
-    cat         xs...                     attrs: dim
-    unary       x                         attrs: activation (bool)
-    binary      a, b  (a constant may be a Python number)
-    where       cond, a, b
-    reduce      x                         attrs: dims (over which it reduces), keepdim
-    softmax     x                         attrs: dim
-    norm        x, weight, bias           attrs: ndims (normalised trailing dims)
-    sdpa        q, k, v, mask             attrs: gqa (bool)
-    matmul      a, b                      (both data)
-    ignore                                no tensor output (asserts, shape queries)
-    other                                 anything else (analysis refuses channels through it)
+"""The torch.fx frontend: the graph view of a torch.export graph (``from_fx``), a resumable
+executor for calibration (``Stream``), and the edits rewrite makes (parameters, integer
+arguments, a new bias).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 import sympy
 import torch
+import torch.fx
 
+from goa_compiler.ir.graph import Graph, Node, Ref
 
-@dataclass(frozen=True)
-class Ref:
-    """A reference to another node's output."""
-
-    name: str
-
-
-@dataclass
-class Node:
-    name: str
-    op: str
-    inputs: list[Any]
-    shape: tuple | None = None          # output shape: ints and sympy expressions
-    attrs: dict[str, Any] = field(default_factory=dict)
-    target: str = ""                    # the backend's own op name, for messages
-
-    def refs(self) -> list[str]:
-        return [i.name for i in self.inputs if isinstance(i, Ref)]
-
-
-@dataclass
-class Graph:
-    nodes: dict[str, Node]              # topological order
-    params: dict[str, str]              # node name -> parameter name
-    param_shapes: dict[str, tuple]
-    outputs: list[str]
-
-    def users(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {n: [] for n in self.nodes}
-        for node in self.nodes.values():
-            for r in node.refs():
-                out[r].append(node.name)
-        return out
-
-
-# --------------------------------------------------------------------------- torch.fx adapter
 
 _aten = torch.ops.aten
 
@@ -172,6 +110,10 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
 
 
 def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
+    """The normalised view node of one aten call. Long on purpose: it is the one mapping
+    from aten's argument conventions (positional or keyword, overload families such as
+    split/chunk/split_with_sizes) to the view's ops and attributes, read top to bottom;
+    split over one function per op it would hide which aten names map where."""
     import operator
 
     target = n.target
@@ -286,3 +228,205 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
     if name in _UNARY or name.rstrip("_") in _UNARY:
         return mk("unary", [args[0]], activation=name.rstrip("_") in _ACTIVATIONS)
     return mk("other", [a for a in args if isinstance(a, Ref)])
+
+
+# --------------------------------------------------------------------------- execution
+
+class Stream:
+    def __init__(self, gm: torch.fx.GraphModule, inputs: dict[str, torch.Tensor],
+                 overrides: dict[str, torch.Tensor] | None = None, pinned: set[str] | None = None):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n.name: i for i, n in enumerate(self.nodes)}
+        self.inputs = inputs
+        self.overrides = overrides if overrides is not None else {}
+        self.pinned = set(pinned or ())
+        self.env: dict[str, object] = {}
+        self.pos = 0
+        self.post: dict[str, Callable] = {}      # node -> fn(out) -> out (e.g. a bias delta)
+        self.hooks: dict[str, Callable] = {}     # node -> fn(args, kwargs, out)
+        last: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            for a in n.all_input_nodes:
+                last[a.name] = i
+        self.frees: dict[int, list[str]] = {}
+        for name, i in last.items():
+            self.frees.setdefault(i, []).append(name)
+
+    def done(self, name: str) -> bool:
+        return self.index[name] < self.pos
+
+    def value(self, name: str):
+        if name not in self.env:
+            raise KeyError(f"value {name} is not available (not reached or already freed)")
+        return self.env[name]
+
+    def unpin(self, names):
+        for name in names:
+            self.pinned.discard(name)
+            i = self.index.get(name)
+            if i is not None and i < self.pos and self._last_use_passed(name):
+                self.env.pop(name, None)
+
+    def _last_use_passed(self, name: str) -> bool:
+        users = self.nodes[self.index[name]].users
+        return all(self.index[u.name] < self.pos for u in users)
+
+    @torch.no_grad()
+    def run_until(self, name: str | None = None):
+        """Execute nodes up to and including ``name`` (to the end when None)."""
+        stop = len(self.nodes) - 1 if name is None else self.index[name]
+        env = self.env
+        while self.pos <= stop:
+            n = self.nodes[self.pos]
+            if n.op == "placeholder":
+                out = self.inputs[n.target]
+            elif n.op == "get_attr":
+                out = self.overrides.get(n.target)
+                if out is None:
+                    out = fetch_attr(self.gm, n.target)
+            elif n.op == "call_function":
+                args = torch.fx.node.map_arg(n.args, lambda a: env[a.name])
+                kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+                out = n.target(*args, **kwargs)
+                hook = self.hooks.get(n.name)
+                if hook is not None:
+                    hook(args, kwargs, out)
+            elif n.op == "call_module":
+                out = None       # export's input guards: inputs were built to satisfy them
+            elif n.op == "output":
+                args = torch.fx.node.map_arg(n.args, lambda a: env[a.name])
+                out = args[0]
+            else:  # pragma: no cover - call_method does not occur in exported graphs
+                raise RuntimeError(f"unexpected node {n.op}")
+            fn = self.post.get(n.name)
+            if fn is not None:
+                out = fn(out)
+            env[n.name] = out
+            for dead in self.frees.get(self.pos, ()):
+                if dead not in self.pinned:
+                    env.pop(dead, None)
+            self.pos += 1
+
+    def output(self):
+        self.run_until(None)
+        return self.env[self.nodes[-1].name]
+
+
+# --------------------------------------------------------------------------- the frontend
+
+_SPLITS = ("split", "split_with_sizes", "chunk")
+_SLICE_ARG = {"start": 2, "end": 3}
+
+
+class FxFrontend:
+    """A torch.export GraphModule (unlifted: parameters are get_attr) behind the interface
+    the passes use: the graph view, parameters by name, calibration streams, and the edits
+    of rewrite (parameters, integer attributes, a new bias). Edits happen in place;
+    ``finish`` recompiles the module."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+
+    # -- reading
+    def view(self) -> Graph:
+        return from_fx(self.gm)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.gm.state_dict())
+
+    def param_shapes(self) -> dict[str, tuple]:
+        return {k: tuple(v.shape) for k, v in self.gm.state_dict(keep_vars=True).items()}
+
+    def param_count(self) -> int:
+        return count_params(self.gm)
+
+    def stream(self, inputs: dict[str, torch.Tensor], overrides=None, pinned=None) -> "Stream":
+        return Stream(self.gm, inputs, overrides, pinned)
+
+    # -- editing
+    def set_param(self, name: str, value: torch.Tensor) -> None:
+        """Replace parameter ``name`` (same shape), or add it when the module has none."""
+        mod, _, leaf = name.rpartition(".")
+        owner = self.gm.get_submodule(mod) if mod else self.gm
+        if hasattr(owner, leaf):
+            old = getattr(owner, leaf)
+            if tuple(old.shape) != tuple(value.shape):
+                raise ValueError(f"replacement for {name} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(old.shape)}")
+            _set_param(self.gm, name, value.to(old.dtype))
+        else:
+            owner.register_parameter(leaf, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+
+    def slice_param(self, name: str, cuts: list[tuple[int, object]]) -> tuple[tuple, tuple]:
+        """Keep indices ``keep`` along ``axis`` for each (axis, keep); returns (old, new) shape."""
+        t = fetch_attr(self.gm, name)
+        old_shape = tuple(t.shape)
+        for axis, keep in cuts:
+            if len(keep) != t.shape[axis]:
+                t = t.index_select(axis, torch.as_tensor(keep, dtype=torch.long))
+        if tuple(t.shape) != old_shape:
+            _set_param(self.gm, name, t)
+        return old_shape, tuple(t.shape)
+
+    def set_ints(self, node_name: str, attr: str, values: dict[int | None, int]) -> None:
+        """Set integer attribute ``attr`` of a node (elements ``pos`` of a list attribute).
+        A split gets every piece and becomes split_with_sizes."""
+        node = next(n for n in self.gm.graph.nodes if n.name == node_name)
+        if _op_name(node.target) in _SPLITS:
+            sizes = [values[k] for k in sorted(values)]
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            node.target = torch.ops.aten.split_with_sizes.default
+            node.args = (node.args[0], sizes, dim)
+            node.kwargs = {}
+            return
+        arg = _SLICE_ARG.get(attr, 1)
+        args = list(node.args)
+        for pos, v in values.items():
+            if pos is None:
+                args[arg] = v
+            else:
+                seq = list(args[arg])
+                seq[pos] = v
+                args[arg] = seq
+        node.args = tuple(args)
+
+    def add_bias(self, node_name: str, param: str) -> None:
+        """Give a bias-free linear projection the (already registered) bias ``param``."""
+        node = next(n for n in self.gm.graph.nodes if n.name == node_name)
+        if _op_name(node.target) != "linear":
+            raise ValueError(f"cannot add a bias to {node.target}")
+        with self.gm.graph.inserting_before(node):
+            b = self.gm.graph.get_attr(param)
+        node.args = (node.args[0], node.args[1], b)
+
+    def finish(self) -> None:
+        self.gm.recompile()
+
+
+def _set_param(gm: torch.nn.Module, name: str, value: torch.Tensor):
+    mod, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(mod) if mod else gm
+    old = getattr(owner, leaf)
+    if isinstance(old, torch.nn.Parameter):
+        value = torch.nn.Parameter(value.detach().contiguous(), requires_grad=False)
+    if leaf in getattr(owner, "_buffers", {}):
+        owner._buffers[leaf] = value.detach().contiguous()
+    else:
+        setattr(owner, leaf, value)
+
+
+def count_params(gm: torch.fx.GraphModule) -> int:
+    """Elements of the parameters the graph actually uses (tied weights counted once;
+    parameters no node reads, such as an encoder's unused pooler, are not counted)."""
+    seen = set()
+    total = 0
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or not n.users:
+            continue
+        t = fetch_attr(gm, str(n.target))
+        if not isinstance(t, torch.nn.Parameter) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel()
+    return total

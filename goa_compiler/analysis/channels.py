@@ -15,14 +15,14 @@ channels of one unit never mix with another unit's or with anything outside the 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import sympy
 
-from ..graph import Graph, Node, Ref
-from ..structure import Analysis, ParamSlice, Probes, Refusal, ShapeConstant, Structure
+from goa_compiler.ir.graph import Graph, Node, Ref
+from goa_compiler.ir.structure import ConstantKind, IntHandle, ShapeConstant
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,9 @@ class _State:
     attached: list[tuple[str, int, Tag, int]] = field(default_factory=list)
     data_dependent: dict[str, bool] = field(default_factory=dict)
     terminal: set = field(default_factory=set)
+    param_uses: dict[str, int] = field(default_factory=dict)   # parameter -> number of readers
+    port_inputs: dict[str, int] = field(default_factory=dict)  # input port -> entries on its axis
+    port_outputs: dict[str, tuple] = field(default_factory=dict)   # output port -> (tag, entries)
 
     # -- helpers
     def refuse(self, tags, reason: str, terminal: bool = False):
@@ -192,10 +195,10 @@ def _divides(a, b) -> bool:
 
 # ------------------------------------------------------------------------------- the pass
 
-def analyze_graph(graph: Graph) -> Analysis:
+def interpret(graph: Graph) -> _State:
+    """Run the channel-following interpretation over every node, in order."""
     st = _State(graph)
-    users = graph.users()
-    param_uses: dict[str, int] = {}
+    param_uses = st.param_uses
     for node in graph.nodes.values():
         for r in node.refs():
             if r in graph.params:
@@ -205,13 +208,13 @@ def analyze_graph(graph: Graph) -> Analysis:
         deps = [st.data_dependent.get(r, False) for r in node.refs()]
         st.data_dependent[node.name] = node.op == "input" or any(deps)
         try:
-            _transfer(st, node, param_uses)
+            _transfer(st, node)
         except _Reject as e:
             tags = _input_tags(st, node)
             st.refuse(tags, f"{node.target} ({node.name}): {e}", terminal=e.terminal)
             if not e.terminal:
                 _carry_refused(st, node)
-    return _collect(st, users)
+    return st
 
 
 def _carry_refused(st: _State, node: Node):
@@ -241,138 +244,194 @@ def _tags(st: _State, ref) -> dict[int, Tag]:
     return st.tags.get(ref.name, {}) if isinstance(ref, Ref) else {}
 
 
-def _record_size(st: _State, node: Node, arg: int, pos, value, tag: Tag, length: int):
-    """Remember an integer argument that equals the size of a tagged axis."""
+def _record_size(st: _State, node: Node, attr: str, pos, value, tag: Tag, length: int):
+    """Remember an integer attribute (element ``pos`` of a list attribute) that equals the
+    size of a tagged axis."""
     if _is_int(value) and value >= 0:
         a, b = tag.channels(length)
-        st.constants.append(ShapeConstant(node.name, arg, pos, "size", tag.root, a, b,
+        st.constants.append(ShapeConstant(IntHandle(node.name, attr, pos), ConstantKind.SIZE, tag.root, a, b,
                                           tag.block, tag.repeat, int(value)))
 
 
-def _transfer(st: _State, node: Node, param_uses: dict[str, int]):
-    op = node.op
+# ------------------------------------------------------------------------------- the rules
+# One rule per normalised op (ir/graph.py): how the channel tags of its inputs become the
+# tags of its output, which channels it joins into one unit, which integers it records,
+# and when it refuses (raise _Reject with the reason). An op without a rule refuses any
+# channels that reach it.
+
+Rule = Callable[["_State", Node, dict], None]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*ops: str):
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+def _transfer(st: _State, node: Node):
     ins = node.inputs
-    if op in ("input", "param", "ignore"):
-        return
-    if op == "output":
-        tags = _input_tags(st, node)
-        if tags:
-            st.refuse(tags, "channels reach a model output", terminal=True)
-        return
-    if op == "linear":
-        return _linear(st, node, param_uses)
-    if op == "getitem":
-        src = ins[0].name
-        if src in st.multi:
-            st.tags[node.name] = st.multi[src][node.attrs["index"]]
-        elif _tags(st, ins[0]):
-            raise _Reject("indexes a tagged tuple")
-        return
     in_tags = _tags(st, ins[0]) if ins and isinstance(ins[0], Ref) else {}
-    if op == "unary":
-        st.tags[node.name] = dict(in_tags)
-        if node.attrs.get("activation"):
-            st.activated.update(t.root for t in in_tags.values())
-        return
-    if op in ("binary", "where"):
-        return _broadcast(st, node, [i for i in ins if isinstance(i, Ref)])
-    if op == "permute":
-        dims = node.attrs["dims"]
-        st.tags[node.name] = {o: in_tags[i] for o, i in enumerate(dims) if i in in_tags}
-        return
-    if op == "unsqueeze":
-        d = node.attrs["dim"]
-        st.tags[node.name] = {(a if a < d else a + 1): t for a, t in in_tags.items()}
-        return
-    if op == "squeeze":
-        src = _shape(st, ins[0])
-        dims = node.attrs["dims"] if node.attrs["dims"] is not None else [
-            i for i, s in enumerate(src) if _static(s) == 1]
-        dims = [d for d in dims if _static(src[d]) == 1]
-        keep = [i for i in range(len(src)) if i not in dims]
-        st.tags[node.name] = {o: in_tags[i] for o, i in enumerate(keep) if i in in_tags}
-        return
-    if op == "expand":
-        src = _shape(st, ins[0])
-        sizes = node.attrs["sizes"]
-        off = len(sizes) - len(src)
-        out = {}
-        for a, t in in_tags.items():
-            out[a + off] = t
-            _record_size(st, node, 1, a + off, sizes[a + off], t, _static(src[a]))
-        st.tags[node.name] = out
-        return
-    if op == "view":
-        return _view(st, node, in_tags)
-    if op == "slice":
-        d = node.attrs["dim"]
-        if d not in in_tags:
-            st.tags[node.name] = dict(in_tags)
-            return
-        t = in_tags[d]
-        length = _static(_shape(st, ins[0])[d])
-        start, end, step = node.attrs["start"], node.attrs["end"], node.attrs["step"]
-        if not (_is_int(start) and (end is None or _is_int(end)) and step == 1):
-            raise _Reject("slices a channel axis with a dynamic range or a step")
-        start = start + length if start < 0 else min(start, length)
-        end_v = length if end is None else (end + length if end < 0 else min(end, length))
-        new = _slice_tag(t, start, end_v)
-        out = dict(in_tags)
-        out[d] = new
-        st.tags[node.name] = out
-        if node.attrs.get("narrow"):
-            raise _Reject("narrows a channel axis")
-        if start > 0:
-            _record_size(st, node, 2, None, node.attrs["start"], t, start)
-        if end is not None and end_v < length:
-            _record_size(st, node, 3, None, end, t, end_v)
-        return
-    if op == "split":
-        d = node.attrs["dim"]
-        sizes = node.attrs["sizes"]
-        outs = []
-        pos = 0
-        for k, s in enumerate(sizes):
-            o = dict(in_tags)
-            if d in in_tags:
-                o[d] = _slice_tag(in_tags[d], pos, pos + s)
-                st.constants.append(ShapeConstant(node.name, 1, k, "split", o[d].root,
-                                                  *o[d].channels(s), o[d].block, o[d].repeat, s))
-            outs.append(o)
-            pos += s
-        st.multi[node.name] = outs
-        return
-    if op == "cat":
-        d = node.attrs["dim"]
-        refs = [i for i in ins if isinstance(i, Ref)]
-        if any(d in _tags(st, r) for r in refs):
-            raise _Reject("concatenates along a channel axis")
-        return _broadcast(st, node, refs, skip_axis=d)
-    if op == "reduce":
-        dims = node.attrs["dims"]
-        if any(a in in_tags for a in dims):
-            raise _Reject("reduces over a channel axis")
-        if node.attrs["keepdim"]:
-            st.tags[node.name] = dict(in_tags)
-        else:
-            st.tags[node.name] = {a - sum(1 for d in dims if d < a): t for a, t in in_tags.items()}
-        return
-    if op == "softmax":
-        if node.attrs["dim"] in in_tags:
-            raise _Reject("softmax over a channel axis")
+    RULES.get(node.op, _other)(st, node, in_tags)
+
+
+@rule("param", "ignore")
+def _no_channels(st, node, in_tags):
+    return
+
+
+@rule("input")
+def _input(st, node, in_tags):
+    """A port input (past keys/values) opens a root of its own along the port's axis."""
+    port = st.graph.ports.get(node.name)
+    if port is not None:
+        st.tags[node.name] = {port.axis: Tag(node.name, 0, 1, 1)}
+        st.port_inputs[node.name] = _static(node.shape[port.axis])
+
+
+@rule("output")
+def _output(st, node, in_tags):
+    for r in node.refs():
+        tags = st.tags.get(r, {})
+        port = st.graph.ports.get(r)
+        if port is not None and set(tags) == {port.axis}:
+            st.port_outputs[r] = (tags[port.axis], _static(st.graph.nodes[r].shape[port.axis]))
+        elif tags or st.multi.get(r):
+            st.refuse(_input_tags(st, Node(node.name, "output", [Ref(r)])), "channels reach a model output",
+                      terminal=True)
+
+
+@rule("getitem")
+def _getitem(st, node, in_tags):
+    src = node.inputs[0].name
+    if src in st.multi:
+        st.tags[node.name] = st.multi[src][node.attrs["index"]]
+    elif in_tags:
+        raise _Reject("indexes a tagged tuple")
+
+
+@rule("unary")
+def _unary(st, node, in_tags):
+    st.tags[node.name] = dict(in_tags)
+    if node.attrs.get("activation"):
+        st.activated.update(t.root for t in in_tags.values())
+
+
+@rule("binary", "where")
+def _elementwise(st, node, in_tags):
+    _broadcast(st, node, [i for i in node.inputs if isinstance(i, Ref)])
+
+
+@rule("permute")
+def _permute(st, node, in_tags):
+    st.tags[node.name] = {o: in_tags[i] for o, i in enumerate(node.attrs["dims"]) if i in in_tags}
+
+
+@rule("unsqueeze")
+def _unsqueeze(st, node, in_tags):
+    d = node.attrs["dim"]
+    st.tags[node.name] = {(a if a < d else a + 1): t for a, t in in_tags.items()}
+
+
+@rule("squeeze")
+def _squeeze(st, node, in_tags):
+    src = _shape(st, node.inputs[0])
+    dims = node.attrs["dims"] if node.attrs["dims"] is not None else [
+        i for i, s in enumerate(src) if _static(s) == 1]
+    dims = [d for d in dims if _static(src[d]) == 1]
+    keep = [i for i in range(len(src)) if i not in dims]
+    st.tags[node.name] = {o: in_tags[i] for o, i in enumerate(keep) if i in in_tags}
+
+
+@rule("expand")
+def _expand(st, node, in_tags):
+    src = _shape(st, node.inputs[0])
+    sizes = node.attrs["sizes"]
+    off = len(sizes) - len(src)
+    out = {}
+    for a, t in in_tags.items():
+        out[a + off] = t
+        _record_size(st, node, "sizes", a + off, sizes[a + off], t, _static(src[a]))
+    st.tags[node.name] = out
+
+
+@rule("slice")
+def _slice(st, node, in_tags):
+    d = node.attrs["dim"]
+    if d not in in_tags:
         st.tags[node.name] = dict(in_tags)
         return
-    if op == "norm":
-        rank = len(_shape(st, ins[0]))
-        if any(a >= rank - node.attrs["ndims"] for a in in_tags):
-            raise _Reject("normalises over a channel axis")
+    t = in_tags[d]
+    length = _static(_shape(st, node.inputs[0])[d])
+    start, end, step = node.attrs["start"], node.attrs["end"], node.attrs["step"]
+    if not (_is_int(start) and (end is None or _is_int(end)) and step == 1):
+        raise _Reject("slices a channel axis with a dynamic range or a step")
+    start = start + length if start < 0 else min(start, length)
+    end_v = length if end is None else (end + length if end < 0 else min(end, length))
+    out = dict(in_tags)
+    out[d] = _slice_tag(t, start, end_v)
+    st.tags[node.name] = out
+    if node.attrs.get("narrow"):
+        raise _Reject("narrows a channel axis")
+    if start > 0:
+        _record_size(st, node, "start", None, node.attrs["start"], t, start)
+    if end is not None and end_v < length:
+        _record_size(st, node, "end", None, end, t, end_v)
+
+
+@rule("split")
+def _split(st, node, in_tags):
+    d = node.attrs["dim"]
+    outs, pos = [], 0
+    for k, size in enumerate(node.attrs["sizes"]):
+        o = dict(in_tags)
+        if d in in_tags:
+            o[d] = _slice_tag(in_tags[d], pos, pos + size)
+            st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", k), ConstantKind.SPLIT,
+                                              o[d].root, *o[d].channels(size), o[d].block, o[d].repeat, size))
+        outs.append(o)
+        pos += size
+    st.multi[node.name] = outs
+
+
+@rule("cat")
+def _cat(st, node, in_tags):
+    d = node.attrs["dim"]
+    refs = [i for i in node.inputs if isinstance(i, Ref)]
+    if any(d in _tags(st, r) for r in refs):
+        raise _Reject("concatenates along a channel axis")
+    _broadcast(st, node, refs, skip_axis=d)
+
+
+@rule("reduce")
+def _reduce(st, node, in_tags):
+    dims = node.attrs["dims"]
+    if any(a in in_tags for a in dims):
+        raise _Reject("reduces over a channel axis")
+    if node.attrs["keepdim"]:
         st.tags[node.name] = dict(in_tags)
-        return
-    if op == "sdpa":
-        return _sdpa(st, node)
-    if op == "matmul":
-        return _matmul(st, node)
-    # op == "other"
+    else:
+        st.tags[node.name] = {a - sum(1 for d in dims if d < a): t for a, t in in_tags.items()}
+
+
+@rule("softmax")
+def _softmax(st, node, in_tags):
+    if node.attrs["dim"] in in_tags:
+        raise _Reject("softmax over a channel axis")
+    st.tags[node.name] = dict(in_tags)
+
+
+@rule("norm")
+def _norm(st, node, in_tags):
+    rank = len(_shape(st, node.inputs[0]))
+    if any(a >= rank - node.attrs["ndims"] for a in in_tags):
+        raise _Reject("normalises over a channel axis")
+    st.tags[node.name] = dict(in_tags)
+
+
+def _other(st, node, in_tags):
     if _input_tags(st, node):
         raise _Reject("channels flow into an operation analysis cannot follow")
 
@@ -383,7 +442,9 @@ def _slice_tag(t: Tag, a: int, b: int) -> Tag:
     return Tag(t.root, t.start + (a // t.repeat) * t.block, t.block, t.repeat)
 
 
-def _linear(st: _State, node: Node, param_uses: dict[str, int]):
+@rule("linear")
+def _linear(st: _State, node: Node, in_tags=None):
+    param_uses = st.param_uses
     g = st.graph
     x, w, b = node.inputs
     if not (isinstance(w, Ref) and w.name in g.params):
@@ -458,6 +519,7 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
     st.tags[node.name] = out
 
 
+@rule("view")
 def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
     src = _shape(st, node.inputs[0])
     dst = node.shape
@@ -511,7 +573,7 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
             raise _Reject("a reshape cuts a channel axis across its units")
         out[lead] = new
         if lead < len(sizes):
-            _record_size(st, node, 1, lead, sizes[lead], new, out_len)
+            _record_size(st, node, "sizes", lead, sizes[lead], new, out_len)
     st.tags[node.name] = out
 
 
@@ -529,7 +591,8 @@ def _head_axis(st: _State, ref, name: str) -> tuple[Tag, int]:
     return tags[rank - 3], _static(shape[rank - 3])
 
 
-def _sdpa(st: _State, node: Node):
+@rule("sdpa")
+def _sdpa(st: _State, node: Node, in_tags=None):
     q, k, v, mask = node.inputs
     qt, hq = _head_axis(st, q, "query")
     kt, hk = _head_axis(st, k, "key")
@@ -572,7 +635,8 @@ def _note_attention(st, node, q, qt, hq, k, kt, v, vt, head_dim):
         st.attention[t.root] = facts
 
 
-def _matmul(st: _State, node: Node):
+@rule("matmul")
+def _matmul(st: _State, node: Node, in_tags=None):
     """Eager attention: scores = q @ k^T (contracting the head dim), out = probs @ v."""
     a, b = node.inputs
     at, bt = _tags(st, a), _tags(st, b)
@@ -615,8 +679,8 @@ def _matmul(st: _State, node: Node):
             role = "q" if ref is a else "k"
         if role:
             st.roles.setdefault((t.root, *ch), set()).add(role)
-            st.attention.setdefault(t.root, dict(node=node.name, heads=None, kv_heads=None,
-                                                 head_dim=None))
+            st.attention.setdefault(t.root, dict(node=node.name, heads=length if role == "q" else None,
+                                                 kv_heads=None, head_dim=None))
 
 
 def _through_softmax(st: _State, ref) -> bool:
@@ -632,204 +696,3 @@ def _through_softmax(st: _State, ref) -> bool:
         name = refs[0]
         seen += 1
     return False
-
-
-# ----------------------------------------------------------------------- collect structures
-
-def _layer_of(name: str, fallback: int) -> int:
-    m = re.search(r"(?:^|[._])(\d+)(?:[._]|$)", name)
-    return int(m.group(1)) if m else fallback
-
-
-def _collect(st: _State, users) -> Analysis:
-    g = st.graph
-    # group roots and level-2 nodes into modules
-    modules: dict = {}
-    for name in st.projs:
-        modules.setdefault(st.uf_mod.find(("root", name)), []).append(("root", name))
-    for name in st.level2:
-        modules.setdefault(st.uf_mod.find(("l2", name)), []).append(("l2", name))
-
-    structures: list[Structure] = []
-    refused: list[Refusal] = []
-    order = {n: i for i, n in enumerate(g.nodes)}
-    for key, members in modules.items():
-        roots = [n for k, n in members if k == "root"]
-        l2s = [n for k, n in members if k == "l2"]
-        reasons = [st.refusals[("root", r)] for r in roots if ("root", r) in st.refusals]
-        if not l2s:
-            # channels that end in the residual stream or a model output belong to no level 1
-            ends = any(("root", r) in st.terminal for r in roots)
-            for r in roots:
-                reason = st.refusals.get(("root", r)) or (
-                    reasons[0] if reasons else "its channels never reach another projection")
-                refused.append(Refusal(r, st.projs[r].weight, reason,
-                                       candidate=bool(reasons) and not ends))
-            continue
-        if reasons:
-            for r in roots:
-                refused.append(Refusal(r, st.projs[r].weight, reasons[0], candidate=True))
-            continue
-        try:
-            structures.append(_structure(st, roots, l2s))
-        except _Reject as e:
-            for r in roots:
-                refused.append(Refusal(r, st.projs[r].weight, str(e), candidate=True))
-    structures.sort(key=lambda s: order[s.level2_node])
-    _name_structures(structures)
-    refused.sort(key=lambda r: order[r.node])
-    return Analysis(structures, refused)
-
-
-def _structure(st: _State, roots: list[str], l2s: list[str]) -> Structure:
-    if len(l2s) != 1:
-        raise _Reject("channels reach several level-2 projections")
-    l2 = l2s[0]
-    tag = st.level2[l2]
-    n_cols = st.level2_len[l2]
-    cols = np.arange(n_cols)
-    first = tag.first_channel(cols)
-    # the unit of each level-2 column
-    atom_of_col = [st.uf_chan.find((tag.root, int(c))) for c in first]
-    atoms = list(dict.fromkeys(atom_of_col))
-    unit_of_atom = {a: u for u, a in enumerate(atoms)}
-    n_units = len(atoms)
-    # root channels per unit
-    root_index: dict[str, np.ndarray] = {}
-    for r in roots:
-        width = st.projs[r].width
-        per_unit: list[list[int]] = [[] for _ in range(n_units)]
-        for c in range(width):
-            a = st.uf_chan.find((r, c))
-            u = unit_of_atom.get(a)
-            if u is not None:
-                per_unit[u].append(c)
-        sizes = {len(p) for p in per_unit}
-        if len(sizes) != 1:
-            raise _Reject("units of unequal size")
-        if sizes == {0}:
-            continue
-        root_index[r] = np.array(per_unit, dtype=np.int64)
-    if not root_index:
-        raise _Reject("no projection channels reach the level-2 input")
-    col_units: list[list[int]] = [[] for _ in range(n_units)]
-    for c, a in enumerate(atom_of_col):
-        col_units[unit_of_atom[a]].append(c)
-    if len({len(c) for c in col_units}) != 1:
-        raise _Reject("units of unequal size at the level-2 input")
-    col_index = np.array(col_units, dtype=np.int64)
-
-    is_attention = any(r in st.attention for r in root_index)
-    kind = "attention" if is_attention else "ffn"
-    slices: list[ParamSlice] = []
-    for r, idx in root_index.items():
-        p = st.projs[r]
-        ranges = sorted((a, b, next(iter(roles)) if len(roles) == 1 else "level1")
-                        for (root, a, b), roles in st.roles.items() if root == r)
-        if _overlap(ranges):
-            # q, k and v interleaved inside each head (GPT-NeoX): one fused level-1 slice
-            ranges = [(0, p.width, "level1")]
-        if ranges:
-            for a, b, role in ranges:
-                sub = idx[(idx >= a) & (idx < b)].reshape(n_units, -1) if idx.size else idx
-                if sub.size == 0:
-                    continue
-                _check_subset(idx, sub)
-                slices.append(ParamSlice(p.weight, p.w_out_axis, role, sub))
-                if p.bias:
-                    slices.append(ParamSlice(p.bias, 0, "bias", sub))
-            covered = sum(int(((idx >= a) & (idx < b)).sum()) for a, b, _ in ranges)
-            if covered != idx.size:
-                raise _Reject("part of a fused projection has no attention role")
-        else:
-            if is_attention:
-                role = "level1"
-            elif len(root_index) > 1:
-                role = "gate" if r in st.activated else "up"
-            else:
-                role = "up"
-            slices.append(ParamSlice(p.weight, p.w_out_axis, role, idx))
-            if p.bias:
-                slices.append(ParamSlice(p.bias, 0, "bias", idx))
-    if kind == "ffn":
-        roles = [s.role for s in slices if s.role in ("gate", "up")]
-        if roles.count("gate") > 1 or roles.count("up") > 1:
-            for s in slices:
-                if s.role in ("gate", "up"):
-                    s.role = "level1"
-    lp = st.projs[l2]
-    slices.append(ParamSlice(lp.weight, 1 - lp.w_out_axis, "o" if is_attention else "down",
-                             col_index))
-    # parameters broadcast along the channels (sliced with them)
-    for pname, axis, t, length in st.attached:
-        if t.root not in root_index:
-            continue
-        i = np.arange(length)
-        fc = t.first_channel(i)
-        per_unit = [[] for _ in range(n_units)]
-        for k, c in zip(i.tolist(), fc.tolist()):
-            u = unit_of_atom.get(st.uf_chan.find((t.root, c)))
-            if u is not None:
-                per_unit[u].append(k)
-        if len({len(p) for p in per_unit}) != 1:
-            raise _Reject(f"parameter {pname} does not split evenly into units")
-        slices.append(ParamSlice(pname, axis, "attached", np.array(per_unit, dtype=np.int64)))
-
-    facts = next((st.attention[r] for r in root_index if r in st.attention), {})
-    heads = facts.get("heads")
-    kv_heads = facts.get("kv_heads")
-    head_dim = facts.get("head_dim")
-    if is_attention and heads is None:
-        # eager attention: infer from the units
-        heads = n_units
-    granularity = "neuron"
-    if is_attention:
-        granularity = "kv-group" if kv_heads and heads and kv_heads < heads else "head"
-    x_inputs = {st.projs[r].x for r in root_index}
-    constants = [c for c in st.constants if c.root in root_index]
-    att_node = facts.get("node")
-    layer_hint = _layer_of(lp.weight, -1)
-    return Structure(
-        name="", kind=kind, layer=layer_hint, units=n_units, unit_channels=col_index.shape[1],
-        slices=slices,
-        probes=Probes(level1_input=sorted(x_inputs)[0], level2_input=st.graph.nodes[l2].inputs[0].name,
-                      attention=att_node),
-        heads=heads, kv_heads=kv_heads, head_dim=head_dim, granularity=granularity,
-        level1_nodes=list(root_index), level2_node=l2,
-        roots={r: st.projs[r].width for r in root_index}, root_index=root_index,
-        constants=constants,
-        projections={n: (st.projs[n].weight, st.projs[n].w_out_axis, st.projs[n].bias)
-                     for n in [*root_index, l2]})
-
-
-def _overlap(ranges) -> bool:
-    return any(b0 > a1 for (a0, b0, _), (a1, b1, _) in zip(ranges, ranges[1:]))
-
-
-def _check_subset(idx: np.ndarray, sub: np.ndarray):
-    if sub.shape[0] != idx.shape[0]:
-        raise _Reject("a fused projection splits unevenly across units")
-
-
-def _name_structures(structures: list[Structure]):
-    """Layer numbers: the block index in the level-2 parameter's name when it has one,
-    else the order of the structures (attention and FFN of one block share a number)."""
-    if any(s.layer < 0 for s in structures):
-        layer = -1
-        seen_kinds: set[str] = set()
-        for s in structures:
-            if s.kind in seen_kinds or layer < 0:
-                layer += 1
-                seen_kinds = set()
-            seen_kinds.add(s.kind)
-            s.layer = layer
-    for s in structures:
-        s.name = f"layer{s.layer}.{s.kind}"
-    counts: dict[str, int] = {}
-    for s in structures:
-        counts[s.name] = counts.get(s.name, 0) + 1
-    dup: dict[str, int] = {}
-    for s in structures:
-        if counts[s.name] > 1:
-            dup[s.name] = dup.get(s.name, -1) + 1
-            s.name = f"{s.name}{dup[s.name]}"

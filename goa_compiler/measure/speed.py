@@ -110,3 +110,24 @@ def graph_flops(module: torch.nn.Module, batch: int = 1, seq_len: int = PREFILL_
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         module(ids, mask)
     return int(counter.get_total_flops())
+
+# ------------------------------------------------------------------------------ for compile
+
+SPEED_SEQ = 128      # prefill length of the latency measurement
+SPEED_ROUNDS, SPEED_REPS, SPEED_WARMUP = 3, 10, 2
+
+
+def measure_latency(dense_path, pruned_path, vocab_size: int, seq_len: int) -> dict:
+    """onnxruntime CPU prefill latency ([1, seq_len] tokens) of both models, in alternating
+    rounds (dense, pruned, dense, ...); each model's latency is the median of its round
+    medians, and the speedup is dense / pruned."""
+    lat = interleaved_latency({"dense": str(dense_path), "pruned": str(pruned_path)}, rounds=SPEED_ROUNDS,
+                              reps=SPEED_REPS, warmup=SPEED_WARMUP, batch=1, seq_len=seq_len,
+                              vocab_size=vocab_size)
+    rounds = {k: [float(x) for x in v["round_medians_ms"]] for k, v in lat.items()}
+    dense_ms, pruned_ms = lat["dense"]["median_ms"], lat["pruned"]["median_ms"]
+    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms,
+            "speedup": dense_ms / pruned_ms if pruned_ms > 0 else float("inf"),
+            "batch": 1, "seq_len": seq_len, "rounds": SPEED_ROUNDS, "reps_per_round": SPEED_REPS,
+            "dense_round_ms": rounds["dense"], "pruned_round_ms": rounds["pruned"],
+            "measured_on": "onnxruntime CPUExecutionProvider, prefill; dense model exported the same way"}

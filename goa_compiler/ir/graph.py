@@ -1,0 +1,84 @@
+"""A small common view of a captured graph, shared by the passes.
+
+Analysis reads only this view: nodes in topological order, each with a normalised op name,
+its inputs (references to other nodes or Python constants), the shape of its output, and
+whether it is a parameter. It imports no torch: a frontend builds it (``frontends/fx.py``
+from a torch.export graph; an ONNX frontend can build the same view) and the passes that
+read it never see the backend.
+
+Normalised ops (``Node.op``) and their ``attrs``:
+    param                                 a parameter or buffer (attrs: name)
+    input, output
+    linear      x, weight, bias           attrs: w_out_axis (0 for [out, in], 1 for [in, out])
+    view        x                         attrs: sizes (the argument list, to patch)
+    permute     x                         attrs: dims
+    unsqueeze   x                         attrs: dim
+    squeeze     x                         attrs: dims
+    expand      x                         attrs: sizes
+    slice       x                         attrs: dim, start, end, step
+    split       x                         attrs: dim, sizes (multi-output, read by getitem)
+    getitem     x                         attrs: index
+    cat         xs...                     attrs: dim
+    unary       x                         attrs: activation (bool)
+    binary      a, b  (a constant may be a Python number)
+    where       cond, a, b
+    reduce      x                         attrs: dims (over which it reduces), keepdim
+    softmax     x                         attrs: dim
+    norm        x, weight, bias           attrs: ndims (normalised trailing dims)
+    sdpa        q, k, v, mask             attrs: gqa (bool)
+    matmul      a, b                      (both data)
+    ignore                                no tensor output (asserts, shape queries)
+    other                                 anything else (analysis refuses channels through it)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to another node's output."""
+
+    name: str
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    inputs: list[Any]
+    shape: tuple | None = None          # output shape: ints and sympy expressions
+    attrs: dict[str, Any] = field(default_factory=dict)
+    target: str = ""                    # the backend's own op name, for messages
+
+    def refs(self) -> list[str]:
+        return [i.name for i in self.inputs if isinstance(i, Ref)]
+
+
+@dataclass(frozen=True)
+class Port:
+    """A graph input or output that carries a structure's channels along ``axis``: the past
+    keys and values a KV-cache decoder reads, and the present ones it returns. Analysis
+    joins a port's entries to the units whose channels they carry (and records them in
+    ``Structure.ports``) instead of refusing channels that reach a graph boundary."""
+
+    name: str                           # the input node, or the value node of an output
+    axis: int                           # the axis indexed by heads or channels
+
+
+@dataclass
+class Graph:
+    nodes: dict[str, Node]              # topological order
+    params: dict[str, str]              # node name -> parameter name
+    param_shapes: dict[str, tuple]
+    outputs: list[str]
+    ports: dict[str, Port] = field(default_factory=dict)
+
+    def users(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {n: [] for n in self.nodes}
+        for node in self.nodes.values():
+            for r in node.refs():
+                out[r].append(node.name)
+        return out

@@ -1,0 +1,70 @@
+"""Calibration: the windows of text the statistics are measured on, and what is observed.
+
+The frontend runs the graph node by node (``frontend.stream``: frontends/fx.py has the
+torch.fx one), pausing at the probe points analysis chose, so statistics can be gathered
+and weights changed between modules without ever running the whole model once per module.
+Two lists of streams, dense and pruned, advancing in lockstep over the same batches, give
+the greedy reconstruction its inputs (pruned upstream) and targets (dense outputs) at a
+cost of one forward pass each (prune/greedy.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from goa_compiler.data import load_texts, token_windows
+from goa_compiler.ir.structure import Structure
+from goa_compiler.prune.criteria import ModuleStats
+from goa_compiler.prune.stats import HeadSimilarity, Moments
+
+
+def calibration_windows(tokenizer, opts) -> torch.Tensor:
+    """``--num-samples`` random windows of ``--seq-len`` tokens of the calibration text."""
+    texts = load_texts(opts.calib, split="calib")
+    return token_windows(tokenizer, texts, opts.seq_len, opts.num_samples, opts.seed,
+                         source=opts.calib or "kjv (calibration split)")
+
+
+def batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
+
+
+def attention_probs(args, kwargs) -> torch.Tensor:
+    """Softmax rows of scaled_dot_product_attention(q, k, v, mask, ...): [b, H, L, S]."""
+    q, k = args[0], args[1]
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    is_causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+    scale = args[6] if len(args) > 6 else kwargs.get("scale")
+    if q.shape[-3] != k.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if is_causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return torch.softmax(s, dim=-1).nan_to_num(0.0)
+
+
+def dense_stats(frontend, structures: list[Structure], feeds, needs_heads: bool,
+                progress) -> dict[str, ModuleStats]:
+    """One dense pass collecting every structure's statistics (for global allocation)."""
+    stats = {s.name: ModuleStats(Moments(True), Moments(True),
+                                 HeadSimilarity() if needs_heads and s.kind == "attention" else None)
+             for s in structures}
+    for feed in progress.iter(feeds, "allocation pass"):
+        st = frontend.stream(feed)
+        taps: dict[str, list] = {}
+        for s in structures:
+            m = stats[s.name]
+            taps.setdefault(s.probes.level1_input, []).append(lambda a, k, out, m=m: m.x.update(out))
+            taps.setdefault(s.probes.level2_input, []).append(lambda a, k, out, m=m: m.h.update(out))
+            if m.heads is not None and s.probes.attention:
+                taps.setdefault(s.probes.attention, []).append(
+                    lambda a, k, out, m=m: m.heads.update(attention_probs(a, k)))
+        for node, fns in taps.items():
+            st.hooks[node] = lambda a, k, out, fns=fns: [f(a, k, out) for f in fns]
+        st.output()
+    return stats

@@ -1,0 +1,344 @@
+"""Greedy output approximation, module by module (docs/method.md, "Reconstruction").
+
+Two streams of calibration batches advance through the graph in lockstep: the dense model,
+and the model pruned so far. For each structure in graph order, named steps over one
+``GreedyState``:
+
+1. ``collect_level1``: the pruned stream runs to the level-1 input X^ (the dense stream has
+   run past the level-2 output), paired with the dense level-1 outputs;
+2. ``refit_level1``: level 1 is refit by ridge least squares against them (paper, refit);
+3. ``collect_level2``: the pruned stream runs on to the level-2 input h^ (through the refit
+   level 1), paired with the dense level-2 output;
+4. ``refit_level2_all``: level 2 is refit on all channels (paper, refit);
+5. the criterion scores the units on the current weights and the pruned-stream statistics;
+   ``allocation.drop_lowest`` (the same rule as the data-free path) picks the units to drop;
+6. ``refit_level2_kept``: ``refit`` refits level 2 on the kept channels (``paper`` only
+   slices); FLAP's bias compensation where it applies; the guard keeps the pruned original
+   when a refit is worse;
+7. ``commit``: the removed level-2 columns are zeroed in the pruned stream (the same function
+   as removing the units), which then continues into the next structure.
+
+A compile therefore costs one forward pass of each stream (plus one dense pass for global
+allocation), whatever the number of modules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from goa_compiler.ir.structure import Structure
+from goa_compiler.prune.allocation import drop_lowest
+from goa_compiler.prune.calibration import attention_probs
+from goa_compiler.prune.criteria import REGISTRY, ModuleStats, ScoreSettings, flap_bias_compensation, score_units
+from goa_compiler.prune.lstsq import output_error, refit_linear, restrict
+from goa_compiler.prune.stats import CrossMoments, HeadSimilarity, Moments
+
+F64 = torch.float64
+
+
+class CalibrationError(Exception):
+    """Calibration produced non-finite activations (names the module)."""
+
+
+@dataclass(frozen=True)
+class GreedySettings:
+    criterion: str
+    reconstruct: str             # paper | refit | none
+    ridge: float
+    score: ScoreSettings = ScoreSettings()
+
+    @property
+    def needs_heads(self) -> bool:
+        return REGISTRY[self.criterion].needs_head_similarity(self.score)
+
+
+@dataclass
+class GreedyState:
+    """What the loop carries from one module to the next."""
+
+    orig: dict[str, torch.Tensor]
+    dense: list                                  # dense streams (empty without reconstruction)
+    pruned: list                                 # pruned-so-far streams
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)   # new full-size weights
+    diverged: bool = False                       # something upstream was pruned
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    records: dict[str, dict] = field(default_factory=dict)
+    new_biases: dict[str, str] = field(default_factory=dict)
+
+    def current(self, name: str) -> torch.Tensor:
+        return self.overrides.get(name, self.orig[name])
+
+
+@dataclass(frozen=True)
+class Level1:
+    x: Moments                   # of the level-1 input X^
+    joint: CrossMoments | None   # (X^, dense level-1 outputs) when level 1 is refit
+
+
+@dataclass(frozen=True)
+class Level2:
+    h: Moments                   # of the level-2 input h^
+    cross: CrossMoments | None   # (h^, dense level-2 output) with a dense stream
+    heads: HeadSimilarity | None
+
+
+@dataclass(frozen=True)
+class Level2Weights:
+    W: torch.Tensor              # [out, in] float64, after the all-channel refit (or current)
+    b: torch.Tensor | None
+    W_orig: torch.Tensor         # the weights the module came with
+    b_orig: torch.Tensor | None
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, settings: GreedySettings,
+        rng: np.random.Generator, progress) -> GreedyState:
+    """Every structure through steps 1-7; returns the final state (its ``overrides`` are
+    the new full-size weights, ``kept`` the units kept where any were dropped)."""
+    pins: set[str] = set()
+    for s in structures:
+        pins |= _pins(s)
+    state = GreedyState(orig=frontend.weights(), dense=[], pruned=[])
+    # the dense stream gives the targets of the refits: not needed without reconstruction
+    if settings.reconstruct != "none":
+        state.dense = [frontend.stream(f, None, pins) for f in feeds]
+    state.pruned = [frontend.stream(f, state.overrides, pins) for f in feeds]
+    for s in progress.iter(structures, "modules"):
+        prune_module(state, s, counts.get(s.name, 0), settings, rng)
+        for st in (*state.dense, *state.pruned):
+            st.unpin(_pins(s))
+    return state
+
+
+def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: GreedySettings,
+                 rng: np.random.Generator) -> None:
+    for d in state.dense:
+        d.run_until(s.level2_node)
+    # until something upstream is pruned the two streams agree: a module that loses
+    # nothing there needs no reconstruction (so ratio 0 compiles to the dense model)
+    recon = settings.reconstruct if (state.diverged or n_drop > 0) else "none"
+    rec: dict = {}
+    refit_l1 = recon != "none" and not any(state.pruned[0].done(n) for n in s.level1_nodes)
+    l1 = collect_level1(state, s, refit_l1)
+    if l1.joint is not None:
+        rec["level1_error"] = refit_level1(state, s, l1.joint, settings.ridge)
+    l2 = collect_level2(state, s, settings.needs_heads)
+    w = refit_level2_all(state, s, l2, recon, settings.ridge)
+    weights = {k: state.current(k) for k in {sl.param for sl in s.slices}}
+    sc = score_units(settings.criterion, s, weights, ModuleStats(l1.x, l2.h, l2.heads), rng, settings.score)
+    state.scores[s.name] = sc
+    drop = drop_lowest(sc, n_drop)
+    kept = [u for u in range(s.units) if u not in set(drop)]
+    stats = ModuleStats(l1.x, l2.h, l2.heads)
+    W2f, b2f, errors = refit_level2_kept(s, w, l2.cross, drop, kept, recon, settings, stats, state)
+    if errors:
+        rec.update(errors)
+    commit(state, s, W2f, b2f)
+    if n_drop:
+        state.kept[s.name] = kept
+        state.diverged = True
+    state.records[s.name] = rec
+
+
+# ------------------------------------------------------------------------------ the steps
+
+def collect_level1(state: GreedyState, s: Structure, refit: bool) -> Level1:
+    """Statistics of the level-1 input (pruned stream); with ``refit``, paired with the
+    dense level-1 outputs: one joint problem for all level-1 projections (they share X^)."""
+    for p in state.pruned:
+        p.run_until(s.probes.level1_input)
+    joint = CrossMoments() if refit else None
+    xm = Moments(full=True)
+    for k, p in enumerate(state.pruned):
+        x = p.value(s.probes.level1_input)
+        _check_finite(x, s, "level-1 input")
+        if joint is not None:
+            y = torch.cat([state.dense[k].value(n) for n in s.level1_nodes], dim=-1)
+            _check_finite(y, s, "level-1 output (dense model)")
+            joint.update(x, y)
+        else:
+            xm.update(x)
+    if joint is not None:
+        xm.n, xm.s, xm.gram = joint.n, joint.sx, joint.xtx
+    return Level1(xm, joint)
+
+
+def refit_level1(state: GreedyState, s: Structure, joint: CrossMoments, ridge: float) -> dict:
+    """Refit the level-1 projections jointly; keep the originals when that is worse (the
+    ridge can cost more than the refit gains on few tokens). Returns the error record."""
+    l1 = s.level1_nodes
+    rec = {"before": output_error(joint, *_joint_weights(s, l1, state.orig))}
+    biased = {s.projections[n].bias is not None for n in l1}
+    with_bias = biased == {True}     # a projection without a bias cannot gain one
+    W, bb = refit_linear(joint, bias=with_bias, rel_lambda=ridge)
+    row = 0
+    for n in l1:
+        p = s.projections[n]
+        state.overrides[p.weight] = _layout(W[row:row + p.width], p.out_axis).to(state.orig[p.weight].dtype)
+        if p.bias is not None:
+            bias = bb[row:row + p.width] if with_bias else torch.zeros(p.width, dtype=F64)
+            state.overrides[p.bias] = bias.to(state.orig[p.bias].dtype)
+        row += p.width
+    rec["after"] = output_error(joint, *_joint_weights(s, l1, state.overrides))
+    if rec["after"] > rec["before"]:
+        for n in l1:
+            state.overrides.pop(s.projections[n].weight, None)
+            state.overrides.pop(s.projections[n].bias, None)
+        rec["after"] = rec["before"]
+        rec["kept_original"] = True
+    return rec
+
+
+def collect_level2(state: GreedyState, s: Structure, needs_heads: bool) -> Level2:
+    """Statistics of the level-2 input through the (refit) level 1, paired with the dense
+    level-2 output when there is a dense stream; attention-map similarity when asked."""
+    heads = HeadSimilarity() if needs_heads and s.kind == "attention" else None
+    cross = CrossMoments() if state.dense else None
+    hm = Moments(full=True)
+    for k, p in enumerate(state.pruned):
+        if heads is not None and s.probes.attention:
+            p.hooks[s.probes.attention] = lambda a, kw, out: heads.update(attention_probs(a, kw))
+        p.run_until(s.probes.level2_input)
+        p.hooks.pop(s.probes.attention, None)
+        h = p.value(s.probes.level2_input)
+        _check_finite(h, s, "level-2 input")
+        if cross is not None:
+            y = state.dense[k].value(s.level2_node)
+            _check_finite(y, s, "level-2 output (dense model)")
+            cross.update(h, y)
+        else:
+            hm.update(h)
+    if cross is not None:
+        hm.n, hm.s, hm.gram = cross.n, cross.sx, cross.xtx
+    return Level2(hm, cross, heads)
+
+
+def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str, ridge: float) -> Level2Weights:
+    """The level-2 weights before selection: refit on all channels (paper, refit), or as
+    they are. The refit is installed, so the criterion scores the refit weights."""
+    p = s.projections[s.level2_node]
+    W_orig = _as_out_in(state.current(p.weight), p.out_axis)
+    b_orig = _bias(state.overrides, p.bias) if p.bias in state.overrides else _bias(state.orig, p.bias)
+    if recon not in ("paper", "refit"):
+        return Level2Weights(W_orig, b_orig, W_orig, b_orig)
+    W, b = refit_linear(l2.cross, bias=p.bias is not None, rel_lambda=ridge)
+    state.overrides[p.weight] = _layout(W, p.out_axis).to(state.orig[p.weight].dtype)
+    if p.bias is not None:
+        state.overrides[p.bias] = b.to(state.orig[p.bias].dtype)
+    return Level2Weights(W, b, W_orig, b_orig)
+
+
+def refit_level2_kept(s: Structure, w: Level2Weights, cross: CrossMoments | None, drop: list[int],
+                      kept: list[int], recon: str, settings: GreedySettings, stats: ModuleStats,
+                      state: GreedyState):
+    """The final level-2 weights for the kept units, [out, in] float64 with the dropped
+    columns zero, and the error record. ``refit``: least squares on the kept channels (an
+    intercept only where the projection has a bias: adding one to bias-free projections
+    over-fitted SmolLM2 badly, docs/method.md); else the slice of ``w``. FLAP's bias
+    compensation belongs to the unrefit weights (with the kept-channel refit it
+    double-counts: measured ppl > 1e7 on SmolLM2). The guard: when the refit is worse than
+    the pruned original, the pruned original."""
+    p = s.projections[s.level2_node]
+    drop_cols = np.sort(s.level2()[0].index[drop].reshape(-1)) if drop else np.array([], dtype=np.int64)
+    keep_cols = np.setdiff1d(np.arange(w.W.shape[1]), drop_cols)
+    dc = torch.as_tensor(drop_cols, dtype=torch.long)
+    W2p = w.W_orig.clone()
+    W2p[:, dc] = 0.0
+    b_orig = w.b_orig.to(F64) if w.b_orig is not None else None
+    err_none = output_error(cross, W2p, b_orig) if cross is not None else None
+    if recon == "refit" and len(drop_cols):
+        Wk, bk = refit_linear(restrict(cross, keep_cols), bias=p.bias is not None, rel_lambda=settings.ridge)
+        W2f = torch.zeros_like(w.W, dtype=F64)
+        W2f[:, torch.as_tensor(keep_cols)] = Wk
+        b2f = bk
+    else:
+        W2f = w.W.to(F64).clone()
+        W2f[:, dc] = 0.0
+        b2f = w.b.to(F64) if w.b is not None else None
+    if settings.criterion == "flap" and len(drop_cols) and recon != "refit":
+        full = {p.weight: _layout(w.W.to(F64), p.out_axis)}
+        delta = flap_bias_compensation(s, full, stats, kept)
+        b2f = delta if b2f is None else b2f + delta
+    err_after = output_error(cross, W2f, b2f) if cross is not None else None
+    rec: dict = {}
+    if recon == "refit" and err_after is not None and err_after > err_none:
+        W2f, b2f, err_after = W2p, b_orig, err_none
+        rec["kept_original_level2"] = True
+    if cross is not None:
+        rec["output_error"] = {"pruned_no_reconstruction": err_none, "final": err_after}
+    return W2f, b2f, rec
+
+
+def commit(state: GreedyState, s: Structure, W2f: torch.Tensor, b2f: torch.Tensor | None) -> None:
+    """Install the final level-2 weights (and a new bias where the projection had none) in
+    the pruned stream, which continues with them into the next structure."""
+    p = s.projections[s.level2_node]
+    state.overrides[p.weight] = _layout(W2f, p.out_axis).to(state.orig[p.weight].dtype)
+    if b2f is None:
+        return
+    if p.bias is not None:
+        state.overrides[p.bias] = b2f.to(state.orig[p.bias].dtype)
+        return
+    name = _new_bias_name(p.weight)
+    state.new_biases[s.level2_node] = name
+    state.overrides[name] = b2f.to(state.orig[p.weight].dtype)
+    for st in state.pruned:
+        st.post[s.level2_node] = (lambda bb: lambda out: out + bb)(state.overrides[name])
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def _pins(s: Structure) -> set[str]:
+    names = {s.probes.level1_input, s.probes.level2_input, s.level2_node, *s.level1_nodes}
+    if s.probes.attention:
+        names.add(s.probes.attention)
+    return names
+
+
+def _check_finite(t: torch.Tensor, s: Structure, what: str):
+    if not torch.isfinite(t).all():
+        raise CalibrationError(f"non-finite activations at the {what} of {s.name} "
+                               f"({_module_path(s)}); the model or the calibration data is broken")
+
+
+def _module_path(s: Structure) -> str:
+    """The model's own name for the structure's module (e.g. model.layers.1.mlp), from the
+    level-2 weight's name; the graph node when that name has no module part."""
+    weight = s.projections[s.level2_node].weight
+    if weight.startswith("model."):      # capture wraps the model as "model"
+        weight = weight[len("model."):]
+    parts = weight.split(".")
+    return ".".join(parts[:-2]) if len(parts) > 2 else s.level2_node
+
+
+def _joint_weights(s: Structure, nodes: list[str], table) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The level-1 projections stacked as one [sum of widths, in] problem (with biases,
+    zeros where a projection has none, when any has one)."""
+    Ws, bs, any_bias = [], [], False
+    for n in nodes:
+        p = s.projections[n]
+        Ws.append(_as_out_in(table[p.weight], p.out_axis))
+        any_bias |= p.bias is not None
+        bs.append(table[p.bias].to(F64) if p.bias is not None else torch.zeros(p.width, dtype=F64))
+    return torch.cat(Ws, 0), (torch.cat(bs) if any_bias else None)
+
+
+def _layout(W: torch.Tensor, out_axis: int) -> torch.Tensor:
+    """A [out, in] solution in the parameter's own layout ([in, out] for Conv1D)."""
+    return W if out_axis == 0 else W.T
+
+
+def _as_out_in(W: torch.Tensor, out_axis: int) -> torch.Tensor:
+    return (W if out_axis == 0 else W.T).to(F64)
+
+
+def _bias(table, name):
+    return None if name is None else table[name].to(F64)
+
+
+def _new_bias_name(weight: str) -> str:
+    return weight[: -len("weight")] + "bias" if weight.endswith("weight") else weight + "_bias"

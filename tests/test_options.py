@@ -1,0 +1,73 @@
+"""One declaration of every compile option: the CLI, the TOML schema and the Python API
+agree, combinations are refused in one place, and the report says what ran."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+
+from goa_compiler.driver.options import CompileOptions, JobOptions, OptionError, specs, validate
+from goa_compiler.ui import cli
+from models import tiny
+
+
+def _resolved(argv):
+    args = cli.build_parser().parse_args(["compile", *argv])
+    return cli.compile_options(cli.resolve_compile_args(args))
+
+
+def test_python_api_defaults_are_the_cli_defaults():
+    assert _resolved(["m", "--ratio", "0.2", "--out", "o"]) == validate(CompileOptions(ratio=0.2))
+    d = CompileOptions(ratio=0.2)
+    assert (d.criterion, d.reconstruct, d.num_samples, d.allocation) == ("goa", "refit", 32, "uniform")
+
+
+def test_every_field_is_a_flag_and_a_config_key():
+    parser_dests = {a.dest for a in cli.build_parser()._subparsers._group_actions[0].choices["compile"]._actions}
+    for cls in (CompileOptions, JobOptions):
+        for key, spec in specs(cls).items():
+            assert key in parser_dests, key
+            assert spec.name in {f.name for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(criterion="magnitude", head_criterion="similarity"), "--head-criterion similarity is a goa score"),
+    (dict(criterion="flap", goa_score="gaussian"), "--goa-score gaussian is a goa score"),
+    (dict(criterion="nope"), "'nope' is not one of"),
+    (dict(ratio=1.0), "--ratio: must be in [0, 1)"),
+    (dict(ratio=None), "--ratio is required"),
+])
+def test_bad_options_and_combinations_are_refused_in_one_place(kw, needle):
+    with pytest.raises(OptionError, match=None) as e:
+        validate(dataclasses.replace(CompileOptions(ratio=0.2), **kw))
+    assert needle in str(e.value)
+
+
+def test_bad_combination_exits_2_on_the_command_line(tmp_path, capsys):
+    rc = cli.main(["compile", "m", "--ratio", "0.2", "--out", str(tmp_path / "o"), "--criterion", "random",
+                   "--head-criterion", "similarity"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --criterion goa" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_free_global_allocation_runs_global_and_says_so(tmp_path):
+    """--criterion magnitude --reconstruct none --allocation global used to run uniform
+    allocation while the report said global."""
+    from goa_compiler.driver.pipeline import compile_loaded
+
+    model, _, kind = tiny.build("llama")
+    kept = {}
+    for how in ("uniform", "global"):
+        res = compile_loaded(copy.deepcopy(model), kind, CompileOptions(
+            ratio=0.4, criterion="magnitude", reconstruct="none", allocation=how), tmp_path / how)
+        on_disk = json.loads((tmp_path / how / "report.json").read_text())
+        assert on_disk["allocation"] == how
+        kept[how] = {m["name"]: len(m["kept"]) / m["total"] for m in res.report["modules"]}
+    # uniform: every FFN keeps the same fraction; global: the standardised magnitudes decide
+    ffn = [k for k in kept["uniform"] if k.endswith("ffn")]
+    assert len({kept["uniform"][k] for k in ffn}) == 1
+    assert kept["global"] != kept["uniform"]
