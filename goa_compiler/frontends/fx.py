@@ -233,6 +233,12 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
 # --------------------------------------------------------------------------- execution
 
 class Stream:
+    """One batch executed through the GraphModule node by node, resumable: ``run_until(node)``
+    continues from where it stopped. Parameters are read through an override table (the
+    pruned stream's current weights) at each use; every value is freed after its last use
+    unless it is pinned (a probe still needed). ``hooks`` observe an op's inputs and output;
+    ``post`` changes a node's value (a bias the model did not have)."""
+
     def __init__(self, gm: torch.fx.GraphModule, inputs: dict[str, torch.Tensor],
                  overrides: dict[str, torch.Tensor] | None = None, pinned: set[str] | None = None):
         self.gm = gm
@@ -282,12 +288,10 @@ class Stream:
             if n.op == "placeholder":
                 out = self.inputs[n.target]
             elif n.op == "get_attr":
-                out = self.overrides.get(n.target)
-                if out is None:
-                    out = fetch_attr(self.gm, n.target)
+                out = None       # read where it is used: see _arg
             elif n.op == "call_function":
-                args = torch.fx.node.map_arg(n.args, lambda a: env[a.name])
-                kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+                args = torch.fx.node.map_arg(n.args, self._arg)
+                kwargs = torch.fx.node.map_arg(n.kwargs, self._arg)
                 out = n.target(*args, **kwargs)
                 hook = self.hooks.get(n.name)
                 if hook is not None:
@@ -295,8 +299,7 @@ class Stream:
             elif n.op == "call_module":
                 out = None       # export's input guards: inputs were built to satisfy them
             elif n.op == "output":
-                args = torch.fx.node.map_arg(n.args, lambda a: env[a.name])
-                out = args[0]
+                out = torch.fx.node.map_arg(n.args, self._arg)[0]
             else:  # pragma: no cover - call_method does not occur in exported graphs
                 raise RuntimeError(f"unexpected node {n.op}")
             fn = self.post.get(n.name)
@@ -307,6 +310,16 @@ class Stream:
                 if dead not in self.pinned:
                     env.pop(dead, None)
             self.pos += 1
+
+    def _arg(self, a: torch.fx.Node):
+        """A node's value for an op that reads it. Parameters are read at each use, through
+        the override table: torch.export puts every get_attr at the top of the graph, so a
+        value fetched there would miss the weights greedy installs between modules (the
+        pruned stream would run on the dense weights)."""
+        if a.op == "get_attr":
+            out = self.overrides.get(a.target)
+            return fetch_attr(self.gm, a.target) if out is None else out
+        return self.env[a.name]
 
     def output(self):
         self.run_until(None)

@@ -48,6 +48,7 @@ class GreedySettings:
     reconstruct: str             # paper | refit | none
     ridge: float
     score: ScoreSettings = ScoreSettings()
+    module_inputs: str = "dense"     # dense | pruned: what the second stream runs on
 
     @property
     def needs_heads(self) -> bool:
@@ -106,7 +107,11 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
     # the dense stream gives the targets of the refits: not needed without reconstruction
     if settings.reconstruct != "none":
         state.dense = [frontend.stream(f, None, pins) for f in feeds]
-    state.pruned = [frontend.stream(f, state.overrides, pins) for f in feeds]
+    # module_inputs "pruned": the second stream reads the weights greedy installs (errors of
+    # upstream modules reach the next ones); "dense": it never does, so every module is
+    # scored and refit on the dense model's inputs (only a bias a module gains is applied)
+    seen = state.overrides if settings.module_inputs == "pruned" else {}
+    state.pruned = [frontend.stream(f, seen, pins) for f in feeds]
     for s in progress.iter(structures, "modules"):
         prune_module(state, s, counts.get(s.name, 0), settings, rng)
         for st in (*state.dense, *state.pruned):

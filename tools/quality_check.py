@@ -1,0 +1,76 @@
+"""Perplexity of a few pruned SmolLM2-135M models on the KJV held-out split and on text of
+another kind, in one process: the quick check of a change that moves quality.
+
+    python tools/quality_check.py --out q.json [--configs goa/refit/0.2,goa/none/0.2]
+        [--ood /usr/share/doc/python3.11/html/_sources/tutorial] [--eval-tokens 4096]
+        [--module-inputs dense|pruned]
+
+Each configuration is criterion/reconstruction/ratio, pruned with the defaults otherwise
+(KJV calibration split, --num-samples 32 windows of 128 tokens, seed 0) through the same
+pipeline as `goa compile` (driver.pipeline.prune_captured on one capture), and scored in
+PyTorch on the rewritten graph (the graph `goa compile` exports; every export is verified
+against it). --ood is any DATA that `goa eval --data` reads (the default is the Python
+tutorial in reStructuredText from Debian's python3.11-doc: `apt-get install python3.11-doc`).
+Writes JSON: per configuration and data set, perplexity and its ratio to the dense model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIGS = "goa/refit/0.2,goa/none/0.2,goa/refit/0.5,flap/refit/0.5,wanda-sp/refit/0.5"
+DEFAULT_OOD = "/usr/share/doc/python3.11/html/_sources/tutorial"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--configs", default=DEFAULT_CONFIGS)
+    p.add_argument("--ood", default=DEFAULT_OOD)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--module-inputs", default=None, choices=["dense", "pruned"],
+                   help="passed to every compile (default: the compiler's default)")
+    args = p.parse_args(argv)
+
+    from goa_compiler.analysis import analyze_graph
+    from goa_compiler.capture.sources import load_model
+    from goa_compiler.capture.torch_export import capture
+    from goa_compiler.driver.options import CompileOptions
+    from goa_compiler.driver.pipeline import prune_captured
+    from goa_compiler.frontends.fx import FxFrontend
+    from goa_compiler.measure.eval import evaluation_windows, perplexity_torch
+    from goa_compiler.ui.progress import Progress
+
+    loaded = load_model("smollm2-135m")
+    cap = capture(loaded.model, loaded.kind)
+    analysis = analyze_graph(FxFrontend(cap.gm).view())
+    sets = {}
+    for name, spec in (("kjv", "kjv"), ("ood", args.ood)):
+        opts = CompileOptions(ratio=0.0, eval_data=spec, eval_tokens=args.eval_tokens)
+        sets[name] = evaluation_windows(loaded.tokenizer, opts)
+    results = {"dense": {k: perplexity_torch(cap.gm, w)["ppl"] for k, w in sets.items()},
+               "eval": {"kjv": "KJV eval split (even chapters)", "ood": args.ood,
+                        "tokens": args.eval_tokens}, "runs": {}}
+    print(f"dense: {results['dense']}", file=sys.stderr)
+    for cfg in args.configs.split(","):
+        crit, recon, ratio = cfg.split("/")
+        t = time.perf_counter()
+        st = prune_captured(dataclasses.replace(cap, gm=copy.deepcopy(cap.gm)), analysis,
+                            CompileOptions(ratio=float(ratio), criterion=crit, reconstruct=recon,
+                                           **({"module_inputs": args.module_inputs} if args.module_inputs else {})),
+                            loaded.tokenizer, Progress(False))
+        ppl = {k: perplexity_torch(st.captured.gm, w)["ppl"] for k, w in sets.items()}
+        results["runs"][cfg] = {"ppl": ppl, "x_dense": {k: ppl[k] / results["dense"][k] for k in ppl},
+                                "seconds": time.perf_counter() - t}
+        print(f"{cfg}: {ppl}", file=sys.stderr)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
