@@ -12,8 +12,8 @@ What holds (checked family by family; tolerance 1e-4 of the largest output magni
     transformers' models number positions 0..seq-1 when no ``position_ids`` are given, so the
     left-padded row's real tokens get shifted positions. The PyTorch model gives the right
     answer only when handed position_ids = cumsum(mask) - 1 (what generate() does for GPT-2);
-    the emitted graph takes input_ids and attention_mask only, so it cannot: an xfail of the
-    product (strict, so that a fix shows up).
+    the emitted graph derives them from attention_mask (capture passes cumsum(mask) - 1 as
+    position_ids wherever the model takes them), so it gets them right.
 The pad positions hold random tokens, not a pad id, so nothing can depend on what they hold.
 """
 from __future__ import annotations
@@ -120,12 +120,10 @@ def test_left_padding_absolute_positions_in_pytorch(family, compiled):
     assert close(torch_run(dense, kind, ids, mask)[1, SEQ - LEFT_LEN:], alone) > 1e-2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the emitted graph has no position_ids input and does not derive positions "
-                          "from attention_mask: GPT-2's and BERT's absolute position embeddings see "
-                          "positions 0..seq-1, shifted for a left-padded row")
 @pytest.mark.parametrize("family", sorted(ABSOLUTE))
 def test_left_padding_absolute_positions_in_onnx(family, compiled):
+    """Capture derives position_ids from the mask (capture/torch_export.py LogitsOnly), so the
+    emitted graph gets left padding right where the bare model needs them handed in."""
     _, _, vocab, path = compiled(family)
     _, (got, alone) = onnx_rows(path, *batch(vocab))
     assert close(got, alone) < TOL

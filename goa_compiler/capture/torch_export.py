@@ -7,21 +7,31 @@ GraphModule (parameters as attributes) is what analysis reads and rewrite edits.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 
 class LogitsOnly(torch.nn.Module):
-    """forward(input_ids, attention_mask) -> the model's main output tensor only."""
+    """forward(input_ids, attention_mask) -> the model's main output tensor only.
+
+    Where the model takes ``position_ids``, they are derived from the mask (the number of
+    real tokens before each one), as generation does: a left-padded row then sees the
+    positions of the same sequence unpadded, which absolute position embeddings (GPT-2,
+    BERT) need; for an unpadded batch they are 0..seq-1, what the model would use anyway."""
 
     def __init__(self, model: torch.nn.Module, output: str):
         super().__init__()
         self.model = model
         self.output = output
+        self.positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        kw = {}
+        if self.positions:
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
         return getattr(out, self.output)
 
 
