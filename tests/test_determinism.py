@@ -45,3 +45,27 @@ def test_same_inputs_same_bytes(tmp_path, capsys):
     assert {"config.json", "tokenizer.json"} <= set(files)
     assert ra["inputs"]["calibration"] == {"source": str(calib),
                                            "sha256": hashlib.sha256(calib.read_bytes()).hexdigest()}
+
+
+def test_out_names_no_paths_of_this_machine_and_follows_the_umask(tmp_path):
+    """model.onnx carries no stack traces or paths (the exporter writes the source checkout's
+    and the virtual environment's into every node), so other install locations give the same
+    bytes; OUT is readable as the umask allows (not the 0700 of a temporary directory)."""
+    import stat
+
+    import onnx
+
+    model = tiny.save("gpt2", tmp_path / "gpt2")
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert cli.main(["compile", model, "--ratio", "0.3", "--criterion", "magnitude", "--reconstruct",
+                         "none", "--out", str(out), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    data = (out / "model.onnx").read_bytes()
+    for needle in (str(ROOT), sys.prefix, "site-packages", "stack_trace"):
+        assert needle.encode() not in data, needle
+    m = onnx.load(str(out / "model.onnx"))
+    assert not any(n.metadata_props or n.doc_string for n in m.graph.node)

@@ -69,7 +69,9 @@ def canonical_sha256(path: Path) -> str:
     """sha256 of the model without its metadata and doc strings: the exporter stores Python
     stack traces with the absolute paths of the source files in every node, so two checkouts
     at different paths never give the same bytes. The graph, its attributes and every
-    initializer's bytes are all hashed."""
+    initializer's bytes are all hashed. (export.onnx.strip_metadata does the same to what the
+    compiler writes; this tool keeps its own copy so that it hashes files of any commit,
+    including those from before that function.)"""
     import onnx
 
     m = onnx.load(str(path))
@@ -111,7 +113,9 @@ def run_case(case: dict, work: Path, model: str) -> dict:
     d = work / case["name"].replace("/", "_")
     d.mkdir(parents=True)
     out = d / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # a fixed hash seed: model code that iterates a Python set (transformers' Gemma-3 over its
+    # layer types) traces its ops in an order that follows PYTHONHASHSEED
+    env = {"PYTHONHASHSEED": "0", **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", ENTRY, "compile", model, "--out", str(out), "--quiet",
                         *case["args"]], cwd=d, env=env, capture_output=True, text=True)

@@ -39,6 +39,7 @@ def export_onnx(gm: torch.nn.Module, example, path: str | os.PathLike, output_na
         if optimize:
             fold_graph(program.model)
     model = program.model_proto
+    strip_metadata(model)
     big = model.ByteSize() > 1_800_000_000 if hasattr(model, "ByteSize") else False
     if big:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -46,6 +47,26 @@ def export_onnx(gm: torch.nn.Module, example, path: str | os.PathLike, output_na
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def strip_metadata(model: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node metadata and doc strings (in place): Python stack
+    traces with the absolute paths of the machine that built the file (its virtual
+    environment, the source checkout), and module names. Without them the same inputs give
+    the same bytes whatever the install location."""
+    graphs = [model.graph, *(f for f in model.functions)]
+    while graphs:
+        g = graphs.pop()
+        g.doc_string = ""
+        del g.metadata_props[:]
+        for n in g.node:
+            del n.metadata_props[:]
+            n.doc_string = ""
+            for a in n.attribute:
+                if a.HasField("g"):
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+    model.doc_string = ""
 
 
 def fold_graph(model, steps: int = 2) -> None:

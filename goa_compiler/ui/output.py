@@ -41,6 +41,7 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())     # mkdtemp's 0700 would make OUT private
     except OSError as e:
         remove_empty(created)
         if _disk_full(e):
@@ -69,6 +70,12 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False):
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _disk_full(e: BaseException) -> bool:
