@@ -71,3 +71,19 @@ def test_data_free_global_allocation_runs_global_and_says_so(tmp_path):
     ffn = [k for k in kept["uniform"] if k.endswith("ffn")]
     assert len({kept["uniform"][k] for k in ffn}) == 1
     assert kept["global"] != kept["uniform"]
+
+
+def test_refit_prior_reaches_the_refits_and_the_report(tmp_path):
+    from goa_compiler.driver.pipeline import compile_loaded
+
+    model, _, kind = tiny.build("llama-gqa")
+    errs = {}
+    for prior in ("zero", "original"):
+        res = compile_loaded(copy.deepcopy(model), kind, CompileOptions(
+            ratio=0.3, num_samples=4, seq_len=32, ridge=5.0, refit_prior=prior), tmp_path / prior,
+            tokenizer=tiny.byte_tokenizer())
+        assert res.report["refit_prior"] == prior
+        errs[prior] = [m["level1_error"]["after"] for m in res.report["modules"] if "level1_error" in m]
+    # a strong ridge toward zero shrinks the level-1 refit (the guard then keeps the original:
+    # after == before); toward the original weights it can only move as far as the data says
+    assert errs["zero"] != errs["original"]

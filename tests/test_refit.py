@@ -161,7 +161,7 @@ def _guard(bias, ridge, drop, W_orig, b_orig, cross, recon="refit"):
     b_orig = torch.as_tensor(b_orig, dtype=torch.float64) if bias else None
     w = Level2Weights(W_orig.clone(), None if b_orig is None else b_orig.clone(), W_orig, b_orig)
     kept = [u for u in range(UNITS) if u not in drop]
-    settings = GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge)
+    settings = GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge, refit_prior="zero")
     stats = ModuleStats(Moments(), Moments())
     state = GreedyState(orig={}, dense=[], pruned=[])
     return refit_level2_kept(s, w, cross, drop, kept, recon, settings, stats, state)
@@ -237,3 +237,49 @@ def test_nothing_dropped_returns_the_weights_unchanged():
     np.testing.assert_array_equal(b2f.numpy(), b)
     assert "kept_original_level2" not in rec
     assert rec["output_error"]["final"] == rec["output_error"]["pruned_no_reconstruction"]
+
+
+# ------------------------------------------------------------------------------ toward W0
+
+def _ridge_toward(X, Y, W0, rel, bias):
+    """min ||Z theta - Y||^2 + lam ||theta_w - W0^T||^2 as an augmented least-squares problem:
+    rows sqrt(lam) [I 0] theta = sqrt(lam) W0^T appended (numpy.linalg.lstsq)."""
+    n, d = X.shape
+    lam = rel * float(np.mean(np.sum(X * X, axis=0)))
+    Z = np.hstack([X, np.ones((n, 1))]) if bias else X
+    k = Z.shape[1]
+    pen = np.sqrt(lam) * np.eye(d, k)
+    A = np.vstack([Z, pen])
+    B = np.vstack([Y, np.sqrt(lam) * W0.T])
+    theta = np.linalg.lstsq(A, B, rcond=None)[0]
+    return (theta[:d].T, theta[d]) if bias else (theta.T, None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_refit_toward_the_original_weights_is_that_ridge(bias):
+    cross, X, Y, W, b = _problem(seed=7, intercept=bias)
+    W0 = W + np.random.default_rng(1).normal(size=W.shape) * 0.3       # a nearby "original"
+    for rel in (1e-3, 0.3, 5.0):
+        Wg, bg = refit_linear(cross, bias=bias, rel_lambda=rel, prior=torch.tensor(W0))
+        Wr, br = _ridge_toward(X, Y, W0, rel, bias)
+        np.testing.assert_allclose(Wg.numpy(), Wr, rtol=1e-6, atol=1e-8)
+        if bias:
+            np.testing.assert_allclose(bg.numpy(), br, rtol=1e-6, atol=1e-8)
+
+
+def test_refit_toward_w0_spans_least_squares_to_w0():
+    """lambda -> inf returns W0 (the original weights: no refit); lambda -> 0 the plain
+    least-squares solution; in between the fit is between the two."""
+    cross, X, Y, W, b = _problem(seed=3, noise=0.3)
+    W0 = np.random.default_rng(2).normal(size=W.shape)
+    prior = torch.tensor(W0)
+    W_inf, _ = refit_linear(cross, bias=True, rel_lambda=1e9, prior=prior)
+    np.testing.assert_allclose(W_inf.numpy(), W0, atol=1e-6)
+    W_0, b_0 = refit_linear(cross, bias=True, rel_lambda=1e-12, prior=prior)
+    Z = np.hstack([X, np.ones((X.shape[0], 1))])
+    theta = np.linalg.lstsq(Z, Y, rcond=None)[0]
+    np.testing.assert_allclose(W_0.numpy(), theta[:-1].T, rtol=1e-6, atol=1e-8)
+    W_mid, b_mid = refit_linear(cross, bias=True, rel_lambda=0.3, prior=prior)
+    err = lambda w, bb: output_error(cross, w, bb)      # noqa: E731
+    assert err(W_0, b_0) < err(W_mid, b_mid)
+    assert np.linalg.norm(W_mid.numpy() - W0) < np.linalg.norm(W_0.numpy() - W0)

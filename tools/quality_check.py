@@ -3,7 +3,7 @@ another kind, in one process: the quick check of a change that moves quality.
 
     python tools/quality_check.py --out q.json [--configs goa/refit/0.2,goa/none/0.2]
         [--ood /usr/share/doc/python3.11/html/_sources/tutorial] [--eval-tokens 4096]
-        [--module-inputs dense|pruned]
+        [--module-inputs dense|pruned] [--set refit_prior=original --set ridge=0.3]
 
 Each configuration is criterion/reconstruction/ratio, pruned with the defaults otherwise
 (KJV calibration split, --num-samples 32 windows of 128 tokens, seed 0) through the same
@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--module-inputs", default=None, choices=["dense", "pruned"],
                    help="passed to every compile (default: the compiler's default)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="another CompileOptions field for every compile, e.g. refit_prior=original, ridge=0.3")
     args = p.parse_args(argv)
 
     from goa_compiler.analysis import analyze_graph
@@ -46,6 +48,12 @@ def main(argv=None) -> int:
     from goa_compiler.measure.eval import evaluation_windows, perplexity_torch
     from goa_compiler.ui.progress import Progress
 
+    extra = {"module_inputs": args.module_inputs} if args.module_inputs else {}
+    kinds = {f.name: f.type for f in dataclasses.fields(CompileOptions)}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        kind = str(kinds[key])
+        extra[key] = float(value) if kind.startswith("float") else int(value) if kind.startswith("int") else value
     loaded = load_model("smollm2-135m")
     cap = capture(loaded.model, loaded.kind)
     analysis = analyze_graph(FxFrontend(cap.gm).view())
@@ -61,8 +69,7 @@ def main(argv=None) -> int:
         crit, recon, ratio = cfg.split("/")
         t = time.perf_counter()
         st = prune_captured(dataclasses.replace(cap, gm=copy.deepcopy(cap.gm)), analysis,
-                            CompileOptions(ratio=float(ratio), criterion=crit, reconstruct=recon,
-                                           **({"module_inputs": args.module_inputs} if args.module_inputs else {})),
+                            CompileOptions(ratio=float(ratio), criterion=crit, reconstruct=recon, **extra),
                             loaded.tokenizer, Progress(False))
         ppl = {k: perplexity_torch(st.captured.gm, w)["ppl"] for k, w in sets.items()}
         results["runs"][cfg] = {"ppl": ppl, "x_dense": {k: ppl[k] / results["dense"][k] for k in ppl},

@@ -45,6 +45,11 @@ class ModuleInputs(StrEnum):
     PRUNED = "pruned"          # on the inputs of the model pruned so far (errors propagate)
 
 
+class RefitPrior(StrEnum):
+    ZERO = "zero"              # plain ridge: min ||XW - Y||^2 + lambda ||W||^2
+    ORIGINAL = "original"      # toward the original weights: + lambda ||W - W0||^2
+
+
 class HeadCriterion(StrEnum):
     MOMENT = "moment"
     SIMILARITY = "similarity"
@@ -158,9 +163,11 @@ class CompileOptions:
         GoaScore.EMPIRICAL, "goa's second moment: measured on the level-2 input (empirical), or the "
         "paper's closed form 1/2||B_j||^2 A_j^T Sigma A_j with Sigma centred (gaussian, as the paper's "
         "code) or not", choices=GoaScore)
-    ridge: float = option(1e-2, "ridge of the least-squares refits, relative to the mean diagonal of "
-                          "the Gram (1e-4 over-fits 4k calibration tokens; see docs/method.md)",
-                          check=_positive)
+    ridge: float = option(0.3, "ridge of the least-squares refits, relative to the mean diagonal of "
+                          "the Gram (0.3 toward the original weights measured best out of domain; with "
+                          "--refit-prior zero use 1e-2; see docs/method.md)", check=_positive)
+    refit_prior: str = option(RefitPrior.ORIGINAL, "what the ridge of the refits pulls the weights toward: "
+                              "the original (unit-sliced) weights, or zero", choices=RefitPrior)
     batch_size: int = option(8, "calibration sequences per batch", check=_at_least(1), limit=1_000_000)
     seed: int = option(0, "seed of random selection and of the calibration windows", check=_seed)
     overwrite: bool = option(False, "replace a non-empty OUT")
@@ -270,5 +277,6 @@ def validate(opts: CompileOptions) -> CompileOptions:
     return dataclasses.replace(
         opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
         allocation=Allocation(opts.allocation), module_inputs=ModuleInputs(opts.module_inputs),
+        refit_prior=RefitPrior(opts.refit_prior),
         head_criterion=HeadCriterion(opts.head_criterion),
         goa_score=GoaScore(opts.goa_score))

