@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from goa_compiler.ir.structure import Kind, ParamSlice, Probes, Projection, Role, Structure
-from goa_compiler.prune.criteria import ModuleStats
-from goa_compiler.prune.greedy import GreedySettings, GreedyState, Level2Weights, refit_level2_kept
+from goa_compiler.prune.criteria import ModuleStats, ScoreSettings
+from goa_compiler.prune.greedy import GreedySettings, Level2Weights, refit_level2_kept
 from goa_compiler.prune.lstsq import output_error, refit_linear, restrict
 from goa_compiler.prune.stats import CrossMoments, Moments
 
@@ -161,10 +161,11 @@ def _guard(bias, ridge, drop, W_orig, b_orig, cross, recon="refit"):
     b_orig = torch.as_tensor(b_orig, dtype=torch.float64) if bias else None
     w = Level2Weights(W_orig.clone(), None if b_orig is None else b_orig.clone(), W_orig, b_orig)
     kept = [u for u in range(UNITS) if u not in drop]
-    settings = GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge, refit_prior="zero")
+    settings = GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge,
+                              score=ScoreSettings("moment", "empirical"), module_inputs="dense",
+                              refit_prior="zero")
     stats = ModuleStats(Moments(), Moments())
-    state = GreedyState(orig={}, dense=[], pruned=[])
-    return refit_level2_kept(s, w, cross, drop, kept, recon, settings, stats, state)
+    return refit_level2_kept(s, w, cross, drop, kept, recon, settings, stats)
 
 
 def _cols(units):

@@ -227,13 +227,16 @@ def _carry_refused(st: _State, node: Node):
         st.tags[node.name] = dict(_tags(st, first))
 
 
-def _input_tags(st: _State, node: Node) -> list[Tag]:
-    out = []
-    for r in node.refs():
-        out.extend(st.tags.get(r, {}).values())
-        for m in st.multi.get(r, []):
-            out.extend(m.values())
+def _value_tags(st: _State, name: str) -> list[Tag]:
+    """Every tag of a value (of each output of a multi-output op)."""
+    out = list(st.tags.get(name, {}).values())
+    for m in st.multi.get(name, []):
+        out.extend(m.values())
     return out
+
+
+def _input_tags(st: _State, node: Node) -> list[Tag]:
+    return [t for r in node.refs() for t in _value_tags(st, r)]
 
 
 def _shape(st: _State, ref) -> tuple:
@@ -298,9 +301,8 @@ def _output(st, node, in_tags):
         port = st.graph.ports.get(r)
         if port is not None and set(tags) == {port.axis}:
             st.port_outputs[r] = (tags[port.axis], _static(st.graph.nodes[r].shape[port.axis]))
-        elif tags or st.multi.get(r):
-            st.refuse(_input_tags(st, Node(node.name, "output", [Ref(r)])), "channels reach a model output",
-                      terminal=True)
+        elif _value_tags(st, r):
+            st.refuse(_value_tags(st, r), "channels reach a model output", terminal=True)
 
 
 @rule("getitem")

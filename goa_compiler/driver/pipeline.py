@@ -198,11 +198,15 @@ class Select(PassBase):
         weights = state.frontend.weights()
         # every structure is scored (in graph order, so random draws do not depend on
         # --skip-layers); the chosen ones compete
-        state.scores = {s.name: score_units(opts.criterion, s, weights, None, rng)
+        state.scores = {s.name: score_units(opts.criterion, s, weights, None, rng, _score_settings(opts))
                         for s in state.analysis.structures}
         counts = _counts(chosen, state.scores, ratio, state.shapes, opts.allocation)
         state.plan = allocation.choose(chosen, state.scores, counts)
         return PassResult(self.name, True, {"skipped_layers": sorted(skip)})
+
+
+def _score_settings(opts) -> ScoreSettings:
+    return ScoreSettings(opts.head_criterion, opts.goa_score)
 
 
 def _counts(structures, scores, ratio, shapes, how) -> dict[str, int]:
@@ -232,7 +236,7 @@ class GreedyReconstruction(PassBase):
         windows = calibration.calibration_windows(state.tokenizer, opts)
         feeds = calibration.batches(windows, opts.batch_size)
         settings = greedy.GreedySettings(opts.criterion, opts.reconstruct, opts.ridge,
-                                         ScoreSettings(opts.head_criterion, opts.goa_score), opts.module_inputs,
+                                         _score_settings(opts), opts.module_inputs,
                                          opts.refit_prior)
         rng = np.random.default_rng(opts.seed)
         if opts.allocation == "global":

@@ -337,8 +337,8 @@ class Scorer:
 class ScoreSettings:
     """goa's own choices (--head-criterion, --goa-score); other criteria ignore them."""
 
-    head_criterion: str = "moment"
-    goa_score: str = "empirical"
+    head_criterion: str          # moment | similarity
+    goa_score: str               # empirical | gaussian | gaussian-uncentred (defaults: driver/options.py)
 
 
 def _goa(s: Structure, weights, stats: ModuleStats | None, rng, settings: ScoreSettings) -> np.ndarray:
@@ -360,6 +360,6 @@ REGISTRY: dict[str, Scorer] = {sc.name: sc for sc in (
 
 
 def score_units(criterion: str, s: Structure, weights, stats: ModuleStats | None,
-                rng: np.random.Generator, settings: ScoreSettings = ScoreSettings()) -> np.ndarray:
+                rng: np.random.Generator, settings: ScoreSettings) -> np.ndarray:
     """The one dispatch from a criterion's name to its scores for structure ``s``."""
     return REGISTRY[criterion].fn(s, weights, stats, rng, settings)

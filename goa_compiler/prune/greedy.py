@@ -47,9 +47,10 @@ class GreedySettings:
     criterion: str
     reconstruct: str             # paper | refit | none
     ridge: float
-    score: ScoreSettings = ScoreSettings()
-    module_inputs: str = "dense"     # dense | pruned: what the second stream runs on
-    refit_prior: str = "original"    # original | zero: what the ridge pulls refit weights toward
+    score: ScoreSettings
+    module_inputs: str               # dense | pruned: what the second stream runs on
+    refit_prior: str                 # original | zero: what the ridge pulls refit weights toward
+    # (no defaults here: they are declared once, in driver/options.py)
 
     def prior(self, W0: torch.Tensor) -> torch.Tensor | None:
         return W0 if self.refit_prior == "original" else None
@@ -138,12 +139,13 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
     l2 = collect_level2(state, s, settings.needs_heads)
     w = refit_level2_all(state, s, l2, recon, settings)
     weights = {k: state.current(k) for k in {sl.param for sl in s.slices}}
-    sc = score_units(settings.criterion, s, weights, ModuleStats(l1.x, l2.h, l2.heads), rng, settings.score)
+    stats = ModuleStats(l1.x, l2.h, l2.heads)
+    sc = score_units(settings.criterion, s, weights, stats, rng, settings.score)
     state.scores[s.name] = sc
     drop = drop_lowest(sc, n_drop)
-    kept = [u for u in range(s.units) if u not in set(drop)]
-    stats = ModuleStats(l1.x, l2.h, l2.heads)
-    W2f, b2f, errors = refit_level2_kept(s, w, l2.cross, drop, kept, recon, settings, stats, state)
+    dropped = set(drop)
+    kept = [u for u in range(s.units) if u not in dropped]
+    W2f, b2f, errors = refit_level2_kept(s, w, l2.cross, drop, kept, recon, settings, stats)
     if errors:
         rec.update(errors)
     commit(state, s, W2f, b2f)
@@ -245,8 +247,7 @@ def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str,
 
 
 def refit_level2_kept(s: Structure, w: Level2Weights, cross: CrossMoments | None, drop: list[int],
-                      kept: list[int], recon: str, settings: GreedySettings, stats: ModuleStats,
-                      state: GreedyState):
+                      kept: list[int], recon: str, settings: GreedySettings, stats: ModuleStats):
     """The final level-2 weights for the kept units, [out, in] float64 with the dropped
     columns zero, and the error record. ``refit``: least squares on the kept channels (an
     intercept only where the projection has a bias: adding one to bias-free projections
