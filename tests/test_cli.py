@@ -7,6 +7,7 @@ import pytest
 
 from goa_compiler.ui import cli
 from models import tiny
+import out_files  # tests/out_files.py
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_compile_writes_onnx_and_report(llama_dir, tmp_path, capsys):
                    "--reconstruct", "none", "--out", str(out), "--quiet", "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == out_files.DECODER
     assert report == json.loads((out / "report.json").read_text())
     assert {"modules", "params", "ratio_requested", "ratio_achieved"} <= set(report)
     att = report["modules"][0]
@@ -71,6 +72,7 @@ def test_failure_mid_compile_leaves_nothing(llama_dir, tmp_path, monkeypatch, ca
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(pipeline, "export_onnx", boom)
+    monkeypatch.setattr(pipeline, "export_decoder", boom)
     out = tmp_path / "o"
     rc = cli.main(["compile", llama_dir, "--ratio", "0.3", "--criterion", "magnitude",
                    "--reconstruct", "none", "--out", str(out), "--quiet"])

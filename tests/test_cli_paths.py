@@ -12,6 +12,7 @@ import torch
 
 from goa_compiler.ui import cli
 from models import tiny
+import out_files  # tests/out_files.py
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and "
         "void; and darkness was upon the face of the deep. ") * 20     # ASCII: one byte, one token
@@ -40,13 +41,9 @@ def run_json(capsys, argv):
 
 
 def onnx_logits(path, ids: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from goa_compiler.export.onnx import run_onnx   # a KV-cache decoder: the prefill
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": np.asarray(ids, dtype=np.int64)}
-    if "attention_mask" in {i.name for i in sess.get_inputs()}:
-        feeds["attention_mask"] = np.ones_like(feeds["input_ids"])
-    return sess.run(["logits"], feeds)[0].astype(np.float64)
+    return run_onnx(path, ids).astype(np.float64)
 
 
 def hf_model(model_dir):
@@ -89,7 +86,7 @@ def test_overwrite_replaces_a_non_empty_out(llama_dir, tmp_path, capsys):
     rc, report, err = run_json(capsys, ["compile", llama_dir, "--ratio", "0.3", "--criterion", "magnitude",
                                         "--reconstruct", "none", "--out", str(out), "--overwrite", "--quiet"])
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == out_files.DECODER
     assert report == json.loads((out / "report.json").read_text())
     assert report["ratio_requested"] == 0.3 and report["params"]["after"] < report["params"]["before"]
     ids = np.arange(24).reshape(2, 12)

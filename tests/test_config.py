@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from goa_compiler.ui import cli
 from goa_compiler.ui.config import ConfigError, load_config
 from models import tiny
+import out_files  # tests/out_files.py
 
 
 def compile_schema():
@@ -48,7 +49,7 @@ def test_every_compile_option_has_a_key():
     expected = {"model", "out", "ratio", "criterion", "reconstruct", "allocation", "calib", "num_samples",
                 "seq_len", "skip_layers", "eval", "eval_tokens", "head_criterion", "goa_score", "ridge",
                 "batch_size", "seed", "overwrite", "json", "quiet", "trust_remote_code", "module_inputs", "refit_prior",
-                "max_ppl_increase", "max_logit_error", "min_speedup", "measure_speed", "dry_run"}
+                "max_ppl_increase", "max_logit_error", "min_speedup", "measure_speed", "dry_run", "kv_cache"}
     assert set(SCHEMA) == expected
 
 
@@ -316,7 +317,7 @@ def test_fuzz_configs(llama_dir, calib_file, capsys, case):
                 errors = [x for x in cap.err.splitlines() if x.startswith("error: ")]
                 assert len(errors) == 1 and refused in errors[0], cap.err
             else:
-                assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
+                assert sorted(p.name for p in out.iterdir()) == out_files.expected(values.get("kv_cache"))
                 report = json.loads((out / "report.json").read_text())
                 assert report["ratio_requested"] == values["ratio"]
                 failed = [r["message"] for r in report["gates"]["results"] if not r["passed"]]

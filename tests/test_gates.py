@@ -14,6 +14,7 @@ from goa_compiler.ui import cli
 from goa_compiler.driver.gates import Gate, GateReport, check, evaluate, gates_from
 from goa_compiler.driver.pipeline import CompileOptions
 from models import tiny
+import out_files  # tests/out_files.py
 
 
 def test_gates_from_options():
@@ -55,13 +56,9 @@ def test_evaluate_report_dict():
 
 
 def _onnx_logits(path, ids: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from goa_compiler.export.onnx import run_onnx   # a KV-cache decoder: the prefill
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids}
-    if "attention_mask" in {i.name for i in sess.get_inputs()}:
-        feeds["attention_mask"] = np.ones_like(ids)
-    return sess.run(["logits"], feeds)[0].astype(np.float64)
+    return run_onnx(path, ids).astype(np.float64)
 
 
 def _dense_logits(model_dir, ids: np.ndarray) -> np.ndarray:
@@ -98,7 +95,7 @@ def test_failing_gates_exit_3_model_still_written(llama_dir, tmp_path, monkeypat
     assert rc == 3
     cap = capsys.readouterr()
     report = json.loads(cap.out)                                   # the JSON report, even on failure
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == out_files.DECODER
     assert report == json.loads((out / "report.json").read_text())
 
     gates = report["gates"]

@@ -15,6 +15,7 @@ import pytest
 from goa_compiler.ui import cli
 from goa_compiler.ui.html_report import render
 from models import tiny
+import out_files  # tests/out_files.py
 
 HOSTILE = '<script>alert("x")</script> & "quotes" \'single\''
 
@@ -144,7 +145,7 @@ def compiled(tmp_path_factory):
 
 def test_compile_from_config_writes_html_report(compiled):
     out, config, stdout = compiled
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.html", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == out_files.DECODER
     report = json.loads((out / "report.json").read_text())
     assert report["ratio_requested"] == 0.3 and report["calibration"]["samples"] == 2
     assert report["inputs"]["config"]["path"] == config and len(report["inputs"]["config"]["sha256"]) == 64

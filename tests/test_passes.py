@@ -58,10 +58,11 @@ def test_names_are_unique_and_until_must_exist():
 
 
 def test_the_pipeline_is_one_pass_list():
-    assert pipeline.PIPELINE.names() == ["capture", "analysis", "eval dense", "logit reference",
-                                         "export dense", "select", "greedy reconstruction", "rewrite"]
-    assert pipeline.OUTPUT.names() == ["export", "verify", "eval pruned", "logit error", "latency",
-                                       "gates", "report"]
+    assert pipeline.PIPELINE.names() == ["capture", "analysis", "capture decoder", "eval dense",
+                                         "logit reference", "export dense", "select", "greedy reconstruction",
+                                         "rewrite", "rewrite decoder"]
+    assert pipeline.OUTPUT.names() == ["export", "verify", "serving files", "eval pruned", "logit error",
+                                       "latency", "gates", "report"]
 
 
 def _captured(family="llama-gqa"):

@@ -493,7 +493,7 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
             continue
         tagged, plain = [], []
         for r in refs:
-            s = _shape(st, r)
+            s = _shape(st, r) or ()          # a symbolic integer (a sequence length) is a scalar
             k = a - (rank - len(s))
             if k < 0 or _static(s[k]) == 1:
                 continue
@@ -501,6 +501,8 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
             (tagged if t is not None else plain).append((r, k, t))
         if not tagged:
             continue
+        # the result carries a projection's tag rather than a port's (past K/V joined to new)
+        tagged.sort(key=lambda e: e[2].root in st.port_inputs)
         first = tagged[0][2]
         length = _static(out_shape[a])
         for _, _, t in tagged[1:]:

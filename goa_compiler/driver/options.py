@@ -170,6 +170,10 @@ class CompileOptions:
                               "the original (unit-sliced) weights, or zero", choices=RefitPrior)
     batch_size: int = option(8, "calibration sequences per batch", check=_at_least(1), limit=1_000_000)
     seed: int = option(0, "seed of random selection and of the calibration windows", check=_seed)
+    kv_cache: bool | None = option(
+        None, "emit model.onnx as a decoder with its KV cache as inputs and outputs (past_key_values.N.key "
+        "/ .value -> present.N.key / .value), with genai_config.json for onnxruntime-genai; default: on "
+        "for causal LMs whose cache has that form, else off with the reason in the report")
     overwrite: bool = option(False, "replace a non-empty OUT")
     max_ppl_increase: float | None = option(
         None, "largest allowed relative increase of held-out perplexity, pruned vs dense (0.15 = 15%%); "
@@ -217,6 +221,33 @@ class JobOptions:
     quiet: bool = option(False, "no progress on stderr")
     dry_run: bool = option(False, "check the options, config file, data paths and OUT, load the model, "
                                   "and stop")
+
+
+class Provider(StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def _probability(v):
+    return None if 0.0 < v <= 1.0 else "must be in (0, 1]"
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The options of `goa generate` (serve/generate.py)."""
+
+    out: str | None = option(None, "a compile's OUT (model.onnx with a KV cache, genai_config.json, "
+                                   "tokenizer.json)", check=_non_empty, positional=True)
+    prompt: str | None = option(None, "the text to continue (required)", check=_non_empty)
+    max_new_tokens: int = option(32, "tokens to generate at most (fewer at an end-of-sequence token)",
+                                 check=_at_least(1), limit=1_000_000)
+    temperature: float = option(0.0, "0: greedy; above 0: sample from softmax(logits / T)",
+                                check=_non_negative)
+    top_p: float = option(1.0, "with --temperature above 0: sample from the smallest set of tokens "
+                               "whose probability reaches P", check=_probability)
+    seed: int = option(0, "seed of sampling", check=_seed)
+    provider: str = option(Provider.CPU, "onnxruntime execution provider", choices=Provider)
+    json: bool = option(False, "print tokens, text and timings as JSON instead of streaming the text")
 
 
 def _kind(annotation: str) -> type:

@@ -1,10 +1,14 @@
 """The compiler driver: one pipeline of passes over one compile state.
 
-    capture -> analysis -> [eval dense, logit reference, export dense]
+    capture -> analysis -> [capture decoder] -> [eval dense, logit reference, export dense]
             -> select (data-free) | greedy reconstruction (calibration, scoring, selection,
-               reconstruction) -> rewrite
-            -> (into the staged OUT) export -> verify -> [eval pruned, logit error, latency]
-            -> gates -> report
+               reconstruction) -> rewrite -> [rewrite decoder]
+            -> (into the staged OUT) export -> verify -> [serving files] -> [eval pruned,
+               logit error, latency] -> gates -> report
+
+The compile selects and reconstructs on the plain graph; with a KV cache (the default for
+causal LMs) the same plan and weights are applied to a second capture, the cached decoder,
+which is what model.onnx then holds (transform/serving.py).
 
 Bracketed passes run only when their options ask for them. ``PIPELINE`` is the one pass
 list that `goa compile`, the Python API (``compile_loaded``) and tools/bench.py run;
@@ -21,15 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from goa_compiler.capture.decoder import CapturedDecoder, DecoderRefused, capture_decoder
 from goa_compiler.capture.torch_export import Captured, capture
 from goa_compiler.driver import report as reporting
 from goa_compiler.driver.options import CompileOptions, validate
 from goa_compiler.driver.passes import PassBase, PassManager, PassResult
-from goa_compiler.export.onnx import export_onnx, onnx_param_count, verify
+from goa_compiler.export.onnx import export_decoder, export_onnx, onnx_param_count, verify
 from goa_compiler.frontends.fx import FxFrontend
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
 from goa_compiler.prune.criteria import ScoreSettings, score_units
+from goa_compiler.transform import serving
 from goa_compiler.transform.rewrite import RewriteResult, rewrite
 from goa_compiler.ui.output import staged_output, write_json
 from goa_compiler.ui.progress import Progress
@@ -62,6 +68,12 @@ class CompileState:
     analysis: Analysis | None = None
     shapes: dict = field(default_factory=dict)
     params_before: int = 0
+    # the serving graph (KV-cache decoder), when there is one
+    decoder: CapturedDecoder | None = None
+    decoder_frontend: FxFrontend | None = None
+    decoder_analysis: Analysis | None = None
+    decoder_refused: str | None = None
+    decoder_rewritten: RewriteResult | None = None
     # measurements of the dense model
     eval_windows: torch.Tensor | None = None
     ppl_before: float | None = None
@@ -134,6 +146,34 @@ def _analysis(frontend) -> Analysis:
     return analysis
 
 
+class CaptureDecoder(PassBase):
+    """The cached decoder (capture/decoder.py), analysed with its past/present ports; it must
+    have the plain graph's structures. Refused: a CompileError with --kv-cache, else the
+    compile goes on without a cache and the report says why."""
+
+    name = "capture decoder"
+
+    def applies(self, state):
+        return state.kind == "causal-lm" and state.opts.kv_cache is not False and state.decoder is None
+
+    def call(self, state):
+        try:
+            dec = capture_decoder(state.model)
+            fe = FxFrontend(dec.gm, dec.port_inputs(), dec.port_outputs())
+            an = _analysis_or_empty(fe)
+            problem = serving.mismatch(state.analysis, an)
+            if problem:
+                raise DecoderRefused(problem)
+        except DecoderRefused as e:
+            if state.opts.kv_cache:
+                raise CompileError(f"--kv-cache: {e}") from e
+            state.decoder_refused = str(e)
+            state.progress.log(f"no KV cache: {e}")
+            return PassResult(self.name, False)
+        state.decoder, state.decoder_frontend, state.decoder_analysis = dec, fe, an
+        return PassResult(self.name)
+
+
 class EvalDense(PassBase):
     name = "eval dense"
 
@@ -172,9 +212,21 @@ class ExportDense(PassBase):
 
     def call(self, state):
         d = Path(state.resources.enter_context(tempfile.TemporaryDirectory(prefix="goa-dense-")))
-        c = state.captured
-        state.dense_onnx = export_onnx(c.gm, c.example, d / "model.onnx", c.output_name, c.max_seq)
+        state.dense_onnx = _export(state, d / "model.onnx", dense=True)
         return PassResult(self.name)
+
+
+def _export(state, path: Path, dense: bool = False) -> Path:
+    """model.onnx: the decoder when the compile has one (at the pruned cache geometry, or
+    the dense one before the rewrite), else the plain graph."""
+    dec = state.decoder
+    if dec is not None:
+        rewritten = state.decoder_rewritten
+        geometry = dec.layers if dense or rewritten is None else dec.geometry(rewritten.ports)
+        return export_decoder(dec.gm, dec.example(geometry), path, dec.input_names, dec.output_names,
+                              len(dec.layers))
+    c = state.captured
+    return export_onnx(c.gm, c.example, path, c.output_name, c.max_seq)
 
 
 def _targets(state):
@@ -259,11 +311,6 @@ class GreedyReconstruction(PassBase):
 class Rewrite(PassBase):
     name = "rewrite"
 
-    def requires(self, state):
-        ported = [s.name for s in state.analysis.structures if s.ports and s.name in state.plan.modules]
-        if ported and not hasattr(state.frontend, "slice_port"):
-            self.fail(f"{type(state.frontend).__name__} cannot resize the graph ports of {', '.join(ported)}")
-
     def call(self, state):
         state.rewritten = rewrite(state.frontend, state.analysis, state.plan, state.new_weights,
                                   state.new_biases)
@@ -292,12 +339,35 @@ class Rewrite(PassBase):
                     self.fail(f"shape constant {c.handle} of {s.name} is {got}, expected {want}")
 
 
+class RewriteDecoder(PassBase):
+    """The plan and the reconstructed weights, applied to the cached decoder."""
+
+    name = "rewrite decoder"
+
+    def applies(self, state):
+        return state.decoder is not None
+
+    def call(self, state):
+        biases = serving.translate_biases(state.frontend.view(), state.decoder_frontend.view(), state.new_biases)
+        state.decoder_rewritten = rewrite(state.decoder_frontend, state.decoder_analysis, state.plan,
+                                          state.new_weights, biases)
+        return PassResult(self.name, state.decoder_rewritten.modified)
+
+    def ensures(self, state, result):
+        """Both graphs hold the same parameters, bit for bit."""
+        plain = dict(state.captured.gm.named_parameters(remove_duplicate=False))
+        dec = dict(state.decoder.gm.named_parameters(remove_duplicate=False))
+        for name, t in plain.items():
+            other = dec.get(name)
+            if other is None or other.shape != t.shape or not torch.equal(other, t):
+                self.fail(f"parameter {name} differs between the plain graph and the cached decoder")
+
+
 class Export(PassBase):
     name = "export"
 
     def call(self, state):
-        c = state.captured
-        state.onnx_path = export_onnx(c.gm, c.example, state.staging / "model.onnx", c.output_name, c.max_seq)
+        state.onnx_path = _export(state, state.staging / "model.onnx")
         state.onnx_params = onnx_param_count(state.onnx_path)
         return PassResult(self.name)
 
@@ -309,6 +379,57 @@ class Verify(PassBase):
         ids = torch.randint(0, state.vocab_size, (2, 12), generator=torch.Generator().manual_seed(state.opts.seed))
         state.verify_error = verify(state.onnx_path, state.captured.gm, ids)
         return PassResult(self.name)
+
+
+class ServingFiles(PassBase):
+    """Beside a KV-cache model.onnx: genai_config.json and the tokenizer files, so that
+    onnxruntime-genai and `goa generate` load OUT with nothing else. The report's decoder
+    section: each layer's K/V heads and the cache's bytes per token, dense and pruned."""
+
+    name = "serving files"
+
+    def applies(self, state):
+        return state.kind == "causal-lm"
+
+    def call(self, state):
+        from goa_compiler.serve.genai import genai_config
+
+        dec = state.decoder
+        if dec is None:
+            return PassResult(self.name, False, {"decoder": {"kv_cache": False, "reason": state.decoder_refused
+                                                             or "--no-kv-cache"}})
+        pruned = dec.geometry(state.decoder_rewritten.ports)
+        write_json(state.staging / "genai_config.json", genai_config(_decoder_facts(state, pruned)))
+        files = ["genai_config.json"]
+        if state.tokenizer is not None and hasattr(state.tokenizer, "save_pretrained"):
+            files += [Path(f).name for f in state.tokenizer.save_pretrained(str(state.staging))]
+        section = {"kv_cache": True, "dtype": "float32", "files": sorted(set(files)),
+                   "layers": [{"layer": i, "kv_heads": {"dense": d.kv_heads, "pruned": p.kv_heads},
+                               "key_dim": p.key_dim, "value_dim": p.value_dim}
+                              for i, (d, p) in enumerate(zip(dec.layers, pruned))],
+                   "kv_cache_bytes_per_token": {"dense": _kv_bytes(dec.layers), "pruned": _kv_bytes(pruned)}}
+        return PassResult(self.name, True, {"decoder": section})
+
+
+def _kv_bytes(layers, itemsize: int = 4) -> int:
+    return sum(lc.kv_heads * (lc.key_dim + lc.value_dim) * itemsize for lc in layers)
+
+
+def _decoder_facts(state, pruned):
+    from goa_compiler.serve.genai import DecoderFacts
+
+    cfg = state.model.config
+    tok = state.tokenizer
+
+    def token(name):
+        v = getattr(cfg, name, None)
+        return v if v is not None else getattr(tok, name, None)
+
+    return DecoderFacts(
+        layers=len(pruned), kv_heads=max(lc.kv_heads for lc in pruned), head_size=pruned[0].key_dim,
+        hidden_size=int(cfg.hidden_size), attention_heads=int(getattr(cfg, "num_attention_heads", 0) or 0),
+        vocab_size=state.vocab_size, context_length=state.decoder.max_seq,
+        bos_token_id=token("bos_token_id"), eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
 
 
 class EvalPruned(PassBase):
@@ -388,9 +509,9 @@ class Report(PassBase):
         return PassResult(self.name, report=provenance)
 
 
-PIPELINE = PassManager([Capture(), Analyze(), EvalDense(), LogitReference(), ExportDense(), Select(),
-                        GreedyReconstruction(), Rewrite()])
-OUTPUT = PassManager([Export(), Verify(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
+PIPELINE = PassManager([Capture(), Analyze(), CaptureDecoder(), EvalDense(), LogitReference(), ExportDense(),
+                        Select(), GreedyReconstruction(), Rewrite(), RewriteDecoder()])
+OUTPUT = PassManager([Export(), Verify(), ServingFiles(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
 
 
 # ------------------------------------------------------------------------------ entry points

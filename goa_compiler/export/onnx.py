@@ -28,18 +28,36 @@ def export_onnx(gm: torch.nn.Module, example, path: str | os.PathLike, output_na
     shape arithmetic), then removes dead nodes, duplicate initializers and common
     subexpressions (``fold_graph``); ``optimize=False`` leaves the graph as translated, its
     initializers named after the model's parameters (what ``rebind_weights`` needs)."""
-    path = Path(path)
     ep = recapture(gm, example, max_seq)
+    return _translate(ep, example, path, list(input_names), [output_name], dynamic_shapes(max_seq),
+                      opset, optimize)
+
+
+def export_decoder(gm: torch.nn.Module, example, path: str | os.PathLike, input_names, output_names,
+                   layers: int, opset: int | None = None) -> Path:
+    """Write the KV-cache decoder (capture/decoder.py) at the cache geometry of ``example``:
+    every layer's K/V head count and head size static, batch and lengths dynamic and named
+    as onnxruntime-genai and Optimum name them."""
+    from goa_compiler.capture.decoder import decoder_dynamic_shapes, recapture_decoder
+
+    ep = recapture_decoder(gm, example, layers)
+    return _translate(ep, example, path, list(input_names), list(output_names),
+                      decoder_dynamic_shapes(layers), opset, True, _name_decoder_dims)
+
+
+def _translate(ep, example, path, input_names, output_names, shapes, opset, optimize, fix=None) -> Path:
+    path = Path(path)
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            ep, example, input_names=list(input_names), output_names=[output_name],
-            dynamic_shapes=dynamic_shapes(max_seq), dynamo=True, opset_version=opset, verbose=False,
-            optimize=False)
+            ep, example, input_names=input_names, output_names=output_names,
+            dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False, optimize=False)
         if optimize:
             fold_graph(program.model)
     model = program.model_proto
     strip_metadata(model)
+    if fix is not None:
+        fix(model)
     big = model.ByteSize() > 1_800_000_000 if hasattr(model, "ByteSize") else False
     if big:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -47,6 +65,26 @@ def export_onnx(gm: torch.nn.Module, example, path: str | os.PathLike, output_na
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+_DECODER_DIMS = {"input_ids": ("batch_size", "sequence_length"),
+                 "position_ids": ("batch_size", "sequence_length"),
+                 "attention_mask": ("batch_size", "total_sequence_length"),
+                 "logits": ("batch_size", "sequence_length", None)}
+
+
+def _name_decoder_dims(model: onnx.ModelProto) -> None:
+    """Readable names for the dynamic axes of the decoder's inputs and outputs (the
+    exporter's are s0, s1, 's15 + s70')."""
+    for v in [*model.graph.input, *model.graph.output]:
+        names = _DECODER_DIMS.get(v.name)
+        if names is None and v.name.startswith("past_key_values."):
+            names = ("batch_size", None, "past_sequence_length", None)
+        elif names is None and v.name.startswith("present."):
+            names = ("batch_size", None, "total_sequence_length", None)
+        for d, name in zip(v.type.tensor_type.shape.dim, names or ()):
+            if name is not None and not d.HasField("dim_value"):
+                d.dim_param = name
 
 
 def strip_metadata(model: onnx.ModelProto) -> None:
@@ -159,22 +197,37 @@ def onnx_param_count(path: str | os.PathLike) -> int:
 
 def run_onnx(path: str | os.PathLike, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
              providers=None) -> np.ndarray:
+    """The first output (logits) of one forward over whole sequences (a KV-cache decoder: the
+    prefill, with an empty cache)."""
     import onnxruntime as ort
 
+    from goa_compiler.serve.feeds import full_feeds, signature
+
     sess = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-    feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64)}
-    names = {i.name for i in sess.get_inputs()}
-    if "attention_mask" in names:
-        feeds["attention_mask"] = (np.asarray(attention_mask, dtype=np.int64) if attention_mask is not None
-                                   else np.ones_like(feeds["input_ids"]))
-    return sess.run(None, feeds)[0]
+    return sess.run(None, full_feeds(signature(sess), input_ids, attention_mask))[0]
 
 
 def verify(path, gm: torch.nn.Module, input_ids: torch.Tensor, attention_mask=None) -> float:
     """Max absolute difference between onnxruntime and the PyTorch graph, relative to the
-    largest output magnitude."""
+    largest output magnitude. A KV-cache decoder runs the sequence in two steps, a prefill
+    of its first two thirds with an empty cache and the rest on that cache, so the cache's
+    every input and output is checked against the plain graph's single forward."""
+    import onnxruntime as ort
+
+    from goa_compiler.serve.feeds import full_feeds, next_past, signature, step_feeds
+
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     with torch.no_grad():
         ref = gm(input_ids, mask).float().numpy()
-    out = run_onnx(path, input_ids.numpy(), mask.numpy())
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sig = signature(sess)
+    ids, m = input_ids.numpy(), mask.numpy()
+    if not sig.cached:
+        out = sess.run(None, full_feeds(sig, ids, m))[0]
+    else:
+        names = [o.name for o in sess.get_outputs()]
+        cut = max(1, 2 * ids.shape[1] // 3)
+        first = sess.run(None, full_feeds(sig, ids[:, :cut], m[:, :cut]))
+        second = sess.run(None, step_feeds(sig, ids[:, cut:], m, next_past(sig, names, first)))
+        out = np.concatenate([first[0], second[0]], axis=1)
     return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))

@@ -10,7 +10,7 @@ import sympy
 import torch
 import torch.fx
 
-from goa_compiler.ir.graph import Graph, Node, Ref
+from goa_compiler.ir.graph import Graph, Node, Port, Ref
 
 
 _aten = torch.ops.aten
@@ -76,9 +76,14 @@ def _op_name(target) -> str:
     return name.split(".")[0]
 
 
-def from_fx(gm: torch.fx.GraphModule) -> Graph:
-    """Build the common view from a torch.fx GraphModule (unlifted: parameters are get_attr)."""
+def from_fx(gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
+            output_ports: dict[int, int] | None = None) -> Graph:
+    """Build the common view from a torch.fx GraphModule (unlifted: parameters are get_attr).
+    ``input_ports`` / ``output_ports`` map the position of a graph input / output to the
+    axis along which it carries channels (a decoder's past and present keys and values)."""
     nodes: dict[str, Node] = {}
+    ports: dict[str, Port] = {}
+    placeholders = 0
     params: dict[str, str] = {}
     param_shapes: dict[str, tuple] = {}
     outputs: list[str] = []
@@ -88,6 +93,9 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
         kw = {k: _conv(v) for k, v in n.kwargs.items()}
         if n.op == "placeholder":
             nodes[n.name] = Node(n.name, "input", [], shape, target=n.name)
+            if placeholders in (input_ports or {}):
+                ports[n.name] = Port(n.name, input_ports[placeholders])
+            placeholders += 1
             continue
         if n.op == "get_attr":
             t = fetch_attr(gm, str(n.target))
@@ -101,12 +109,14 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
             flat = torch.utils._pytree.tree_leaves(n.args[0])
             outputs = [a.name for a in flat if isinstance(a, torch.fx.Node)]
             nodes[n.name] = Node(n.name, "output", [Ref(o) for o in outputs], None, target="output")
+            for pos, axis in (output_ports or {}).items():
+                ports[flat[pos].name] = Port(flat[pos].name, axis)
             continue
         if n.op == "call_module":
             nodes[n.name] = Node(n.name, "ignore", args, shape, target=str(n.target))
             continue
         nodes[n.name] = _normalise(n, args, kw, shape)
-    return Graph(nodes, params, param_shapes, outputs)
+    return Graph(nodes, params, param_shapes, outputs, ports)
 
 
 def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
@@ -336,14 +346,18 @@ class FxFrontend:
     """A torch.export GraphModule (unlifted: parameters are get_attr) behind the interface
     the passes use: the graph view, parameters by name, calibration streams, and the edits
     of rewrite (parameters, integer attributes, a new bias). Edits happen in place;
-    ``finish`` recompiles the module."""
+    ``finish`` recompiles the module. ``input_ports`` / ``output_ports``: as in ``from_fx``;
+    a port's new size (``slice_port``) is the size the graph is exported with."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
+                 output_ports: dict[int, int] | None = None):
         self.gm = gm
+        self.input_ports, self.output_ports = dict(input_ports or {}), dict(output_ports or {})
+        self.port_sizes: dict[str, int] = {}
 
     # -- reading
     def view(self) -> Graph:
-        return from_fx(self.gm)
+        return from_fx(self.gm, self.input_ports, self.output_ports)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(self.gm.state_dict())
@@ -403,6 +417,12 @@ class FxFrontend:
                 seq[pos] = v
                 args[arg] = seq
         node.args = tuple(args)
+
+    def slice_port(self, name: str, axis: int, keep) -> None:
+        """Keep entries ``keep`` along ``axis`` of port ``name``. A graph input's size is not
+        part of an fx graph (it comes with the example inputs at export): the new size is
+        recorded in ``port_sizes``; an output's follows from the ops that compute it."""
+        self.port_sizes[name] = len(keep)
 
     def add_bias(self, node_name: str, param: str) -> None:
         """Give a bias-free linear projection the (already registered) bias ``param``."""

@@ -46,13 +46,16 @@ def perplexity_torch(model, windows: torch.Tensor, batch_size: int = 8) -> dict:
 
 def perplexity_onnx(path, windows: torch.Tensor, batch_size: int = 8, providers=None) -> dict:
     """Perplexity of an ONNX causal LM with inputs ``input_ids`` (+ ``attention_mask`` if it
-    has one, all ones, int64) and an output ``logits`` [batch, seq, vocab]."""
+    has one, all ones, int64; a KV-cache decoder gets positions and an empty cache) and an
+    output ``logits`` [batch, seq, vocab]."""
     windows = _check_windows(windows)
+    from goa_compiler.serve.feeds import SignatureError, full_feeds, signature
+
     session = onnx_session(path, providers)
-    inputs = [i.name for i in session.get_inputs()]
-    unknown = [n for n in inputs if n not in ("input_ids", "attention_mask")]
-    if "input_ids" not in inputs or unknown:
-        raise ModelRunError(f"{path}: expected inputs input_ids[, attention_mask], found {', '.join(inputs)}")
+    try:
+        sig = signature(session)
+    except SignatureError as e:
+        raise ModelRunError(f"{path}: {e}") from e
     outs = session.get_outputs()
     if not outs:
         raise ModelRunError(f"{path}: the model has no outputs")
@@ -66,9 +69,7 @@ def perplexity_onnx(path, windows: torch.Tensor, batch_size: int = 8, providers=
     start = time.perf_counter()
     for batch in windows.split(batch_size):
         ids = batch.numpy().astype(np.int64)
-        feed = {"input_ids": ids}
-        if "attention_mask" in inputs:
-            feed["attention_mask"] = np.ones_like(ids)
+        feed = full_feeds(sig, ids)
         try:
             (logits,) = session.run([out.name], feed)
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common base class

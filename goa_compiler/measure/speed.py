@@ -38,17 +38,13 @@ def session(path: str | os.PathLike, providers=None, threads: int | None = None)
 
 
 def feeds_for(sess, batch: int, seq_len: int, vocab_size: int | None, seed: int = 0) -> dict:
+    """Random tokens for one forward over [batch, seq_len] (a KV-cache decoder: the prefill)."""
+    from goa_compiler.serve.feeds import full_feeds, signature
+
     rng = np.random.default_rng(seed)
     high = min(int(vocab_size), 1000) if vocab_size else 100
-    feeds = {}
-    for i in sess.get_inputs():
-        if i.name == "input_ids":
-            feeds[i.name] = rng.integers(0, high, size=(batch, seq_len), dtype=np.int64)
-        elif i.name == "attention_mask":
-            feeds[i.name] = np.ones((batch, seq_len), dtype=np.int64)
-        else:
-            raise ValueError(f"latency: unsupported model input {i.name!r}")
-    return feeds
+    ids = rng.integers(0, high, size=(batch, seq_len), dtype=np.int64)
+    return full_feeds(signature(sess), ids)
 
 
 def onnx_latency(path: str | os.PathLike, *, batch: int = 1, seq_len: int = PREFILL_SEQ, reps: int = 20,

@@ -4,7 +4,8 @@ For every structure and its kept units, the pass slices each parameter along the
 analysis recorded (level-1 rows, biases, level-2 columns, attached parameters), installs
 any new weights and biases supplied by reconstruction, and sets the integers in the graph
 that count heads or channels (reshape/expand sizes, slice bounds, split sizes) through the
-frontend, which knows where each ``IntHandle`` lives. No torch here: tensors pass through.
+frontend, which knows where each ``IntHandle`` lives, and resizes the graph ports (a
+decoder's past and present K/V) to the kept units. No torch here: tensors pass through.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class RewriteResult:
     params_after: int
     sliced: dict[str, tuple[tuple, tuple]] = field(default_factory=dict)   # param -> (old, new)
     patched: tuple[tuple[str, str, int | None, int, int], ...] = ()        # node, attr, pos, old, new
+    ports: dict[str, int] = field(default_factory=dict)                    # port -> new size
 
     @property
     def modified(self) -> bool:
@@ -73,8 +75,26 @@ def rewrite(frontend, analysis: Analysis, plan: Plan, new_weights: dict | None =
     sliced = _slice_params(frontend, removals)
     pruned = [s for s in analysis.structures if s.name in plan.modules]
     patched = _set_constants(frontend, pruned, root_removed)
+    ports = _slice_ports(frontend, pruned, plan)
     frontend.finish()
-    return RewriteResult(before, frontend.param_count(), sliced, tuple(patched))
+    return RewriteResult(before, frontend.param_count(), sliced, tuple(patched), ports)
+
+
+def _slice_ports(frontend, structures: list[Structure], plan: Plan) -> dict[str, int]:
+    """Each port of a pruned structure keeps the entries of the kept units; returns the new
+    size of every port. A frontend without ``slice_port`` cannot resize its graph's ports."""
+    sizes: dict[str, int] = {}
+    for s in structures:
+        if not s.ports:
+            continue
+        if not hasattr(frontend, "slice_port"):
+            raise ValueError(f"{type(frontend).__name__} cannot resize the graph ports of {s.name}")
+        kept = sorted(plan.modules[s.name].kept)
+        for p in s.ports:
+            keep = np.sort(p.index[kept].reshape(-1)) if kept else np.array([], dtype=np.int64)
+            frontend.slice_port(p.port, p.axis, keep)
+            sizes[p.port] = len(keep)
+    return sizes
 
 
 def _slice_params(frontend, removals: dict[tuple[str, int], np.ndarray]) -> dict[str, tuple]:

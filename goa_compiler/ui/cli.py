@@ -1,4 +1,4 @@
-"""The `goa` command: analyze, compile, eval.
+"""The `goa` command: analyze, compile, eval, generate.
 
 Exit statuses: 0 success; 2 bad input or configuration (one line on stderr); 3 a quality
 gate of `goa compile` failed (OUT is still written; one line per failed gate on stderr);
@@ -16,7 +16,7 @@ import os
 import sys
 import traceback
 
-from goa_compiler.driver.options import CompileOptions, check_value, specs, validate
+from goa_compiler.driver.options import CompileOptions, GenerateOptions, check_value, specs, validate
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE = 0, 1, 2, 3
 
@@ -280,7 +280,56 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a compile's OUT with onnxruntime (KV cache)")
+    add_options(g, specs(GenerateOptions))
+    g.set_defaults(func=cmd_generate)
     return p
+
+
+def cmd_generate(args) -> int:
+    """Torch-free: onnxruntime, numpy and tokenizers only. Errors of the input are handled
+    here (exit 2) so that no torch-importing error class is needed."""
+    from goa_compiler.serve import generate as gen
+
+    schema = specs(GenerateOptions)
+    values = {k: (spec.default if getattr(args, k, UNSET) is UNSET else getattr(args, k))
+              for k, spec in schema.items()}
+    try:
+        for k, v in values.items():
+            check_value(schema[k], v, schema[k].flag)
+        if values["prompt"] is None:
+            raise gen.GenerateError("--prompt is required")
+        if values["out"] is None:
+            raise gen.GenerateError("OUT is required")
+        dec = gen.load(values["out"], values["provider"])
+        ids = dec.tokenizer.encode(values["prompt"]).ids
+        stream = gen.TextStream(dec.tokenizer)
+        show = None if values["json"] else (lambda t: print(stream(t), end="", flush=True))
+        sampling = gen.Sampling(values["temperature"], values["top_p"], values["seed"])
+        res = gen.generate(dec, ids, values["max_new_tokens"], sampling, show)
+    except (gen.GenerateError, OptionErrorType()) as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        if values.get("json") is True:
+            print(json.dumps({"error": msg, "exit_status": EXIT_BAD_INPUT}))
+        return EXIT_BAD_INPUT
+    if values["json"]:
+        res["text"] = dec.tokenizer.decode(res["tokens"], skip_special_tokens=True)
+        print(json.dumps(res, indent=2))
+    else:
+        print()
+        t = res["timings"]
+        rate = f", {t['decode_tokens_per_s']:.1f} tokens/s" if t["decode_tokens_per_s"] else ""
+        print(f"[{len(res['tokens'])} tokens; prefill {t['prefill_ms']:.1f} ms{rate}; {t['provider']}]",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def OptionErrorType():
+    from goa_compiler.driver.options import OptionError
+
+    return OptionError
 
 
 COMPILE_EPILOG = """configuration file (--config goa.toml): flat TOML keys named like the long
@@ -307,7 +356,9 @@ def add_options(parser: argparse.ArgumentParser, options: dict) -> None:
         if spec.positional:
             target.add_argument(spec.key, nargs="?", default=UNSET, help=spec.help)
         elif spec.kind is bool:
-            target.add_argument(spec.flag, dest=spec.key, action="store_true", default=UNSET, help=spec.help)
+            # a flag whose default is None (decided by the compile) can also be turned off
+            action = argparse.BooleanOptionalAction if spec.default is None else "store_true"
+            target.add_argument(spec.flag, dest=spec.key, action=action, default=UNSET, help=spec.help)
         else:
             target.add_argument(spec.flag, dest=spec.key, type=spec.kind if spec.kind is not str else None,
                                 default=UNSET, choices=spec.choices, metavar=spec.metavar, help=spec.help)

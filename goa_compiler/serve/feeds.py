@@ -1,0 +1,116 @@
+"""What an emitted model takes: its inputs read from the onnxruntime session, and the feeds
+for a forward over whole sequences or for one step of cached decoding.
+
+Torch-free (numpy and onnxruntime only): `goa generate` and deployment code import it.
+Two signatures are served:
+
+- the plain graph: ``input_ids`` [batch, seq] (+ ``attention_mask``) -> logits;
+- the KV-cache decoder (capture/decoder.py): ``input_ids``, ``attention_mask`` [batch,
+  past+seq], ``position_ids``, ``past_key_values.{i}.key/.value`` [batch, heads_i, past,
+  dim_i] -> ``logits``, ``present.{i}.key/.value``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class SignatureError(ValueError):
+    """The model's inputs are neither signature: one line naming them."""
+
+
+@dataclass(frozen=True)
+class PastInput:
+    name: str
+    layer: int
+    part: str               # "key" or "value"
+    heads: int
+    dim: int
+    dtype: type
+
+    @property
+    def present(self) -> str:
+        return f"present.{self.layer}.{self.part}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[str, ...]
+    past: tuple[PastInput, ...]            # empty for the plain graph
+
+    @property
+    def cached(self) -> bool:
+        return bool(self.past)
+
+    @property
+    def layers(self) -> int:
+        return len({p.layer for p in self.past})
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the cache grows by per token and sequence (every layer's keys and values)."""
+        return int(sum(p.heads * p.dim * np.dtype(p.dtype).itemsize for p in self.past))
+
+
+def signature(sess) -> Signature:
+    """Read the inputs of an onnxruntime session; SignatureError for anything else."""
+    names = tuple(i.name for i in sess.get_inputs())
+    past = []
+    for i in sess.get_inputs():
+        m = PAST.match(i.name)
+        if m is None:
+            if i.name not in TOKEN_INPUTS:
+                raise SignatureError(f"unexpected model input {i.name!r} (inputs: {', '.join(names)})")
+            continue
+        heads, dim = i.shape[1], i.shape[3]
+        if not (isinstance(heads, int) and isinstance(dim, int)) or len(i.shape) != 4:
+            raise SignatureError(f"input {i.name} has no static heads and head size: {i.shape}")
+        past.append(PastInput(i.name, int(m.group(1)), m.group(2), heads, dim, _NUMPY.get(i.type, np.float32)))
+    if "input_ids" not in names:
+        raise SignatureError(f"the model has no input_ids (inputs: {', '.join(names)})")
+    if past and not {"attention_mask", "position_ids"} <= set(names):
+        raise SignatureError("a KV-cache model needs attention_mask and position_ids inputs")
+    return Signature(names, tuple(past))
+
+
+def positions(mask: np.ndarray, past: int = 0) -> np.ndarray:
+    """Position of each of the last ``mask.shape[1] - past`` tokens: the number of real tokens
+    before it (what capture derives for the plain graph, so left padding works alike)."""
+    pos = np.cumsum(mask, axis=1) - 1
+    return np.clip(pos[:, past:], 0, None).astype(np.int64)
+
+
+def empty_past(sig: Signature, batch: int) -> dict[str, np.ndarray]:
+    return {p.name: np.zeros((batch, p.heads, 0, p.dim), dtype=p.dtype) for p in sig.past}
+
+
+def full_feeds(sig: Signature, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Feeds for one forward over whole sequences (no past): what evaluation and latency run."""
+    ids = np.asarray(ids, dtype=np.int64)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, dtype=np.int64)
+    feeds = {"input_ids": ids}
+    if "attention_mask" in sig.inputs:
+        feeds["attention_mask"] = mask
+    if "position_ids" in sig.inputs:
+        feeds["position_ids"] = positions(mask)
+    feeds.update(empty_past(sig, ids.shape[0]))
+    return feeds
+
+
+def step_feeds(sig: Signature, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> dict:
+    """Feeds for the next ``ids`` [batch, n] after a cache of ``past`` tokens; ``mask`` covers
+    past and new tokens."""
+    length = next(iter(past.values())).shape[2] if past else 0
+    return {"input_ids": np.asarray(ids, dtype=np.int64), "attention_mask": np.asarray(mask, dtype=np.int64),
+            "position_ids": positions(mask, length), **past}
+
+
+def next_past(sig: Signature, output_names: list[str], outputs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The present outputs of a step, as the next step's past inputs."""
+    by_name = dict(zip(output_names, outputs))
+    return {p.name: by_name[p.present] for p in sig.past}
