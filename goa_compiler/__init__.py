@@ -20,6 +20,7 @@ _LAZY = {
     "compile_loaded": "goa_compiler.driver.pipeline",
     "CompileResult": "goa_compiler.driver.pipeline",
     "load_model": "goa_compiler.capture.sources",
+    "load_pruned": "goa_compiler.export.checkpoint",
 }
 
 

@@ -432,6 +432,25 @@ def _decoder_facts(state, pruned):
         bos_token_id=token("bos_token_id"), eos_token_id=token("eos_token_id"), pad_token_id=token("pad_token_id"))
 
 
+class Checkpoint(PassBase):
+    """OUT/hf: the pruned model as a Hugging Face checkpoint (export/checkpoint.py), kept only
+    when it reloads to the pruned graph's logits."""
+
+    name = "checkpoint"
+
+    def applies(self, state):
+        return state.kind == "causal-lm" and hasattr(state.model, "config")
+
+    def call(self, state):
+        from goa_compiler.export.checkpoint import save_checkpoint
+
+        ck = save_checkpoint(state.model, state.captured.gm, state.analysis, state.plan, state.staging / "hf",
+                             state.tokenizer)
+        if ck.form is None:
+            state.progress.log(f"no OUT/hf checkpoint: {ck.reason}")
+        return PassResult(self.name, ck.form is not None, {"checkpoint": ck.to_dict()})
+
+
 class EvalPruned(PassBase):
     name = "eval pruned"
 
@@ -511,7 +530,7 @@ class Report(PassBase):
 
 PIPELINE = PassManager([Capture(), Analyze(), CaptureDecoder(), EvalDense(), LogitReference(), ExportDense(),
                         Select(), GreedyReconstruction(), Rewrite(), RewriteDecoder()])
-OUTPUT = PassManager([Export(), Verify(), ServingFiles(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
+OUTPUT = PassManager([Export(), Verify(), ServingFiles(), Checkpoint(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -521,6 +540,7 @@ class CompileResult:
     report: dict
     analysis: Analysis
     plan: Plan
+    module: torch.nn.Module | None = None    # the pruned graph in PyTorch: (input_ids, attention_mask) -> logits
 
 
 def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out: str | Path,
@@ -550,7 +570,7 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
         with staged_output(out, opts.overwrite) as tmp:
             state.staging = tmp
             OUTPUT.run(state, progress)
-    return CompileResult(state.report, state.analysis, state.plan)
+    return CompileResult(state.report, state.analysis, state.plan, state.captured.gm)
 
 
 def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions, tokenizer,

@@ -1,0 +1,221 @@
+"""OUT/hf/: the pruned model as a Hugging Face checkpoint that PyTorch reloads.
+
+The weights are the pruned graph's parameters under the model's own names (safetensors),
+with the tokenizer. Two forms, tried in this order and each kept only when the reloaded
+model's logits equal the pruned graph's (``RELOAD_TOLERANCE`` relative) on a probe batch:
+
+- standard: every layer kept the same widths and the config's standard width fields
+  (num_attention_heads, num_key_value_heads, intermediate_size, which each config maps to
+  its own names) now hold the pruned ones, so that
+  ``AutoModelForCausalLM.from_pretrained(OUT/hf)`` loads it with no goa code;
+- per-layer: the dense config and ``goa_pruned.json`` (every parameter's shape);
+  ``goa_compiler.load_pruned(OUT/hf)`` builds the dense architecture on the meta device and
+  installs the smaller tensors in place of its parameters. This suits a model whose modules
+  infer head counts from their weights (views with -1), as most transformers families do; a
+  module that keeps a width in an attribute (GPT-2's split_size) reloads wrong, and then no
+  checkpoint is written and the report says why.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WIDTHS_FILE = "goa_pruned.json"
+FORMAT = "goa-pruned/1"
+RELOAD_TOLERANCE = 1e-5
+WRAPPER_PREFIX = "model."        # capture wraps the model: its parameters are model.<name>
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    form: str | None             # "standard", "per-layer" or None (not written)
+    reason: str                  # why this form (or why none)
+    reload_error: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"written": self.form is not None, "form": self.form, "reason": self.reason,
+                "reload_max_rel_error": self.reload_error}
+
+
+def pruned_state(dense: torch.nn.Module, graph: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The dense model's parameters and persistent buffers, under its module names, with every
+    tensor the pruned graph holds in its place."""
+    mine = {**dict(graph.named_buffers()), **dict(graph.named_parameters(remove_duplicate=False))}
+    out = {name: t for name, t in dense.named_parameters(remove_duplicate=False)}
+    for mod_name, mod in dense.named_modules():
+        for leaf, buf in mod._buffers.items():
+            if buf is not None and leaf not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{leaf}" if mod_name else leaf] = buf
+    return {name: mine.get(WRAPPER_PREFIX + name, t).detach() for name, t in out.items()}
+
+
+def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+def build_pruned(config, shapes: dict[str, list[int]], state: dict[str, torch.Tensor] | None = None):
+    """The architecture of ``config`` with parameters of ``shapes``, holding ``state``. Built
+    on the CPU at the dense size first (its initialisation also computes the buffers that no
+    state dict holds, such as rotary frequencies), then each smaller tensor takes the place
+    of its parameter."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    for name, shape in shapes.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        old = getattr(owner, leaf, None)
+        if old is None or list(old.shape) == list(shape):
+            continue
+        new = torch.empty(shape, dtype=old.dtype)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=False))
+        else:
+            owner._buffers[leaf] = new
+        if isinstance(owner, torch.nn.Linear) and leaf == "weight":
+            owner.out_features, owner.in_features = shape
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"the weights do not fit the architecture: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+    return model.eval()
+
+
+def load_pruned(path: str | Path) -> torch.nn.Module:
+    """The pruned model saved in OUT/hf, in eval mode: from_pretrained for the standard form,
+    else the dense architecture with the saved per-layer shapes and model.safetensors."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    widths = path / WIDTHS_FILE
+    if not widths.is_file():
+        return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    meta = json.loads(widths.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{widths}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    model = build_pruned(AutoConfig.from_pretrained(str(path)), meta["shapes"])
+    load_model(model, str(path / "model.safetensors"))
+    return model.eval()
+
+
+# The names transformers' configs give these widths (a config maps its own names to them
+# through attribute_map, e.g. GPT-2's n_head): the library's convention, not a model table.
+CONFIG_FIELDS = {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "ffn": "intermediate_size"}
+
+
+def standard_config(config, analysis, plan):
+    """The dense config with the pruned widths in its standard fields (``CONFIG_FIELDS``);
+    None when the layers kept different widths, or a width that changed has no such field
+    holding its dense value."""
+    import copy
+
+    widths: dict[str, set[tuple[int, int]]] = {}
+    for s in analysis.structures:
+        mp = plan.modules.get(s.name)
+        kept = len(mp.kept) if mp is not None else s.units
+        for what, dense, pruned in _widths(s, kept):
+            widths.setdefault(what, set()).add((dense, pruned))
+    new = copy.deepcopy(config)
+    head_dims = {s.head_dim for s in analysis.structures if s.kind == "attention" and s.head_dim}
+    if len(head_dims) == 1:
+        # fewer heads must not shrink the head size a config derives from hidden / heads
+        new.head_dim = head_dims.pop()
+    for what, pairs in widths.items():
+        if len(pairs) > 1:
+            return None
+        ((dense, pruned),) = pairs
+        if dense == pruned:
+            continue
+        field = CONFIG_FIELDS[what]
+        if what == "kv_heads" and getattr(config, field, None) is None and (dense, pruned) in widths.get("heads", ()):
+            continue            # multi-head attention in a config without a K/V head count
+        if getattr(config, field, None) != dense:
+            return None
+        setattr(new, field, pruned)
+    if hasattr(new, "validate"):
+        new.validate()          # what save_pretrained will check (hidden % heads, for some)
+    return new
+
+
+def _widths(s, kept_units: int):
+    """(what, dense, pruned) widths one structure determines: query heads and K/V heads of
+    an attention module, neurons of an FFN."""
+    if s.kind != "attention":
+        yield "ffn", s.units, kept_units
+        return
+    yield "heads", s.heads, kept_units * s.query_heads_per_unit
+    if s.kv_heads and s.kv_heads % s.units == 0:
+        yield "kv_heads", s.kv_heads, kept_units * (s.kv_heads // s.units)
+
+
+def probe_error(model: torch.nn.Module, graph: torch.nn.Module, vocab: int, seed: int = 0) -> float:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = graph(ids, mask).float()
+        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    if got.shape != ref.shape:
+        return float("inf")
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def save_checkpoint(dense: torch.nn.Module, graph: torch.nn.Module, analysis, plan, out: Path,
+                    tokenizer=None) -> Checkpoint:
+    """Write OUT/hf in the first form that reloads to the pruned graph's logits."""
+    state = pruned_state(dense, graph)
+    shapes = shapes_of(state)
+    vocab = int(dense.config.vocab_size)
+    attempts, failed = [], []
+    try:
+        config = standard_config(dense.config, analysis, plan)
+    except Exception as e:  # noqa: BLE001 - a config class validates its fields in its own ways
+        config = None
+        failed.append(f"standard: the config refuses the pruned widths ({' '.join(str(e).split())[:160]})")
+    if config is not None:
+        attempts.append(("standard", config, False))
+    elif not failed:
+        failed.append("standard: the layers kept different widths, or the config has no standard field "
+                      "for a width")
+    attempts.append(("per-layer", dense.config, True))
+    for form, cfg, widths in attempts:
+        try:
+            model = build_pruned(cfg, shapes if widths else {}, state)
+            err = probe_error(model, graph, vocab)
+        except Exception as e:  # noqa: BLE001 - config validation, shape and load errors of any family
+            failed.append(f"{form}: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
+            continue
+        if err <= RELOAD_TOLERANCE:
+            _write(model, cfg, shapes if widths else None, out, tokenizer)
+            how = ("AutoModelForCausalLM.from_pretrained loads it" if form == "standard"
+                   else "goa_compiler.load_pruned loads it")
+            return Checkpoint(form, "; ".join([how, *failed]), err)
+        failed.append(f"{form}: reloaded logits differ by {err:.2g} (relative)")
+    return Checkpoint(None, "the architecture does not rebuild at the pruned widths: " + "; ".join(failed))
+
+
+def _write(model, config, shapes, out: Path, tokenizer):
+    """The standard form through save_pretrained; the per-layer form as the dense config, the
+    tensors under the module names (safetensors.torch.save_model: tied weights stored once)
+    and the shapes."""
+    from safetensors.torch import save_model
+
+    if out.exists():
+        shutil.rmtree(out)
+    model.config = config
+    if shapes is None:
+        model.save_pretrained(str(out))
+    else:
+        out.mkdir(parents=True)
+        config.save_pretrained(str(out))
+        save_model(model, str(out / "model.safetensors"))
+        (out / WIDTHS_FILE).write_text(json.dumps({"format": FORMAT, "shapes": shapes}, indent=1),
+                                       encoding="utf-8")
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(out))
