@@ -202,3 +202,24 @@ def test_a_family_that_keeps_widths_in_attributes_gets_no_checkpoint_and_a_reaso
     ck = res.report["checkpoint"]
     assert not ck["written"] and "does not rebuild" in ck["reason"], ck
     assert not (out / "hf").exists()
+
+
+# ---------------------------------------------------------------------------- --dtype fp16
+
+@pytest.mark.parametrize("family", ["llama-gqa", "gpt2"])
+def test_fp16_decoder_is_within_fp16_tolerance_of_the_pruned_model(family, tmp_path):
+    from goa_compiler.export.onnx import run_onnx
+
+    out = tmp_path / "out"
+    _, res = compile_tiny(family, out, dtype="fp16")
+    assert res.report["decoder"]["dtype"] == "float16"
+    d = gen.load(out)
+    assert all(p.dtype == np.float16 for p in d.sig.past)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = res.module(ids, torch.ones_like(ids)).numpy()
+    got = run_onnx(out / "model.onnx", ids.numpy())
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - ref).max() <= 1e-2 * np.abs(ref).max()
+    # and it decodes with its float16 cache
+    assert len(gen.generate(d, PROMPT, 8)["tokens"]) == 8

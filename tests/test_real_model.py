@@ -47,7 +47,7 @@ def test_smollm2_is_converted_in_the_runs_own_cache(smollm2, goa_cache):
 
 def test_smollm2_goa_compile_end_to_end(smollm2, goa_cache, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["compile", "smollm2-135m", "--ratio", "0.2", "--num-samples", "8",
+    rc = cli.main(["compile", "smollm2-135m", "--ratio", "0.3", "--num-samples", "8",
                    "--seq-len", "64", "--eval", "kjv", "--eval-tokens", "1024", "--out", str(out),
                    "--json"])
     assert rc == 0
@@ -63,7 +63,7 @@ def test_smollm2_goa_compile_end_to_end(smollm2, goa_cache, tmp_path, capsys):
     for m in att:
         kept_groups = set(m["kv_kept"])
         assert m["kept"] == sorted(h for g in kept_groups for h in range(3 * g, 3 * g + 3))
-    assert abs(report["ratio_achieved"] - 0.2) < 0.01
+    assert abs(report["ratio_achieved"] - 0.3) < 0.01
     p = report["params"]
     # the file itself, walked independently of export.onnx.onnx_param_count: its float
     # tensors are the report's count, and the pruned model's parameters plus the one float
@@ -89,6 +89,60 @@ def test_smollm2_goa_compile_end_to_end(smollm2, goa_cache, tmp_path, capsys):
     assert math.isfinite(ppl["after"]) and ppl["after"] > ppl["before"] > 1
     assert report["calibration"]["samples"] == 8
     assert set(report["timings"]) >= {"capture", "analysis", "greedy reconstruction", "export"}
+    check_serving(out, report)
+
+
+def check_serving(out, report, new_tokens: int = 32):
+    """The decoder with its KV cache: greedy tokens from raw onnxruntime (the loop of goa
+    generate) and from onnxruntime-genai are exactly those of the pruned model in PyTorch,
+    reloaded from OUT/hf (which the compile checked against the pruned graph to 1e-5)."""
+    import onnxruntime_genai as og
+    import torch
+
+    from goa_compiler import load_pruned
+    from goa_compiler.serve import generate as gen
+
+    dec = report["decoder"]
+    assert dec["kv_cache"] and len(dec["layers"]) == 30
+    assert dec["kv_cache_bytes_per_token"]["pruned"] < dec["kv_cache_bytes_per_token"]["dense"] == 30 * 3 * 128 * 4
+    ck = report["checkpoint"]
+    assert ck["written"] and ck["form"] == "standard", ck      # uniform widths: a plain HF directory
+    d = gen.load(out)
+    prompt = d.tokenizer.encode("And God said, Let there be light: and").ids
+    ort_tokens = gen.generate(d, prompt, new_tokens)["tokens"]
+    model = load_pruned(out / "hf")
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(len(ort_tokens)):
+            nxt = model(input_ids=seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert seq[0, len(prompt):].tolist() == ort_tokens
+    m = og.Model(str(out))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(prompt) + len(ort_tokens), do_sample=False)
+    g = og.Generator(m, params)
+    g.append_tokens(np.array([prompt], dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    assert [int(t) for t in g.get_sequence(0)][len(prompt):] == ort_tokens
+    check_fp16(out, prompt)
+
+
+def check_fp16(out, prompt):
+    """--dtype fp16's conversion of this model: SmolLM2 carries activations of about 23,000,
+    whose squares overflow float16 unless the RMS norms normalise in float32."""
+    import tempfile
+
+    from goa_compiler.export.onnx import run_onnx
+    from goa_compiler.export.precision import to_fp16
+
+    ids = np.array([prompt * 3])
+    ref = run_onnx(out / "model.onnx", ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        half = to_fp16(out / "model.onnx", f"{tmp}/model.onnx")
+        got = run_onnx(half, ids).astype(np.float32)
+    assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
 def test_minilm_encoder_compiles_and_matches_the_oracle(tmp_path):

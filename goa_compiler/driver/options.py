@@ -50,6 +50,11 @@ class RefitPrior(StrEnum):
     ORIGINAL = "original"      # toward the original weights: + lambda ||W - W0||^2
 
 
+class DType(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
 class HeadCriterion(StrEnum):
     MOMENT = "moment"
     SIMILARITY = "similarity"
@@ -174,6 +179,9 @@ class CompileOptions:
         None, "emit model.onnx as a decoder with its KV cache as inputs and outputs (past_key_values.N.key "
         "/ .value -> present.N.key / .value), with genai_config.json for onnxruntime-genai; default: on "
         "for causal LMs whose cache has that form, else off with the reason in the report")
+    dtype: str = option(DType.FP32, "model.onnx's weights, activations and KV cache: float32, or float16 "
+                        "(norms normalise in float32; for onnxruntime's CUDA provider; OUT/hf stays float32)",
+                        choices=DType)
     overwrite: bool = option(False, "replace a non-empty OUT")
     max_ppl_increase: float | None = option(
         None, "largest allowed relative increase of held-out perplexity, pruned vs dense (0.15 = 15%%); "
@@ -308,6 +316,6 @@ def validate(opts: CompileOptions) -> CompileOptions:
     return dataclasses.replace(
         opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
         allocation=Allocation(opts.allocation), module_inputs=ModuleInputs(opts.module_inputs),
-        refit_prior=RefitPrior(opts.refit_prior),
+        refit_prior=RefitPrior(opts.refit_prior), dtype=DType(opts.dtype),
         head_criterion=HeadCriterion(opts.head_criterion),
         goa_score=GoaScore(opts.goa_score))

@@ -218,7 +218,19 @@ class ExportDense(PassBase):
 
 def _export(state, path: Path, dense: bool = False) -> Path:
     """model.onnx: the decoder when the compile has one (at the pruned cache geometry, or
-    the dense one before the rewrite), else the plain graph."""
+    the dense one before the rewrite), else the plain graph; in --dtype."""
+    if state.opts.dtype == "fp16":
+        from goa_compiler.export.precision import to_fp16
+
+        full = path.with_name(path.stem + ".fp32.onnx")
+        _export_fp32(state, full, dense)
+        to_fp16(full, path)
+        full.unlink()
+        return path
+    return _export_fp32(state, path, dense)
+
+
+def _export_fp32(state, path: Path, dense: bool) -> Path:
     dec = state.decoder
     if dec is not None:
         rewritten = state.decoder_rewritten
@@ -403,11 +415,13 @@ class ServingFiles(PassBase):
         files = ["genai_config.json"]
         if state.tokenizer is not None and hasattr(state.tokenizer, "save_pretrained"):
             files += [Path(f).name for f in state.tokenizer.save_pretrained(str(state.staging))]
-        section = {"kv_cache": True, "dtype": "float32", "files": sorted(set(files)),
+        itemsize = 2 if state.opts.dtype == "fp16" else 4
+        section = {"kv_cache": True, "dtype": "float16" if itemsize == 2 else "float32", "files": sorted(set(files)),
                    "layers": [{"layer": i, "kv_heads": {"dense": d.kv_heads, "pruned": p.kv_heads},
                                "key_dim": p.key_dim, "value_dim": p.value_dim}
                               for i, (d, p) in enumerate(zip(dec.layers, pruned))],
-                   "kv_cache_bytes_per_token": {"dense": _kv_bytes(dec.layers), "pruned": _kv_bytes(pruned)}}
+                   "kv_cache_bytes_per_token": {"dense": _kv_bytes(dec.layers, itemsize),
+                                                "pruned": _kv_bytes(pruned, itemsize)}}
         return PassResult(self.name, True, {"decoder": section})
 
 

@@ -102,7 +102,7 @@ def build_report(state, sections: dict) -> dict:
                    "structured_before": total, "structured_removed": removed,
                    "onnx_initializers": state.onnx_params},
         "modules": modules,
-        "verify": {"max_rel_diff_onnx_vs_torch": state.verify_error},
+        "verify": {"max_rel_diff_onnx_vs_torch": state.verify_error, "dtype": str(state.opts.dtype)},
         "timings": {k: round(v, 3) for k, v in state.progress.timings.items()},
         "notes": notes(state.analysis),
     }

@@ -206,11 +206,17 @@ def _write(model, config, shapes, out: Path, tokenizer):
     and the shapes."""
     from safetensors.torch import save_model
 
+    from transformers.utils import logging as hf_logging
+
     if out.exists():
         shutil.rmtree(out)
     model.config = config
     if shapes is None:
-        model.save_pretrained(str(out))
+        hf_logging.disable_progress_bar()      # the CLI's --quiet means quiet
+        try:
+            model.save_pretrained(str(out))
+        finally:
+            hf_logging.enable_progress_bar()
     else:
         out.mkdir(parents=True)
         config.save_pretrained(str(out))
