@@ -13,8 +13,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -rfEsx -n 2 -m "not slow"
 
+# demo: compile (perplexity before/after on the KJV held-out split, size, prefill speedup), then
+# text from the pruned model with its KV cache in onnxruntime
 demo: setup
-	.venv/bin/goa compile smollm2-135m --ratio 0.2 --out out/smollm2-135m-r0.2 --overwrite
+	.venv/bin/goa compile smollm2-135m --ratio 0.2 --out out/smollm2-135m-r0.2 --overwrite \
+		--eval kjv --eval-tokens 4096 --measure-speed
+	.venv/bin/goa generate out/smollm2-135m-r0.2 --max-new-tokens 48 \
+		--prompt "In the beginning God created the heaven and the earth. And the earth was"
 
 bench-quick: setup
 	$(PY) tools/bench.py all --quick --quiet

@@ -170,6 +170,18 @@ def cmd_compile(args) -> int:
         p = report["params"]
         print(f"wrote {os.path.join(args.out, 'model.onnx')}: params {p['before']:,} -> {p['after']:,} "
               f"(structured ratio {report['ratio_achieved']:.3f}, requested {report['ratio_requested']})")
+        size = os.path.getsize(os.path.join(args.out, "model.onnx"))
+        dec = report.get("decoder") or {}
+        if dec.get("kv_cache"):
+            kv = dec["kv_cache_bytes_per_token"]
+            print(f"decoder with KV cache ({dec['dtype']}, {size / 2**20:.1f} MiB): {kv['dense']:,} -> "
+                  f"{kv['pruned']:,} cache bytes per token; onnxruntime-genai and `goa generate {args.out}` load it")
+        elif dec:
+            print(f"no KV cache ({dec['reason']}); model.onnx {size / 2**20:.1f} MiB")
+        ck = report.get("checkpoint")
+        if ck:
+            where = os.path.join(args.out, "hf")
+            print(f"{where}: {ck['reason'].split(';')[0]}" if ck["written"] else f"no {where}: {ck['reason']}")
         if "perplexity" in report:
             pp = report["perplexity"]
             print(f"perplexity {pp['before']:.3f} -> {pp['after']:.3f} on {pp['data']}")

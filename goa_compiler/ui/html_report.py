@@ -226,6 +226,36 @@ def _reconstruction(r: dict) -> str:
     return "".join(out) + "</section>"
 
 
+def _decoder(r: dict) -> str:
+    """What deploys: the decoder's per-layer widths and cache, and the PyTorch checkpoint."""
+    dec, ck = r.get("decoder"), r.get("checkpoint")
+    if not dec and not ck:
+        return ""
+    out = ['<section id="decoder"><h2>Decoder and checkpoint</h2>']
+    if dec and dec.get("kv_cache"):
+        kv = dec["kv_cache_bytes_per_token"]
+        out.append(_kv([("model.onnx", f"KV-cache decoder, {e(dec['dtype'])}"),
+                        ("KV-cache bytes per token", f"{kv['dense']:,} dense &rarr; {kv['pruned']:,} pruned"),
+                        ("files", e(", ".join(dec.get("files", []))))]))
+        mods = {(m["layer"], m["kind"]): m for m in r.get("modules", [])}
+        rows = []
+        for row in dec["layers"]:
+            att, ffn = mods.get((row["layer"], "attention")), mods.get((row["layer"], "ffn"))
+            heads = f"{len(att['kept'])} / {att['total']}" if att else "dense"
+            width = f"{len(ffn['kept'])} / {ffn['total']}" if ffn else "dense"
+            rows.append([str(row["layer"]), heads, f"{row['kv_heads']['pruned']} / {row['kv_heads']['dense']}",
+                         str(row["key_dim"]), width])
+        out.append(_table(["layer", "query heads", "K/V heads", "head size", "FFN width"], rows,
+                          num_cols=(0, 3)))
+    elif dec:
+        out.append(_kv([("model.onnx", f"plain graph, no KV cache: {e(dec.get('reason', ''))}")]))
+    if ck:
+        text = f"{e(ck['form'])}: {e(ck['reason'])}" if ck["written"] else f"not written: {e(ck['reason'])}"
+        out.append(_kv([("OUT/hf", text)]))
+    out.append("</section>")
+    return "".join(out)
+
+
 def _inputs(r: dict) -> str:
     inputs = r.get("inputs") or {}
     out = ['<section id="inputs"><h2>Inputs</h2>']
@@ -289,7 +319,7 @@ def render(report: dict) -> str:
         f'achieved ({num(report.get("ratio_requested"))} requested){verdict}'
         f'{" &middot; goa-compiler " + e(version) if version else ""}</p></header>',
         "<main>", _summary(report), _gates(report), _quality(report), _allocation(report),
-        _reconstruction(report), _inputs(report), _versions(report), _timings(report), _notes(report),
+        _reconstruction(report), _decoder(report), _inputs(report), _versions(report), _timings(report), _notes(report),
         "</main></body></html>",
     ]
     return "\n".join(p for p in parts if p) + "\n"
