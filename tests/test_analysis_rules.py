@@ -268,3 +268,23 @@ def test_without_ports_the_cache_refuses_the_attention():
     assert [s.kind for s in a.structures] == []
     reasons = {r.node: r.reason for r in a.refused if r.candidate}
     assert reasons["k_proj"] == "cat (present_k): channels meet a tensor that is not part of the structure"
+
+
+def test_a_fused_qkv_with_its_cache_keeps_its_roles():
+    """GPT-2's form: q, k, v split from one projection, k and v concatenated after the past
+    ones. The concatenation must carry the projection's channels, not the port's, or the k
+    and v pieces of the fused weight lose their attention role (seen on GPT-2: 'part of a
+    fused projection has no attention role')."""
+    g = View()
+    qkv = g.linear(g.x, "layers.0.attn.qkv_proj.weight", 3 * D, "qkv_proj")
+    q, k, v = (_heads(g, t, 4, f"{n}_heads") for t, n in zip(g.split(qkv, 2, [D] * 3, "split"), "qkv"))
+    past = {n: g._add("input", [], (B, 4, 3, 4), name=n) for n in ("past_k", "past_v")}
+    present_k = g._add("cat", [past["past_k"], k], (B, 4, 3 + S, 4), {"dim": 2}, "present_k")
+    present_v = g._add("cat", [past["past_v"], v], (B, 4, 3 + S, 4), {"dim": 2}, "present_v")
+    graph = g.graph(_attention_out(g, q, present_k, present_v, gqa=False), present_k, present_v)
+    graph.ports = {n: Port(n, 1) for n in ("past_k", "past_v", "present_k", "present_v")}
+    (s,) = analyze_graph(graph).structures
+    assert (s.kind, s.units) == ("attention", 4)
+    assert [sl.role for sl in s.slices] == ["q", "k", "v", "o"]
+    for p in s.ports:           # head h of every port belongs to head h
+        np.testing.assert_array_equal(p.index, [[0], [1], [2], [3]])

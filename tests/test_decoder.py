@@ -223,3 +223,37 @@ def test_fp16_decoder_is_within_fp16_tolerance_of_the_pruned_model(family, tmp_p
     assert np.abs(got.astype(np.float32) - ref).max() <= 1e-2 * np.abs(ref).max()
     # and it decodes with its float16 cache
     assert len(gen.generate(d, PROMPT, 8)["tokens"]) == 8
+
+
+# ---------------------------------------------------------------------------- refused caches
+
+def _sliding_mistral():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                        sliding_window=8)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_a_sliding_window_cache_falls_back_to_the_plain_graph_with_the_reason(tmp_path):
+    """A cache that drops old positions is not the decoder signature (present = past + new):
+    the compile emits the plain graph and says why, rather than a decoder that is wrong past
+    the window."""
+    out = tmp_path / "out"
+    res = compile_loaded(_sliding_mistral(), "causal-lm", CompileOptions(ratio=0.3, criterion="magnitude",
+                                                                        reconstruct="none"), out)
+    dec = res.report["decoder"]
+    assert dec["kv_cache"] is False and "sliding window of 8" in dec["reason"], dec
+    assert not (out / "genai_config.json").exists()
+
+
+def test_kv_cache_asked_for_and_refused_is_an_error(tmp_path):
+    from goa_compiler.driver.pipeline import CompileError
+
+    with pytest.raises(CompileError, match="--kv-cache: .*sliding window"):
+        compile_loaded(_sliding_mistral(), "causal-lm", CompileOptions(ratio=0.3, criterion="magnitude",
+                                                                      reconstruct="none", kv_cache=True),
+                       tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -148,8 +148,12 @@ def cache_geometry(model: torch.nn.Module) -> tuple[LayerCache, ...]:
     """Each layer's K/V heads and head sizes, read from one short cached forward (not from
     the config, whose field names differ by family)."""
     ids = torch.zeros(1, 2, dtype=torch.long)
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+    except Exception as e:  # noqa: BLE001 - a model that cannot run with a cache, whatever it raises
+        raise DecoderRefused(f"{type(model).__name__} does not run with use_cache=True "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from e
     layers = getattr(cache_of(out), "layers", None)
     if not layers:
         raise DecoderRefused(f"{type(model).__name__} returns no per-layer KV cache")
@@ -158,6 +162,10 @@ def cache_geometry(model: torch.nn.Module) -> tuple[LayerCache, ...]:
         k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
         if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 and v.dim() == 4):
             raise DecoderRefused(f"cache layer {type(layer).__name__} is not [batch, heads, seq, dim] keys and values")
+        window = getattr(layer, "sliding_window", None)
+        if window:
+            raise DecoderRefused(f"cache layer {type(layer).__name__} keeps a sliding window of {window} "
+                                 f"positions, not every position")
         if k.shape[SEQ_AXIS] != 2:
             raise DecoderRefused(f"cache layer {type(layer).__name__} does not keep every position "
                                  f"(a sliding or compressed cache)")

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from goa_compiler.serve.feeds import SignatureError, full_feeds, next_past, signature, step_feeds
+from goa_compiler.serve.feeds import SignatureError, full_feeds, signature
 from goa_compiler.serve.genai import eos_ids
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -105,7 +105,11 @@ def choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
 def generate(dec: Decoder, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
              on_token: Callable[[int], None] | None = None) -> dict:
     """Tokens after ``prompt_ids`` until ``max_new_tokens`` or an end-of-sequence token, with
-    the timings of the prefill and of each decode step (milliseconds)."""
+    the timings of the prefill and of each decode step (milliseconds). The cache stays in
+    onnxruntime's own tensors (OrtValue) from one step to the next: each step's present
+    outputs are the next step's past inputs without a copy through numpy."""
+    import onnxruntime as ort
+
     if not prompt_ids:
         raise GenerateError("the prompt is empty")
     if len(prompt_ids) + max_new_tokens > dec.context_length:
@@ -113,24 +117,35 @@ def generate(dec: Decoder, prompt_ids: list[int], max_new_tokens: int, sampling:
                             f"model's {dec.context_length} positions")
     rng = np.random.default_rng(sampling.seed)
     stop = eos_ids(dec.config)
+    names = dec.output_names
+    present = {p.present: p.name for p in dec.sig.past}
+
+    def run(feeds: dict) -> tuple[np.ndarray, dict]:
+        values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v)
+                  for k, v in feeds.items()}
+        outs = dict(zip(names, dec.session.run_with_ort_values(names, values)))
+        return outs["logits"].numpy()[0, -1], {present[k]: v for k, v in outs.items() if k in present}
+
     ids = np.asarray([prompt_ids], dtype=np.int64)
     t = time.perf_counter()
-    outs = dec.session.run(None, full_feeds(dec.sig, ids))
+    logits, past = run(full_feeds(dec.sig, ids))
     prefill_ms = (time.perf_counter() - t) * 1e3
-    mask = np.ones_like(ids)
+    length = len(prompt_ids)
     tokens, steps = [], []
     while True:
-        nxt = choose(outs[0][0, -1], sampling, rng)
+        nxt = choose(logits, sampling, rng)
         tokens.append(nxt)
         if on_token is not None:
             on_token(nxt)
         if nxt in stop or len(tokens) >= max_new_tokens:
             break
-        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-        feeds = step_feeds(dec.sig, np.asarray([[nxt]]), mask, next_past(dec.sig, dec.output_names, outs))
+        feeds = {"input_ids": np.array([[nxt]], dtype=np.int64),
+                 "attention_mask": np.ones((1, length + 1), dtype=np.int64),
+                 "position_ids": np.array([[length]], dtype=np.int64), **past}
         t = time.perf_counter()
-        outs = dec.session.run(None, feeds)
+        logits, past = run(feeds)
         steps.append((time.perf_counter() - t) * 1e3)
+        length += 1
     per_token = float(np.median(steps)) if steps else None
     return {"prompt_tokens": len(prompt_ids), "tokens": tokens,
             "timings": {"prefill_ms": prefill_ms, "decode_ms_per_token": per_token,
