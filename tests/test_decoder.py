@@ -56,7 +56,7 @@ def test_cached_decoding_gives_the_pruned_models_tokens(family, tmp_path):
     _, res = compile_tiny(family, out, allocation="global")
     dec = res.report["decoder"]
     assert dec["kv_cache"] is True, dec
-    # OUT/hf only where the architecture rebuilds at the pruned widths (not GPT-2, OPT, Phi-3)
+    # OUT/hf only where the architecture rebuilds at the pruned widths (not Phi-3)
     written = res.report["checkpoint"]["written"]
     assert sorted(p.name for p in out.iterdir()) == [f for f in out_files.DECODER if written or f != "hf"]
     want = torch_greedy(res.module, PROMPT, NEW)
@@ -167,6 +167,8 @@ def _logits(model, ids):
     ("qwen2", "uniform", "standard"),
     ("llama-gqa", "global", "per-layer"),     # widths differ by layer: load_pruned
     ("gpt-neox", "global", "per-layer"),
+    ("gpt2", "uniform", "per-layer"),         # widths in attributes (split_size, num_heads, Conv1D nf)
+    ("opt", "global", "per-layer"),
 ])
 def test_checkpoint_reloads_to_the_pruned_models_logits(family, allocation, form, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -194,11 +196,11 @@ def test_checkpoint_reloads_to_the_pruned_models_logits(family, allocation, form
         assert (out / "hf" / "goa_pruned.json").is_file()
 
 
-def test_a_family_that_keeps_widths_in_attributes_gets_no_checkpoint_and_a_reason(tmp_path):
-    """GPT-2 splits its fused QKV by an attribute set from the config (split_size): built at
-    the pruned shapes it computes wrong logits, so nothing is written and the report says why."""
+def test_a_family_that_reads_widths_from_its_config_gets_no_checkpoint_and_a_reason(tmp_path):
+    """Phi-3's attention sizes its fused QKV split from the shared config: built at the pruned
+    shapes it cannot run, so nothing is written and the report says why (model.onnx serves it)."""
     out = tmp_path / "out"
-    _, res = compile_tiny("gpt2", out, criterion="magnitude", reconstruct="none")
+    _, res = compile_tiny("phi3", out, criterion="magnitude", reconstruct="none", allocation="global")
     ck = res.report["checkpoint"]
     assert not ck["written"] and "does not rebuild" in ck["reason"], ck
     assert not (out / "hf").exists()

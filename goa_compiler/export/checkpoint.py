@@ -11,18 +11,27 @@ model's logits equal the pruned graph's (``RELOAD_TOLERANCE`` relative) on a pro
 - per-layer: the dense config and ``goa_pruned.json`` (every parameter's shape);
   ``goa_compiler.load_pruned(OUT/hf)`` builds the dense architecture on the meta device and
   installs the smaller tensors in place of its parameters. This suits a model whose modules
-  infer head counts from their weights (views with -1), as most transformers families do; a
-  module that keeps a width in an attribute (GPT-2's split_size) reloads wrong, and then no
-  checkpoint is written and the report says why.
+  infer head counts from their weights (views with -1), as most transformers families do.
+  Where that reloads wrong, the same with the integer attributes of each pruned module that
+  hold a dense width set to the pruned one (GPT-2's split_size and num_heads; found by
+  value, recorded in goa_pruned.json). Where neither reloads right (a module that reads its
+  widths from the shared config, as Phi-3's attention does), no checkpoint is written and
+  the report says why.
+
+The reload check runs the rebuilt model on its own KV cache (a prefill, then the rest), so
+an attribute that the cache reads is checked as well as the shapes.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from goa_compiler.capture.decoder import cache_of
 
 WIDTHS_FILE = "goa_pruned.json"
 FORMAT = "goa-pruned/1"
@@ -57,7 +66,8 @@ def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in state.items()}
 
 
-def build_pruned(config, shapes: dict[str, list[int]], state: dict[str, torch.Tensor] | None = None):
+def build_pruned(config, shapes: dict[str, list[int]], state: dict[str, torch.Tensor] | None = None,
+                 attributes: dict[str, int] | None = None):
     """The architecture of ``config`` with parameters of ``shapes``, holding ``state``. Built
     on the CPU at the dense size first (its initialisation also computes the buffers that no
     state dict holds, such as rotary frequencies), then each smaller tensor takes the place
@@ -78,12 +88,31 @@ def build_pruned(config, shapes: dict[str, list[int]], state: dict[str, torch.Te
             owner._buffers[leaf] = new
         if isinstance(owner, torch.nn.Linear) and leaf == "weight":
             owner.out_features, owner.in_features = shape
+        else:
+            _resize_attributes(owner, old.shape, shape)
+    for name, value in (attributes or {}).items():
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner_name) if owner_name else model, leaf, value)
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"the weights do not fit the architecture: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}")
     return model.eval()
+
+
+def _resize_attributes(owner: torch.nn.Module, old, new) -> None:
+    """A linear-like module other than nn.Linear (GPT-2's Conv1D keeps ``nf``): each integer
+    attribute equal to a dimension of the weight that changed takes the new size, where that
+    dimension's old size maps to one new size only."""
+    sizes: dict[int, set[int]] = {}
+    for a, b in zip(old, new):
+        sizes.setdefault(int(a), set()).add(int(b))
+    for attr, value in list(vars(owner).items()):
+        if type(value) is int and len(sizes.get(value, ())) == 1 and not attr.startswith("_"):
+            (size,) = sizes[value]
+            if size != value:
+                setattr(owner, attr, size)
 
 
 def load_pruned(path: str | Path) -> torch.nn.Module:
@@ -99,7 +128,7 @@ def load_pruned(path: str | Path) -> torch.nn.Module:
     meta = json.loads(widths.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{widths}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    model = build_pruned(AutoConfig.from_pretrained(str(path)), meta["shapes"])
+    model = build_pruned(AutoConfig.from_pretrained(str(path)), meta["shapes"], attributes=meta.get("attributes"))
     load_model(model, str(path / "model.safetensors"))
     return model.eval()
 
@@ -154,13 +183,65 @@ def _widths(s, kept_units: int):
         yield "kv_heads", s.kv_heads, kept_units * (s.kv_heads // s.units)
 
 
+def width_attributes(model: torch.nn.Module, analysis, plan) -> dict[str, int]:
+    """Integer attributes of each pruned structure's modules that hold one of its dense widths
+    (head count, K/V head count, their channel widths, FFN width), mapped to the pruned width:
+    what a module that keeps widths in attributes (GPT-2's split_size and num_heads) needs at
+    the pruned shapes. Found by value, so a coincidence (an index equal to a head count) can
+    match too: the caller keeps the result only when the rebuilt model, run with its cache,
+    gives the pruned graph's logits."""
+    out: dict[str, int] = {}
+    for s in analysis.structures:
+        mp = plan.modules.get(s.name)
+        if mp is None or len(mp.kept) == s.units:
+            continue
+        widths = _width_map(s, len(mp.kept))
+        if not widths:
+            continue
+        scope = _scope(s)
+        for name, mod in model.named_modules():
+            if not (name == scope or name.startswith(scope + ".")):
+                continue
+            if next(mod.parameters(recurse=False), None) is not None:
+                continue        # a projection: its sizes follow its weight (_resize_attributes)
+            for attr, value in vars(mod).items():
+                if type(value) is int and value in widths and not attr.startswith("_"):
+                    out[f"{name}.{attr}" if name else attr] = widths[value]
+    return out
+
+
+def _width_map(s, kept: int) -> dict[int, int]:
+    pairs: dict[int, set[int]] = {}
+    for _, dense, pruned in _widths(s, kept):
+        pairs.setdefault(dense, set()).add(pruned)
+        if s.kind == "attention" and s.head_dim:
+            pairs.setdefault(dense * s.head_dim, set()).add(pruned * s.head_dim)
+    return {d: next(iter(p)) for d, p in pairs.items() if len(p) == 1 and d != next(iter(p))}
+
+
+def _scope(s) -> str:
+    """The module all of a structure's parameters live under (the wrapper prefix removed)."""
+    parts = [sl.param[len(WRAPPER_PREFIX):].split(".")[:-1] for sl in s.slices]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
 def probe_error(model: torch.nn.Module, graph: torch.nn.Module, vocab: int, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2, 12), generator=g)
     mask = torch.ones_like(ids)
     with torch.no_grad():
         ref = graph(ids, mask).float()
-        got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        # two steps on the model's own cache, so that an attribute the cache reads (a layer
+        # index) is checked too, not only the shapes
+        first = model(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        rest = model(input_ids=ids[:, 8:], attention_mask=mask, use_cache=True, **{kw: cache_of(first)})
+        got = torch.cat([first.logits, rest.logits], dim=1).float()
     if got.shape != ref.shape:
         return float("inf")
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
@@ -184,23 +265,28 @@ def save_checkpoint(dense: torch.nn.Module, graph: torch.nn.Module, analysis, pl
         failed.append("standard: the layers kept different widths, or the config has no standard field "
                       "for a width")
     attempts.append(("per-layer", dense.config, True))
+    attributes = width_attributes(dense, analysis, plan)
+    if attributes:
+        attempts.append(("per-layer", dense.config, attributes))
     for form, cfg, widths in attempts:
+        attrs = widths if isinstance(widths, dict) else None
         try:
-            model = build_pruned(cfg, shapes if widths else {}, state)
+            model = build_pruned(cfg, shapes if widths else {}, state, attrs)
             err = probe_error(model, graph, vocab)
         except Exception as e:  # noqa: BLE001 - config validation, shape and load errors of any family
-            failed.append(f"{form}: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
+            failed.append(f"{form}{' + attributes' if attrs else ''}: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]}")
             continue
         if err <= RELOAD_TOLERANCE:
-            _write(model, cfg, shapes if widths else None, out, tokenizer)
+            _write(model, cfg, shapes if widths else None, out, tokenizer, attrs)
             how = ("AutoModelForCausalLM.from_pretrained loads it" if form == "standard"
                    else "goa_compiler.load_pruned loads it")
             return Checkpoint(form, "; ".join([how, *failed]), err)
-        failed.append(f"{form}: reloaded logits differ by {err:.2g} (relative)")
+        failed.append(f"{form}{' + attributes' if attrs else ''}: reloaded logits differ by {err:.2g} (relative)")
     return Checkpoint(None, "the architecture does not rebuild at the pruned widths: " + "; ".join(failed))
 
 
-def _write(model, config, shapes, out: Path, tokenizer):
+def _write(model, config, shapes, out: Path, tokenizer, attributes=None):
     """The standard form through save_pretrained; the per-layer form as the dense config, the
     tensors under the module names (safetensors.torch.save_model: tied weights stored once)
     and the shapes."""
@@ -221,7 +307,7 @@ def _write(model, config, shapes, out: Path, tokenizer):
         out.mkdir(parents=True)
         config.save_pretrained(str(out))
         save_model(model, str(out / "model.safetensors"))
-        (out / WIDTHS_FILE).write_text(json.dumps({"format": FORMAT, "shapes": shapes}, indent=1),
-                                       encoding="utf-8")
+        meta = {"format": FORMAT, "shapes": shapes, "attributes": attributes or {}}
+        (out / WIDTHS_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(out))
