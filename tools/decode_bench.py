@@ -2,13 +2,12 @@
 
 For a dense and a pruned compile of one model, at each context length C (128, 512, 1024):
 
-- cached: one step of one new token on a cache of C tokens (what `goa generate` and
-  onnxruntime-genai run per token);
+- cached: one step of one new token on a cache of C tokens, fed as numpy arrays;
 - recompute: one forward over the whole C + 1 tokens with an empty cache (what a model
   without a cache has to run per token);
 - genai: onnxruntime-genai generating 16 tokens after a prompt of C tokens, time per
-  generated token (its own loop, buffers and sampling), beside our loop's (serve/generate.py)
-  on the same prompt;
+  generated token (its own loop, buffers and sampling), beside our loop's (serve/generate.py,
+  the cache kept in OrtValues) on the same prompt;
 
 medians over interleaved rounds (dense, pruned, dense, ...), so that a slow phase of a
 shared machine hits both alike; compare ratios within one run. Also the KV-cache bytes per
@@ -121,16 +120,22 @@ def main():
             fns = {(k, what): make(decs[k], ctx) for k in decs
                    for what, make in (("cached", cached_step), ("recompute", recompute_step))}
             times = {key: [] for key in fns}
+            loops = {(k, w): [] for k in decs for w in ("ours", "genai")}
             for _ in range(args.rounds):
                 for key, fn in fns.items():
                     fn()                                   # warm-up of this shape
                     times[key] += _median_ms(fn, args.reps)
+                for k in decs:                             # the two generation loops, interleaved too
+                    loops[(k, "ours")].append(ours_per_token(decs[k], ctx, args.new_tokens))
+                    if args.provider == "cpu":
+                        loops[(k, "genai")].append(genai_per_token(outs[k], ctx, args.new_tokens))
             for k in decs:
+                genai = [t for t in loops[(k, "genai")] if t is not None]
                 row = {"model": k, "context": ctx,
                        "cached_ms": statistics.median(times[(k, "cached")]),
                        "recompute_ms": statistics.median(times[(k, "recompute")]),
-                       "ours_loop_ms": ours_per_token(decs[k], ctx, args.new_tokens),
-                       "genai_ms": genai_per_token(outs[k], ctx, args.new_tokens) if args.provider == "cpu" else None}
+                       "ours_loop_ms": statistics.median(loops[(k, "ours")]),
+                       "genai_ms": statistics.median(genai) if genai else None}
                 row["cache_speedup"] = row["recompute_ms"] / row["cached_ms"]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
