@@ -259,3 +259,12 @@ def test_kv_cache_asked_for_and_refused_is_an_error(tmp_path):
                                                                       reconstruct="none", kv_cache=True),
                        tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_positions_count_the_real_tokens_before_each_one():
+    """Left padding: positions start at the first real token, in the prefill and in a step."""
+    from goa_compiler.serve.feeds import positions
+
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(positions(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(positions(mask, past=4), [[2], [4]])
