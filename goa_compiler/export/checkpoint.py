@@ -9,8 +9,8 @@ model's logits equal the pruned graph's (``RELOAD_TOLERANCE`` relative) on a pro
   its own names) now hold the pruned ones, so that
   ``AutoModelForCausalLM.from_pretrained(OUT/hf)`` loads it with no goa code;
 - per-layer: the dense config and ``goa_pruned.json`` (every parameter's shape);
-  ``goa_compiler.load_pruned(OUT/hf)`` builds the dense architecture on the meta device and
-  installs the smaller tensors in place of its parameters. This suits a model whose modules
+  ``goa_compiler.load_pruned(OUT/hf)`` builds the dense architecture and installs the
+  smaller tensors in place of its parameters. This suits a model whose modules
   infer head counts from their weights (views with -1), as most transformers families do.
   Where that reloads wrong, the same with the integer attributes of each pruned module that
   hold a dense width set to the pruned one (GPT-2's split_size and num_heads; found by
@@ -27,6 +27,7 @@ import inspect
 import json
 import shutil
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -39,9 +40,14 @@ RELOAD_TOLERANCE = 1e-5
 WRAPPER_PREFIX = "model."        # capture wraps the model: its parameters are model.<name>
 
 
+class Form(StrEnum):
+    STANDARD = "standard"        # a plain Hugging Face directory
+    PER_LAYER = "per-layer"      # the dense config + goa_pruned.json, for load_pruned
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    form: str | None             # "standard", "per-layer" or None (not written)
+    form: Form | None            # None: not written
     reason: str                  # why this form (or why none)
     reload_error: float | None = None
 
@@ -259,30 +265,30 @@ def save_checkpoint(dense: torch.nn.Module, graph: torch.nn.Module, analysis, pl
     except Exception as e:  # noqa: BLE001 - a config class validates its fields in its own ways
         config = None
         failed.append(f"standard: the config refuses the pruned widths ({' '.join(str(e).split())[:160]})")
+    # (form, config, shapes to install, width attributes to set)
     if config is not None:
-        attempts.append(("standard", config, False))
+        attempts.append((Form.STANDARD, config, None, None))
     elif not failed:
         failed.append("standard: the layers kept different widths, or the config has no standard field "
                       "for a width")
-    attempts.append(("per-layer", dense.config, True))
+    attempts.append((Form.PER_LAYER, dense.config, shapes, None))
     attributes = width_attributes(dense, analysis, plan)
     if attributes:
-        attempts.append(("per-layer", dense.config, attributes))
-    for form, cfg, widths in attempts:
-        attrs = widths if isinstance(widths, dict) else None
+        attempts.append((Form.PER_LAYER, dense.config, shapes, attributes))
+    for form, cfg, sizes, attrs in attempts:
+        label = f"{form}{' + attributes' if attrs else ''}"
         try:
-            model = build_pruned(cfg, shapes if widths else {}, state, attrs)
+            model = build_pruned(cfg, sizes or {}, state, attrs)
             err = probe_error(model, graph, vocab)
         except Exception as e:  # noqa: BLE001 - config validation, shape and load errors of any family
-            failed.append(f"{form}{' + attributes' if attrs else ''}: {type(e).__name__}: "
-                          f"{' '.join(str(e).split())[:160]}")
+            failed.append(f"{label}: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
             continue
         if err <= RELOAD_TOLERANCE:
-            _write(model, cfg, shapes if widths else None, out, tokenizer, attrs)
-            how = ("AutoModelForCausalLM.from_pretrained loads it" if form == "standard"
+            _write(model, cfg, sizes, out, tokenizer, attrs)
+            how = ("AutoModelForCausalLM.from_pretrained loads it" if form == Form.STANDARD
                    else "goa_compiler.load_pruned loads it")
             return Checkpoint(form, "; ".join([how, *failed]), err)
-        failed.append(f"{form}{' + attributes' if attrs else ''}: reloaded logits differ by {err:.2g} (relative)")
+        failed.append(f"{label}: reloaded logits differ by {err:.2g} (relative)")
     return Checkpoint(None, "the architecture does not rebuild at the pruned widths: " + "; ".join(failed))
 
 
