@@ -2,8 +2,8 @@
 
 The reference is the pruned model in PyTorch (CompileResult.module, the plain graph the
 compile selected and reconstructed on, proven by the zeroing oracle elsewhere), generating
-greedily by re-running the whole sequence. The emitted model.onnx must give exactly its
-tokens when decoding with its cache, in raw onnxruntime (serve/generate.py, the loop of
+32 tokens greedily by re-running the whole sequence. The emitted model.onnx must give
+exactly its tokens when decoding with its cache, in raw onnxruntime (serve/generate.py, the loop of
 `goa generate`) and in onnxruntime-genai, with every layer's K/V heads static and, under
 --allocation global, different from layer to layer.
 """
@@ -27,7 +27,7 @@ from models import tiny
 import out_files  # tests/out_files.py
 
 PROMPT = [3, 17, 42, 99, 5, 61, 7]
-NEW = 16
+NEW = 32
 
 
 def torch_greedy(module, prompt, n):
@@ -67,10 +67,22 @@ def test_cached_decoding_gives_the_pruned_models_tokens(family, tmp_path):
     got = gen.generate(d, PROMPT, NEW)["tokens"]
     # an end-of-sequence token stops generation early; the byte tokenizer has none
     assert got == want
+    assert genai_greedy(out, PROMPT, NEW) == want
+
+
+def genai_greedy(out, prompt, n):
+    import onnxruntime_genai as og     # a test dependency (pyproject [test]): missing is a failure
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    g = og.Generator(model, params)
+    g.append_tokens(np.array([prompt], dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    return [int(t) for t in g.get_sequence(0)][len(prompt):]
 
 
 def test_uneven_widths_load_and_match_in_onnxruntime_genai(tmp_path):
-    og = pytest.importorskip("onnxruntime_genai")
     out = tmp_path / "out"
     # global allocation on a model with 4 K/V heads per layer: the layers keep different counts
     _, res = compile_tiny("llama", out, allocation="global", ratio=0.4)
@@ -78,14 +90,8 @@ def test_uneven_widths_load_and_match_in_onnxruntime_genai(tmp_path):
     attn = [m for m in res.report["modules"] if m["kind"] == "attention"]
     assert len({len(m["kept"]) for m in attn}) > 1 or len(set(kv)) > 1, (kv, attn)
     want = torch_greedy(res.module, PROMPT, NEW)
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + NEW, do_sample=False)
-    g = og.Generator(model, params)
-    g.append_tokens(np.array([PROMPT], dtype=np.int32))
-    while not g.is_done():
-        g.generate_next_token()
-    assert [int(t) for t in g.get_sequence(0)][len(PROMPT):] == want
+    assert genai_greedy(out, PROMPT, NEW) == want
+    assert gen.generate(gen.load(out), PROMPT, NEW)["tokens"] == want
 
 
 def test_no_kv_cache_keeps_the_plain_graph(tmp_path):
