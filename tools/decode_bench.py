@@ -62,7 +62,7 @@ def cached_step(dec, ctx: int):
     ids = rng.integers(0, 1000, (1, ctx))
     outs = dec.session.run(None, full_feeds(dec.sig, ids))
     past = next_past(dec.sig, dec.output_names, outs)
-    feeds = step_feeds(dec.sig, np.array([[7]]), np.ones((1, ctx + 1), np.int64), past)
+    feeds = step_feeds(np.array([[7]]), np.ones((1, ctx + 1), np.int64), past)
     return lambda: dec.session.run(None, feeds)
 
 

@@ -199,8 +199,3 @@ def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     dec.gm = gm
     return dec
 
-
-def recapture_decoder(gm: torch.nn.Module, example, layers: int) -> torch.export.ExportedProgram:
-    """Export an (edited) decoder GraphModule again, so shapes are recomputed."""
-    with torch.no_grad():
-        return torch.export.export(gm, example, dynamic_shapes=decoder_dynamic_shapes(layers), strict=False)

@@ -88,7 +88,8 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name)
 
 
-def recapture(gm: torch.nn.Module, example, max_seq: int = 8192) -> torch.export.ExportedProgram:
-    """Export an (edited) GraphModule again, so shapes and metadata are recomputed."""
+def recapture(gm: torch.nn.Module, example, max_seq: int = 8192, shapes=None) -> torch.export.ExportedProgram:
+    """Export an (edited) GraphModule again, so shapes and metadata are recomputed; ``shapes``
+    are the dynamic shapes of its inputs (default: this module's plain signature)."""
     with torch.no_grad():
-        return torch.export.export(gm, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)
+        return torch.export.export(gm, example, dynamic_shapes=shapes or dynamic_shapes(max_seq), strict=False)

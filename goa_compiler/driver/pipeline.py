@@ -360,7 +360,8 @@ class RewriteDecoder(PassBase):
         return state.decoder is not None
 
     def call(self, state):
-        biases = serving.translate_biases(state.frontend.view(), state.decoder_frontend.view(), state.new_biases)
+        biases = (serving.translate_biases(state.frontend.view(), state.decoder_frontend.view(), state.new_biases)
+                  if state.new_biases else {})
         state.decoder_rewritten = rewrite(state.decoder_frontend, state.decoder_analysis, state.plan,
                                           state.new_weights, biases)
         return PassResult(self.name, state.decoder_rewritten.modified)

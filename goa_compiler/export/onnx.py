@@ -38,11 +38,12 @@ def export_decoder(gm: torch.nn.Module, example, path: str | os.PathLike, input_
     """Write the KV-cache decoder (capture/decoder.py) at the cache geometry of ``example``:
     every layer's K/V head count and head size static, batch and lengths dynamic and named
     as onnxruntime-genai and Optimum name them."""
-    from goa_compiler.capture.decoder import decoder_dynamic_shapes, recapture_decoder
+    from goa_compiler.capture.decoder import decoder_dynamic_shapes
 
-    ep = recapture_decoder(gm, example, layers)
-    return _translate(ep, example, path, list(input_names), list(output_names),
-                      decoder_dynamic_shapes(layers), opset, True, _name_decoder_dims)
+    shapes = decoder_dynamic_shapes(layers)
+    ep = recapture(gm, example, shapes=shapes)
+    return _translate(ep, example, path, list(input_names), list(output_names), shapes, opset, True,
+                      _name_decoder_dims)
 
 
 def _translate(ep, example, path, input_names, output_names, shapes, opset, optimize, fix=None) -> Path:
@@ -228,6 +229,6 @@ def verify(path, gm: torch.nn.Module, input_ids: torch.Tensor, attention_mask=No
         names = [o.name for o in sess.get_outputs()]
         cut = max(1, 2 * ids.shape[1] // 3)
         first = sess.run(None, full_feeds(sig, ids[:, :cut], m[:, :cut]))
-        second = sess.run(None, step_feeds(sig, ids[:, cut:], m, next_past(sig, names, first)))
+        second = sess.run(None, step_feeds(ids[:, cut:], m, next_past(sig, names, first)))
         out = np.concatenate([first[0], second[0]], axis=1)
     return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))

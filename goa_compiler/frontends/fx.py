@@ -346,14 +346,12 @@ class FxFrontend:
     """A torch.export GraphModule (unlifted: parameters are get_attr) behind the interface
     the passes use: the graph view, parameters by name, calibration streams, and the edits
     of rewrite (parameters, integer attributes, a new bias). Edits happen in place;
-    ``finish`` recompiles the module. ``input_ports`` / ``output_ports``: as in ``from_fx``;
-    a port's new size (``slice_port``) is the size the graph is exported with."""
+    ``finish`` recompiles the module. ``input_ports`` / ``output_ports``: as in ``from_fx``."""
 
     def __init__(self, gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
                  output_ports: dict[int, int] | None = None):
         self.gm = gm
         self.input_ports, self.output_ports = dict(input_ports or {}), dict(output_ports or {})
-        self.port_sizes: dict[str, int] = {}
 
     # -- reading
     def view(self) -> Graph:
@@ -419,10 +417,9 @@ class FxFrontend:
         node.args = tuple(args)
 
     def slice_port(self, name: str, axis: int, keep) -> None:
-        """Keep entries ``keep`` along ``axis`` of port ``name``. A graph input's size is not
-        part of an fx graph (it comes with the example inputs at export): the new size is
-        recorded in ``port_sizes``; an output's follows from the ops that compute it."""
-        self.port_sizes[name] = len(keep)
+        """Keep entries ``keep`` along ``axis`` of port ``name``: nothing to edit in an fx
+        graph. An input's size is not part of it (it comes with the example inputs at export,
+        from rewrite's ``ports``); an output's follows from the ops that compute it."""
 
     def add_bias(self, node_name: str, param: str) -> None:
         """Give a bias-free linear projection the (already registered) bias ``param``."""

@@ -48,10 +48,6 @@ class Signature:
     def cached(self) -> bool:
         return bool(self.past)
 
-    @property
-    def layers(self) -> int:
-        return len({p.layer for p in self.past})
-
     def kv_bytes_per_token(self) -> int:
         """Bytes the cache grows by per token and sequence (every layer's keys and values)."""
         return int(sum(p.heads * p.dim * np.dtype(p.dtype).itemsize for p in self.past))
@@ -102,7 +98,7 @@ def full_feeds(sig: Signature, ids: np.ndarray, mask: np.ndarray | None = None) 
     return feeds
 
 
-def step_feeds(sig: Signature, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> dict:
+def step_feeds(ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> dict:
     """Feeds for the next ``ids`` [batch, n] after a cache of ``past`` tokens; ``mask`` covers
     past and new tokens."""
     length = next(iter(past.values())).shape[2] if past else 0
