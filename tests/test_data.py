@@ -39,6 +39,22 @@ def test_kjv_splits_are_big_disjoint_and_deterministic():
     assert load_texts(None) == calib
 
 
+def test_named_sets_by_name():
+    assert load_texts("kjv", "eval") == load_texts(None, "eval") == load_texts("default", "eval")
+    pydoc = load_texts("pydoc", "eval")
+    assert len(pydoc) > 50 and sum(map(len, pydoc)) > 200_000
+    assert any("def " in t for t in pydoc) and not any("Jesus" in t for t in pydoc)
+    assert load_texts("pydoc", "calib") == pydoc          # one text; never calibration by default
+
+
+def test_a_file_named_like_a_set_is_reached_by_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pydoc").mkdir()
+    (tmp_path / "pydoc" / "a.txt").write_text("just this")
+    assert load_texts("./pydoc") == ["just this"]
+    assert load_texts("pydoc") != ["just this"]
+
+
 def test_unknown_split():
     with pytest.raises(DataError) as e:
         load_texts(None, "train")

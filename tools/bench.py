@@ -6,8 +6,9 @@ against its baselines and Torch-Pruning, on SmolLM2-135M, side by side in one ru
 
 quality  every criterion (goa, flap, wanda-sp, magnitude, random) with and without
          reconstruction, plus Torch-Pruning (tools/peers/torch_pruning_peer.py), at each ratio:
-         held-out perplexity (KJV eval split, never used for calibration) of each pruned
-         model exported to ONNX and run in onnxruntime, and its ratio to the dense model's.
+         perplexity of each pruned model exported to ONNX and run in onnxruntime, and its
+         ratio to the dense model's, on two sets never used for calibration: the KJV eval
+         split (the calibration's own domain) and the named set pydoc (out of domain).
 cost     one full `goa compile` (goa + refit): wall time and peak resident memory per phase,
          against the floor: one dense forward pass over the same calibration tokens.
 speed    onnxruntime latency of the dense and pruned ONNX models: prefill (batch 1, 128
@@ -88,6 +89,8 @@ class Context:
         self.opts0 = CompileOptions(ratio=0.0, seq_len=args.seq_len, num_samples=args.num_samples,
                                     eval_data="kjv", eval_tokens=args.eval_tokens, seed=args.seed)
         self.eval_windows = evaluation_windows(self.loaded.tokenizer, self.opts0)
+        # the out-of-domain set: never calibrated on (named set pydoc, data.py)
+        self.ood_windows = evaluation_windows(self.loaded.tokenizer, dataclasses.replace(self.opts0, eval_data=OOD))
         self.calib_windows = calibration_windows(self.loaded.tokenizer, self.opts0)
         self.tmp = Path(tempfile.mkdtemp(prefix="goa-bench-"))
         self.onnx: dict[str, Path] = {}     # "dense" or "criterion/recon/ratio" -> optimised export
@@ -174,6 +177,15 @@ def _export_plain_checked(gm, captured, path: Path, vocab_size: int) -> str:
     return f"exported (max rel. diff {_max_rel_diff(path, gm, vocab_size):.1e})"
 
 
+OOD = "pydoc"
+
+
+def _perplexities(ctx: Context, path) -> dict:
+    """ppl on the KJV held-out split and ppl_ood on the out-of-domain set, in onnxruntime."""
+    kjv, ood = perplexity_onnx(path, ctx.eval_windows), perplexity_onnx(path, ctx.ood_windows)
+    return {"ppl": kjv["ppl"], "ppl_ood": ood["ppl"], "eval_seconds": kjv["seconds"] + ood["seconds"]}
+
+
 def _key(criterion, recon, ratio):
     return f"{criterion}/{recon}/{ratio}"
 
@@ -235,6 +247,9 @@ def quality(ctx: Context):
         "evaluation": f"KJV eval split (even chapters, disjoint), first {ctx.eval_windows.numel()} tokens "
                       f"in windows of {args.seq_len}; every pruned model exported to ONNX and run in "
                       f"onnxruntime (CPU)",
+        "evaluation_ood": f"named set {OOD} (the Python reference's help topics from the standard library's "
+                          f"pydoc_data: text of another kind, never calibrated on), first "
+                          f"{ctx.ood_windows.numel()} tokens in windows of {args.seq_len}",
         "allocation": "uniform (goa-compiler); FFN-only for Torch-Pruning (see the peer's notes)",
         "command": _command(), **_machine(),
     }
@@ -259,11 +274,13 @@ def quality(ctx: Context):
         data["runs"][key] = rec
         _save(path, data)
     if "dense" not in data:
-        ppl = perplexity_onnx(ctx.dense_onnx(), ctx.eval_windows)["ppl"]
-        data["dense"] = {"ppl": ppl, "tokens": int(ctx.eval_windows.numel())}
+        ppl = _perplexities(ctx, ctx.dense_onnx())
+        data["dense"] = {"ppl": ppl["ppl"], "ppl_ood": ppl["ppl_ood"], "tokens": int(ctx.eval_windows.numel()),
+                         "tokens_ood": int(ctx.ood_windows.numel())}
     for rec in data["runs"].values():
-        if "ppl" in rec:
-            rec["ppl_ratio"] = rec["ppl"] / data["dense"]["ppl"]
+        for k in ("ppl", "ppl_ood"):
+            if k in rec and k in data["dense"]:
+                rec[k + "_ratio"] = rec[k] / data["dense"][k]
     _publish(path, data, quality_markdown(data, sorted({v["ratio"] for v in data["runs"].values()})))
     plot_quality(data, path.with_suffix(".png"))
     return data
@@ -273,11 +290,10 @@ def _goa_run(ctx: Context, crit, recon, ratio) -> dict:
     key = _key(crit, recon, ratio)
     if key in ctx.compiled:   # the cost section's `goa compile` made this one: its emitted ONNX
         rep = ctx.compiled[key]
-        ppl = perplexity_onnx(ctx.onnx[key], ctx.eval_windows)
-        return {"ppl": ppl["ppl"], "ratio_achieved": rep["ratio_achieved"], "params_after": rep["params"]["after"],
+        ppl = _perplexities(ctx, ctx.onnx[key])
+        return {**ppl, "ratio_achieved": rep["ratio_achieved"], "params_after": rep["params"]["after"],
                 "prune_seconds": sum(v for k, v in rep["timings"].items() if k not in ("capture", "export", "verify")),
-                "export_seconds": rep["timings"].get("export", 0.0), "export": "`goa compile` (cost section)",
-                "eval_seconds": ppl["seconds"]}
+                "export_seconds": rep["timings"].get("export", 0.0), "export": "`goa compile` (cost section)"}
     gm = copy.deepcopy(ctx.captured.gm)
     progress = Progress(not ctx.args.quiet)
     t = time.perf_counter()
@@ -288,12 +304,12 @@ def _goa_run(ctx: Context, crit, recon, ratio) -> dict:
     t = time.perf_counter()
     path, how = ctx.export_plain(gm, key)
     export_s = time.perf_counter() - t
-    ppl = perplexity_onnx(path, ctx.eval_windows)
+    ppl = _perplexities(ctx, path)
     if path not in ctx.templates.values():   # a sweep makes dozens; templates stay
         path.unlink()
-    return {"ppl": ppl["ppl"], "ratio_achieved": ctx.removed(plan) / ctx.total(),
+    return {**ppl, "ratio_achieved": ctx.removed(plan) / ctx.total(),
             "params_after": result.params_after, "prune_seconds": prune_s, "export_seconds": export_s,
-            "export": how, "eval_seconds": ppl["seconds"]}
+            "export": how}
 
 
 # ------------------------------------------------------------------------------ background jobs
@@ -346,27 +362,37 @@ def _peer_submit(ctx: Context, ratio) -> tuple[concurrent.futures.Future, int]:
 def _peer_run(ctx: Context, job, removed) -> dict:
     rec = job.result()
     path = Path(rec.pop("path"))
-    ppl = perplexity_onnx(path, ctx.eval_windows)
-    rec.update(ppl=ppl["ppl"], ratio_achieved=removed / ctx.total(), params_after=onnx_param_count(path),
-               eval_seconds=ppl["seconds"])
+    rec.update(**_perplexities(ctx, path), ratio_achieved=removed / ctx.total(),
+               params_after=onnx_param_count(path))
     path.unlink()
     return rec
 
 
 def quality_markdown(data, ratios) -> str:
-    runs = data["runs"]
-    dense = data["dense"]["ppl"]
     s = data["setup"]
-    lines = [f"Dense perplexity: **{dense:.2f}** ({s['model']}). Cells: held-out perplexity of the pruned "
-             f"model in onnxruntime (ratio to dense). Calibration: {s['calibration']}. Evaluation: "
-             f"{s['evaluation']}. Command: `{s['command']}`.", ""]
-    lines += ["| method | reconstruction | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
-              "|" + "---|" * (2 + len(ratios))]
+    lines = [f"Model: {s['model']}. Cells: perplexity of the pruned model in onnxruntime (ratio to "
+             f"dense). Calibration: {s['calibration']}. Command: `{s['command']}`.", ""]
+    sets = [("ppl", "Held-out KJV (the calibration's own domain)", s["evaluation"])]
+    if "ppl_ood" in data["dense"]:
+        sets.append(("ppl_ood", f"Out of domain ({OOD})", s.get("evaluation_ood", OOD)))
+    for metric, title, how in sets:
+        lines += [f"### {title}", "", f"Dense perplexity **{data['dense'][metric]:.2f}**. Evaluation: {how}.", ""]
+        lines += _quality_table(data, ratios, metric)
+    lines.append("`none`: each criterion in its published form (FLAP with its own bias compensation); "
+                 "`refit`: goa-compiler's default reconstruction (greedy least-squares refits of every "
+                 "pruned module against the dense outputs). Bold: best at that ratio.")
+    return "\n".join(lines) + "\n"
+
+
+def _quality_table(data, ratios, metric) -> list[str]:
+    runs = data["runs"]
+    lines = ["| method | reconstruction | " + " | ".join(f"ratio {r}" for r in ratios) + " |",
+             "|" + "---|" * (2 + len(ratios))]
     best = {}
     for r in ratios:
-        cands = {k: v for k, v in runs.items() if v["ratio"] == r and "ppl" in v}
+        cands = {k: v for k, v in runs.items() if v["ratio"] == r and metric in v}
         if cands:
-            best[r] = min(cands, key=lambda k: cands[k]["ppl"])
+            best[r] = min(cands, key=lambda k: cands[k][metric])
     rows = [(c, rec) for c in CRITERIA for rec in ("none", "refit")] + [(PEER, "taylor")]
     for crit, recon in rows:
         cells = []
@@ -374,10 +400,10 @@ def quality_markdown(data, ratios) -> str:
             v = runs.get(_key(crit, recon, r))
             if v is None:
                 cells.append("-")
-            elif "ppl" not in v:
-                cells.append("failed")
+            elif metric not in v:
+                cells.append("failed" if "error" in v else "-")
             else:
-                cell = f"{v['ppl']:.2f} ({v['ppl_ratio']:.2f}x)"
+                cell = f"{v[metric]:.2f} ({v[metric + '_ratio']:.2f}x)"
                 cells.append(f"**{cell}**" if best.get(r) == _key(crit, recon, r) else cell)
         if any(c != "-" for c in cells):
             label = "Torch-Pruning 1.6.1 (FFN only)" if crit == PEER else crit
@@ -385,21 +411,18 @@ def quality_markdown(data, ratios) -> str:
             lines.append(f"| {label} | {rlabel} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Winner per ratio: " + "; ".join(
-        f"{r}: {best[r].rsplit('/', 1)[0]} ({runs[best[r]]['ppl']:.2f})" for r in ratios if r in best) + ".")
+        f"{r}: {best[r].rsplit('/', 1)[0]} ({runs[best[r]][metric]:.2f})" for r in ratios if r in best) + ".")
     goa = {r: runs.get(_key("goa", "refit", r)) for r in ratios}
     notes = []
     for r in ratios:
         g = goa[r]
-        if g and "ppl" in g and r in best and best[r] != _key("goa", "refit", r):
+        if g and metric in g and r in best and best[r] != _key("goa", "refit", r):
             b = runs[best[r]]
-            notes.append(f"at {r} goa+refit is {g['ppl'] / b['ppl']:.2f}x the winner's perplexity")
+            notes.append(f"at {r} goa+refit is {g[metric] / b[metric]:.2f}x the winner's perplexity")
     if notes:
         lines.append("Where goa (with its default reconstruction) loses: " + "; ".join(notes) + ".")
     lines.append("")
-    lines.append("`none`: each criterion in its published form (FLAP with its own bias compensation); "
-                 "`refit`: goa-compiler's default reconstruction (greedy least-squares refits of every "
-                 "pruned module against the dense outputs). Bold: best at that ratio.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_quality(data, png):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CONFIGS = "goa/refit/0.2,goa/none/0.2,goa/refit/0.5,flap/refit/0.5,wanda-sp/refit/0.5"
-DEFAULT_OOD = "/usr/share/doc/python3.11/html/_sources/tutorial"
+DEFAULT_OOD = "pydoc"
 
 
 def main(argv=None) -> int:

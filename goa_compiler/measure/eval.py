@@ -149,11 +149,10 @@ LOGIT_WINDOWS = 4    # windows of --seq-len tokens for --max-logit-error
 
 
 def evaluation_windows(tokenizer, opts) -> torch.Tensor:
-    """Held-out windows: the KJV eval split when DATA is 'kjv', else the user's text."""
+    """Held-out windows: a named set's eval split (kjv, pydoc), else the user's text."""
     from goa_compiler.data import load_texts, token_windows
 
-    spec = None if opts.eval_data in ("kjv", "default") else opts.eval_data
-    texts = load_texts(spec, split="eval")
+    texts = load_texts(opts.eval_data, split="eval")
     # tokenize only a prefix large enough for eval_tokens (about 4 characters a token)
     budget, prefix = 8 * opts.eval_tokens, []
     for t in texts:

@@ -146,10 +146,10 @@ def cmd_compile(args) -> int:
     with progress.phase("load"):
         loaded = _load(args.model, args.trust_remote_code)
     if args.dry_run:
-        from goa_compiler.data import load_texts
+        from goa_compiler.data import is_named, load_texts
 
         for spec, split in ((args.calib, "calib"), (opts.effective_eval_data, "eval")):
-            if spec not in (None, "kjv", "default"):
+            if not is_named(spec):
                 load_texts(spec, split=split)    # DataError (one line) when unusable
         options = {k: getattr(args, k) for k in args.compile_schema}
         if args.json:
@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a HF model or an emitted ONNX model")
     e.add_argument("model", help="HF model spec, or an ONNX file / compile OUT directory")
-    e.add_argument("--data", default=None, help="text file, JSONL or directory (default: KJV eval split)")
+    e.add_argument("--data", default=None, help="text file, JSONL or directory, or a named set: kjv (the "
+                   "default: KJV eval split) or pydoc (Python reference help topics, out of domain)")
     e.add_argument("--seq-len", type=int, default=128)
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=8)
