@@ -49,7 +49,7 @@ def test_every_compile_option_has_a_key():
     expected = {"model", "out", "ratio", "criterion", "reconstruct", "allocation", "calib", "num_samples",
                 "seq_len", "skip_layers", "eval", "eval_tokens", "head_criterion", "goa_score", "ridge",
                 "batch_size", "seed", "overwrite", "json", "quiet", "trust_remote_code", "module_inputs", "refit_prior",
-                "max_ppl_increase", "max_logit_error", "min_speedup", "measure_speed", "dry_run", "kv_cache", "dtype"}
+                "ridge_folds", "max_ppl_increase", "max_logit_error", "min_speedup", "measure_speed", "dry_run", "kv_cache", "dtype"}
     assert set(SCHEMA) == expected
 
 
@@ -245,6 +245,7 @@ def _valid_value(key: str):
         "max_ppl_increase": st.floats(0, 10), "max_logit_error": st.floats(0, 10),
         "num_samples": st.integers(1, 4), "seq_len": st.integers(2, 32), "batch_size": st.integers(1, 4),
         "eval_tokens": st.integers(1, 64), "seed": st.integers(0, 2**63 - 1),
+        "ridge_folds": st.sampled_from([0, 2, 3]),
         "skip_layers": st.sampled_from(["none", "first", "last", "1", " 0 "]),
         "calib": st.just("__CALIB__"), "eval": st.sampled_from(["kjv", "__CALIB__", "__MISSING__"]),
     }

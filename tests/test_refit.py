@@ -15,7 +15,7 @@ from goa_compiler.ir.structure import Kind, ParamSlice, Probes, Projection, Role
 from goa_compiler.prune.criteria import ModuleStats, ScoreSettings
 from goa_compiler.prune.greedy import GreedySettings, Level2Weights, refit_level2_kept
 from goa_compiler.prune.lstsq import output_error, refit_linear, restrict
-from goa_compiler.prune.stats import CrossMoments, Moments
+from goa_compiler.prune.stats import CrossMoments, FoldedCross, Moments
 
 DX, DY, UNITS = 12, 5, 6          # 6 units of 2 level-2 input channels each
 
@@ -162,10 +162,14 @@ def _guard(bias, ridge, drop, W_orig, b_orig, cross, recon="refit"):
     w = Level2Weights(W_orig.clone(), None if b_orig is None else b_orig.clone(), W_orig, b_orig)
     kept = [u for u in range(UNITS) if u not in drop]
     settings = GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge,
-                              score=ScoreSettings("moment", "empirical"), module_inputs="dense",
-                              refit_prior="zero")
+                              score=ScoreSettings("moment", "empirical", 0.3), module_inputs="dense",
+                              refit_prior="zero", ridge_folds=0)
     stats = ModuleStats(Moments(), Moments())
-    return refit_level2_kept(s, w, cross, drop, kept, recon, settings, stats)
+    folded = None
+    if cross is not None:
+        folded = FoldedCross(1)
+        folded.folds[0] = cross
+    return refit_level2_kept(s, w, folded, drop, kept, recon, settings, stats)
 
 
 def _cols(units):
@@ -284,3 +288,67 @@ def test_refit_toward_w0_spans_least_squares_to_w0():
     err = lambda w, bb: output_error(cross, w, bb)      # noqa: E731
     assert err(W_0, b_0) < err(W_mid, b_mid)
     assert np.linalg.norm(W_mid.numpy() - W0) < np.linalg.norm(W_0.numpy() - W0)
+
+
+# ------------------------------------------------------------------------------ ridge by validation
+
+def _bayes_problem(rel_opt, windows=32, rows=16, dx=10, dy=300, seed=0, folds=4):
+    """W = W0 + N(0, tau^2) per entry, Y = X W^T + N(0, sigma^2): the ridge toward W0 with
+    lambda = sigma^2 / tau^2 is the posterior mean, the best fit to new data. X ~ N(0, I), so
+    mean(diag(X^T X)) over the training folds is about their row count and the best relative
+    lambda about ``rel_opt``. Many outputs make the held-out error precise."""
+    rng = np.random.default_rng(seed)
+    n_train = windows * rows * (folds - 1) / folds
+    sigma = 1.0
+    tau = sigma / np.sqrt(rel_opt * n_train) if rel_opt != np.inf else 0.0
+    W0 = rng.normal(size=(dy, dx))
+    W = W0 + tau * rng.normal(size=(dy, dx))
+    fc = FoldedCross(folds)
+    for _ in range(windows // 8):
+        x = rng.normal(size=(8, rows, dx))
+        y = x @ W.T + sigma * rng.normal(size=(8, rows, dy))
+        fc.update(torch.tensor(x), torch.tensor(y))
+    return fc, torch.tensor(W0)
+
+
+@pytest.mark.parametrize("rel_opt", [0.03, 1.0])
+def test_validation_picks_the_bayes_optimal_ridge(rel_opt):
+    from goa_compiler.prune.lstsq import RIDGE_GRID, validated_ridge
+
+    fc, W0 = _bayes_problem(rel_opt)
+    lam, errors = validated_ridge(fc.usable_folds(), fc.total(), bias=False, prior=W0)
+    assert lam == rel_opt, dict(zip(RIDGE_GRID, errors))
+    assert len(errors) == len(RIDGE_GRID) and min(errors) == errors[RIDGE_GRID.index(lam)]
+
+
+def test_validation_goes_to_the_prior_without_signal_and_to_least_squares_without_noise():
+    from goa_compiler.prune.lstsq import RIDGE_GRID, validated_ridge
+
+    fc, W0 = _bayes_problem(np.inf)                    # W == W0: only noise to fit
+    assert validated_ridge(fc.usable_folds(), fc.total(), False, W0)[0] == max(RIDGE_GRID)
+    rng = np.random.default_rng(4)
+    fc = FoldedCross(4)
+    W = rng.normal(size=(6, 5))
+    for _ in range(4):
+        x = rng.normal(size=(8, 16, 5))
+        fc.update(torch.tensor(x), torch.tensor(x @ W.T))   # exact: no noise
+    far = torch.tensor(W + 3.0)
+    assert validated_ridge(fc.usable_folds(), fc.total(), True, far)[0] == min(RIDGE_GRID)
+
+
+def test_folds_split_windows_and_sum_to_the_whole():
+    rng = np.random.default_rng(5)
+    whole, fc = CrossMoments(), FoldedCross(3)
+    sizes = (4, 3, 5)                                    # windows per batch: folds continue across batches
+    for b in sizes:
+        x, y = torch.tensor(rng.normal(size=(b, 7, 4))), torch.tensor(rng.normal(size=(b, 7, 2)))
+        whole.update(x, y)
+        fc.update(x, y)
+    assert fc.windows == 12 and [f.count for f in fc.folds] == [4 * 7] * 3
+    for mine, want in zip(fc.total().tensors(), whole.tensors()):
+        torch.testing.assert_close(mine, want)
+    one = FoldedCross(1)
+    one.update(x, y)
+    assert one.total() is one.folds[0]
+    with pytest.raises(ValueError):
+        FoldedCross(0)

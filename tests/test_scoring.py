@@ -298,3 +298,83 @@ def test_output_energy_matches_reference(kind):
         diag = ModuleStats(Moments(), Moments(full=False))
         diag.h.update(h_rows)
         np.testing.assert_allclose(scoring.output_energy(s, w, diag), ref, rtol=1e-10)
+
+
+# ---- structured OBS: the objective of the refit that follows selection, by brute force
+
+def _refit_objective(W, H, keep_cols, lam):
+    """min_{W'} ||H W^T - H_K W'^T||^2 + lam ||W' - W_K||^2, solved directly."""
+    HK = H[:, keep_cols]
+    A = HK.T @ HK + lam * torch.eye(len(keep_cols), dtype=F64)
+    Wp = torch.linalg.solve(A, HK.T @ (H @ W.T) + lam * W[:, keep_cols].T).T
+    return float(((H @ W.T - HK @ Wp.T) ** 2).sum() + lam * ((Wp - W[:, keep_cols]) ** 2).sum())
+
+
+def _obs_case(kind, seed=12):
+    s, w = CASES[kind]()
+    g = torch.Generator().manual_seed(seed)
+    H = torch.randn(40, D2[kind], generator=g, dtype=F64) * torch.linspace(0.3, 2.0, D2[kind], dtype=F64)
+    st = ModuleStats(Moments(), Moments())
+    st.h.update(H)
+    return s, w, st, H
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_obs_first_removal_costs_the_refit_objective(kind):
+    """Round one of obs_removal costs exactly what the ridge refit of the kept channels
+    leaves, for every unit: checked on the unit removed first and on each unit alone."""
+    s, w, st, H = _obs_case(kind)
+    W = _cols(w, L2[kind])
+    rel = 0.3
+    lam = rel * float((H.T @ H).diagonal().mean())
+    units = _units_cols(kind)
+    alone = []
+    for cols in units:
+        keep = [c for c in range(D2[kind]) if c not in cols]
+        alone.append(_refit_objective(W, H, keep, lam))
+    Wt, chans = scoring._level2_matrix(s, w)
+    Ginv = torch.linalg.inv(H.T @ H + lam * torch.eye(D2[kind], dtype=F64))
+    np.testing.assert_allclose(scoring._obs_costs(Wt, Ginv, chans, lam), alone, rtol=1e-8)
+    sc = scoring.obs_removal(s, w, st, rel)
+    first = int(np.argmin(sc))
+    assert first == int(np.argmin(alone))
+    assert sc[first] == pytest.approx(alone[first], rel=1e-8)
+
+
+def test_obs_cumulative_score_is_the_joint_objective_and_increases():
+    """FFN (one unit per round for 10 units): each unit's score is the objective of removing
+    it together with every unit removed before it (one exact refit), up to the sequential
+    updates' ridge (small here), and scores increase along the removal order."""
+    s, w, st, H = _obs_case("ffn")
+    W = _cols(w, "down.weight")
+    rel = 1e-6
+    lam = rel * float((H.T @ H).diagonal().mean())
+    sc = scoring.obs_removal(s, w, st, rel)
+    order = np.argsort(sc)
+    for n in range(1, 9):
+        gone = set(order[:n].tolist())
+        keep = [c for c in range(10) if c not in gone]
+        assert sc[order[n - 1]] == pytest.approx(_refit_objective(W, H, keep, lam), rel=1e-6)
+    assert np.all(np.diff(sc[order]) >= 0)
+
+
+def test_obs_sees_redundancy_that_output_energy_cannot():
+    """Channel 3 is a copy of channel 7 (the refit moves its weight to 7 at no cost): obs
+    removes it first; the output energy ranks it among the highest, as it is loud."""
+    s, w = CASES["ffn"]()
+    g = torch.Generator().manual_seed(3)
+    H = torch.randn(60, 10, generator=g, dtype=F64)
+    H[:, 3] = H[:, 7] = 4.0 * H[:, 7]
+    st = ModuleStats(Moments(), Moments())
+    st.h.update(H)
+    assert int(np.argmin(scoring.obs_removal(s, w, st, 1e-6))) in (3, 7)
+    energy = scoring.output_energy(s, w, st)
+    assert energy[3] > np.median(energy) and energy[7] > np.median(energy)
+
+
+def test_obs_needs_the_full_gram():
+    s, w = CASES["ffn"]()
+    st = ModuleStats(Moments(), Moments(full=False))
+    st.h.update(torch.randn(5, 10, dtype=F64))
+    with pytest.raises(ValueError, match="full Gram"):
+        scoring.obs_removal(s, w, st, 0.3)

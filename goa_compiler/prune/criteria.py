@@ -182,6 +182,95 @@ def output_energy(structure: Structure, weights: dict[str, torch.Tensor], stats:
     return _to_numpy(total)
 
 
+# ---------------------------------------------------------------- structured OBS
+
+OBS_STEPS = 64       # removal rounds at most: a module of U units removes ceil(U / 64) per round
+
+
+def _level2_matrix(structure: Structure, weights) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The level-2 weights as one [out, in] float64 matrix (several level-2 projections
+    reading the same input stacked by rows: their output errors add), and each unit's
+    level-2 input channels ([U] list of index tensors)."""
+    mats, chans = [], None
+    for sl in structure.level2():
+        w = weights[sl.param].detach().to(F64)
+        w = w.movedim(sl.axis, 0).reshape(w.shape[sl.axis], -1).T        # [out, in]
+        mats.append(w)
+        idx = [torch.as_tensor(np.asarray(i).reshape(-1), dtype=torch.long) for i in sl.index]
+        if chans is not None and any(not torch.equal(a, b) for a, b in zip(chans, idx)):
+            raise ValueError(f"{structure.name}: level-2 slices disagree on the units' input channels")
+        chans = idx
+    return torch.cat(mats, 0), chans
+
+
+def obs_removal(structure: Structure, weights: dict[str, torch.Tensor], stats: ModuleStats,
+                rel_damp: float) -> np.ndarray:
+    """Structured optimal brain surgeon on the level-2 projection W ([out, in]) with the
+    Gram G = sum_t h_t h_t^T of its input (docs/method.md, "Scoring"). Removing the channel
+    set S and refitting the kept channels K by least squares with the ridge lambda ||W_K' -
+    W_K||^2 (the refit that follows selection) leaves the objective
+
+        E(S) = tr(W_S [(G_lam^-1)_SS]^-1 W_S^T) - lambda ||W_S||^2,   G_lam = G + lambda I,
+
+    lambda = rel_damp * mean(diag G). Units are removed greedily, the cheapest E first, in at
+    most OBS_STEPS rounds (ceil(U / OBS_STEPS) units per round, as SlimGPT removes them one
+    at a time); after each round W and G_lam^-1 are updated for the kept channels (the OBS
+    weight update W_K -= W_S M^-1 (G_lam^-1)_SK and the Schur complement of G_lam^-1, M =
+    (G_lam^-1)_SS), so the next costs are those of the refit model. Score of a unit: the
+    cumulative objective when it is removed (increasing in removal order, in the module's
+    own output-error units); the last unit gets the total plus its own cost. Needs the full
+    Gram of h."""
+    h = stats.h
+    if not h.full:
+        raise ValueError(f"{structure.name}: the obs score needs the full Gram of the level-2 input")
+    W, chans = _level2_matrix(structure, weights)
+    G = 0.5 * (h.gram.to(F64) + h.gram.to(F64).T).to(W.device)
+    d = G.shape[0]
+    lam = rel_damp * float(G.diagonal().mean()) if float(G.diagonal().mean()) > 0 else rel_damp
+    Ginv = torch.cholesky_inverse(torch.linalg.cholesky(G + lam * torch.eye(d, dtype=F64, device=G.device)))
+    U = len(chans)
+    per_round = max(1, -(-U // OBS_STEPS))
+    alive = list(range(U))
+    scores = np.zeros(U, dtype=np.float64)
+    total = 0.0
+    while alive:
+        costs = _obs_costs(W, Ginv, [chans[u] for u in alive], lam)
+        order = np.argsort(costs, kind="stable")
+        if len(alive) == 1:
+            scores[alive[0]] = total + max(float(costs[0]), 0.0)
+            break
+        take = [alive[i] for i in order[: min(per_round, len(alive) - 1)]]
+        for u, c in zip(take, np.sort(costs)[: len(take)]):
+            scores[u] = total + max(float(c), 0.0)
+        idx = torch.cat([chans[u] for u in take]).to(W.device)
+        total += max(_obs_costs(W, Ginv, [idx], lam)[0], 0.0)
+        M = Ginv[idx][:, idx]
+        R = torch.linalg.solve(M, Ginv[idx])                       # M^-1 (G^-1)_S.   [|S|, d]
+        W = W - W[:, idx] @ R
+        Ginv = Ginv - Ginv[:, idx] @ R
+        W[:, idx] = 0.0
+        Ginv[idx] = 0.0
+        Ginv[:, idx] = 0.0
+        taken = set(take)
+        alive = [u for u in alive if u not in taken]
+    return scores
+
+
+def _obs_costs(W: torch.Tensor, Ginv: torch.Tensor, units: list[torch.Tensor], lam: float) -> np.ndarray:
+    """E(S) of each channel set (see obs_removal), batched over sets of equal size."""
+    sizes = {int(u.numel()) for u in units}
+    out = np.zeros(len(units), dtype=np.float64)
+    for k in sizes:
+        pos = [i for i, u in enumerate(units) if u.numel() == k]
+        idx = torch.stack([units[i] for i in pos]).to(W.device)             # [A, k]
+        Ws = W[:, idx].permute(1, 0, 2)                                       # [A, out, k]
+        M = Ginv[idx[:, :, None], idx[:, None, :]]                            # [A, k, k]
+        X = torch.linalg.solve(M, Ws.transpose(1, 2))                         # [A, k, out]
+        e = (Ws.transpose(1, 2) * X).sum((1, 2)) - lam * (Ws ** 2).sum((1, 2))
+        out[pos] = e.cpu().numpy()
+    return out
+
+
 # ---------------------------------------------------------------- FLAP-family baselines
 
 def wanda_sp(structure: Structure, weights: dict[str, torch.Tensor], stats: ModuleStats) -> np.ndarray:
@@ -338,13 +427,16 @@ class ScoreSettings:
     """goa's own choices (--head-criterion, --goa-score); other criteria ignore them."""
 
     head_criterion: str          # moment | similarity
-    goa_score: str               # empirical | gaussian | gaussian-uncentred (defaults: driver/options.py)
+    goa_score: str               # empirical | obs | gaussian | gaussian-uncentred (defaults: driver/options.py)
+    obs_damp: float              # obs: the refit's relative ridge (--ridge), so E(S) is its objective
 
 
 def _goa(s: Structure, weights, stats: ModuleStats | None, rng, settings: ScoreSettings) -> np.ndarray:
     if s.kind == "attention" and settings.head_criterion == "similarity" and stats and stats.heads is not None:
         D = stats.heads.matrix().cpu().numpy()
         return head_similarity_scores(D, s.units)
+    if settings.goa_score == "obs" and stats is not None:
+        return obs_removal(s, weights, stats, settings.obs_damp)
     if settings.goa_score == "empirical" and stats is not None:
         return output_energy(s, weights, stats)
     return goa_second_moment(s, weights, stats, centred=settings.goa_score == "gaussian")

@@ -32,8 +32,8 @@ from goa_compiler.ir.structure import Structure
 from goa_compiler.prune.allocation import drop_lowest
 from goa_compiler.prune.calibration import attention_probs
 from goa_compiler.prune.criteria import REGISTRY, ModuleStats, ScoreSettings, flap_bias_compensation, score_units
-from goa_compiler.prune.lstsq import output_error, refit_linear, restrict
-from goa_compiler.prune.stats import CrossMoments, HeadSimilarity, Moments
+from goa_compiler.prune.lstsq import output_error, refit_linear, restrict, validated_ridge
+from goa_compiler.prune.stats import FoldedCross, HeadSimilarity, Moments
 
 F64 = torch.float64
 
@@ -50,10 +50,15 @@ class GreedySettings:
     score: ScoreSettings
     module_inputs: str               # dense | pruned: what the second stream runs on
     refit_prior: str                 # original | zero: what the ridge pulls refit weights toward
+    ridge_folds: int                 # >= 2: each refit's ridge chosen by K-fold validation; else ``ridge``
     # (no defaults here: they are declared once, in driver/options.py)
 
     def prior(self, W0: torch.Tensor) -> torch.Tensor | None:
         return W0 if self.refit_prior == "original" else None
+
+    @property
+    def folds(self) -> int:
+        return self.ridge_folds if self.ridge_folds >= 2 else 1
 
     @property
     def needs_heads(self) -> bool:
@@ -81,13 +86,13 @@ class GreedyState:
 @dataclass(frozen=True)
 class Level1:
     x: Moments                   # of the level-1 input X^
-    joint: CrossMoments | None   # (X^, dense level-1 outputs) when level 1 is refit
+    joint: FoldedCross | None    # (X^, dense level-1 outputs) when level 1 is refit
 
 
 @dataclass(frozen=True)
 class Level2:
     h: Moments                   # of the level-2 input h^
-    cross: CrossMoments | None   # (h^, dense level-2 output) with a dense stream
+    cross: FoldedCross | None    # (h^, dense level-2 output) with a dense stream
     heads: HeadSimilarity | None
 
 
@@ -133,11 +138,11 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
     recon = settings.reconstruct if (state.diverged or n_drop > 0) else "none"
     rec: dict = {}
     refit_l1 = recon != "none" and not any(state.pruned[0].done(n) for n in s.level1_nodes)
-    l1 = collect_level1(state, s, refit_l1)
+    l1 = collect_level1(state, s, refit_l1, settings.folds)
     if l1.joint is not None:
         rec["level1_error"] = refit_level1(state, s, l1.joint, settings)
-    l2 = collect_level2(state, s, settings.needs_heads)
-    w = refit_level2_all(state, s, l2, recon, settings)
+    l2 = collect_level2(state, s, settings.needs_heads, settings.folds)
+    w = refit_level2_all(state, s, l2, recon, settings, rec)
     weights = {k: state.current(k) for k in {sl.param for sl in s.slices}}
     stats = ModuleStats(l1.x, l2.h, l2.heads)
     sc = score_units(settings.criterion, s, weights, stats, rng, settings.score)
@@ -157,12 +162,13 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
 
 # ------------------------------------------------------------------------------ the steps
 
-def collect_level1(state: GreedyState, s: Structure, refit: bool) -> Level1:
+def collect_level1(state: GreedyState, s: Structure, refit: bool, folds: int = 1) -> Level1:
     """Statistics of the level-1 input (pruned stream); with ``refit``, paired with the
-    dense level-1 outputs: one joint problem for all level-1 projections (they share X^)."""
+    dense level-1 outputs: one joint problem for all level-1 projections (they share X^),
+    in ``folds`` folds of the windows."""
     for p in state.pruned:
         p.run_until(s.probes.level1_input)
-    joint = CrossMoments() if refit else None
+    joint = FoldedCross(folds) if refit else None
     xm = Moments(full=True)
     for k, p in enumerate(state.pruned):
         x = p.value(s.probes.level1_input)
@@ -174,19 +180,23 @@ def collect_level1(state: GreedyState, s: Structure, refit: bool) -> Level1:
         else:
             xm.update(x)
     if joint is not None:
-        xm.n, xm.s, xm.gram = joint.n, joint.sx, joint.xtx
+        t = joint.total()
+        xm.n, xm.s, xm.gram = t.n, t.sx, t.xtx
     return Level1(xm, joint)
 
 
-def refit_level1(state: GreedyState, s: Structure, joint: CrossMoments, settings: GreedySettings) -> dict:
+def refit_level1(state: GreedyState, s: Structure, folded: FoldedCross, settings: GreedySettings) -> dict:
     """Refit the level-1 projections jointly; keep the originals when that is worse (the
     ridge can cost more than the refit gains on few tokens). Returns the error record."""
     l1 = s.level1_nodes
     W0, b0 = _joint_weights(s, l1, state.orig)
+    joint = folded.total()
     rec = {"before": output_error(joint, W0, b0)}
     biased = {s.projections[n].bias is not None for n in l1}
     with_bias = biased == {True}     # a projection without a bias cannot gain one
-    W, bb = refit_linear(joint, bias=with_bias, rel_lambda=settings.ridge, prior=settings.prior(W0))
+    W, bb, ridge = solve(folded, with_bias, settings.prior(W0), settings)
+    if settings.folds > 1:
+        rec["ridge"] = ridge
     row = 0
     for n in l1:
         p = s.projections[n]
@@ -205,11 +215,12 @@ def refit_level1(state: GreedyState, s: Structure, joint: CrossMoments, settings
     return rec
 
 
-def collect_level2(state: GreedyState, s: Structure, needs_heads: bool) -> Level2:
+def collect_level2(state: GreedyState, s: Structure, needs_heads: bool, folds: int = 1) -> Level2:
     """Statistics of the level-2 input through the (refit) level 1, paired with the dense
-    level-2 output when there is a dense stream; attention-map similarity when asked."""
+    level-2 output when there is a dense stream (in ``folds`` folds of the windows);
+    attention-map similarity when asked."""
     heads = HeadSimilarity() if needs_heads and s.kind == "attention" else None
-    cross = CrossMoments() if state.dense else None
+    cross = FoldedCross(folds) if state.dense else None
     hm = Moments(full=True)
     for k, p in enumerate(state.pruned):
         if heads is not None and s.probes.attention:
@@ -225,12 +236,13 @@ def collect_level2(state: GreedyState, s: Structure, needs_heads: bool) -> Level
         else:
             hm.update(h)
     if cross is not None:
-        hm.n, hm.s, hm.gram = cross.n, cross.sx, cross.xtx
+        t = cross.total()
+        hm.n, hm.s, hm.gram = t.n, t.sx, t.xtx
     return Level2(hm, cross, heads)
 
 
 def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str,
-                     settings: GreedySettings) -> Level2Weights:
+                     settings: GreedySettings, rec: dict) -> Level2Weights:
     """The level-2 weights before selection: refit on all channels (paper, refit), or as
     they are. The refit is installed, so the criterion scores the refit weights."""
     p = s.projections[s.level2_node]
@@ -238,15 +250,16 @@ def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str,
     b_orig = _bias(state.overrides, p.bias) if p.bias in state.overrides else _bias(state.orig, p.bias)
     if recon not in ("paper", "refit"):
         return Level2Weights(W_orig, b_orig, W_orig, b_orig)
-    W, b = refit_linear(l2.cross, bias=p.bias is not None, rel_lambda=settings.ridge,
-                        prior=settings.prior(W_orig))
+    W, b, ridge = solve(l2.cross, p.bias is not None, settings.prior(W_orig), settings)
+    if settings.folds > 1:
+        rec["level2_ridge"] = ridge
     state.overrides[p.weight] = _layout(W, p.out_axis).to(state.orig[p.weight].dtype)
     if p.bias is not None:
         state.overrides[p.bias] = b.to(state.orig[p.bias].dtype)
     return Level2Weights(W, b, W_orig, b_orig)
 
 
-def refit_level2_kept(s: Structure, w: Level2Weights, cross: CrossMoments | None, drop: list[int],
+def refit_level2_kept(s: Structure, w: Level2Weights, folded: FoldedCross | None, drop: list[int],
                       kept: list[int], recon: str, settings: GreedySettings, stats: ModuleStats):
     """The final level-2 weights for the kept units, [out, in] float64 with the dropped
     columns zero, and the error record. ``refit``: least squares on the kept channels (an
@@ -256,6 +269,7 @@ def refit_level2_kept(s: Structure, w: Level2Weights, cross: CrossMoments | None
     double-counts: measured ppl > 1e7 on SmolLM2). The guard: when the refit is worse than
     the pruned original, the pruned original."""
     p = s.projections[s.level2_node]
+    cross = folded.total() if folded is not None else None
     drop_cols = np.sort(s.level2()[0].index[drop].reshape(-1)) if drop else np.array([], dtype=np.int64)
     keep_cols = np.setdiff1d(np.arange(w.W.shape[1]), drop_cols)
     dc = torch.as_tensor(drop_cols, dtype=torch.long)
@@ -265,8 +279,8 @@ def refit_level2_kept(s: Structure, w: Level2Weights, cross: CrossMoments | None
     err_none = output_error(cross, W2p, b_orig) if cross is not None else None
     if recon == "refit" and len(drop_cols):
         keep = torch.as_tensor(keep_cols)
-        Wk, bk = refit_linear(restrict(cross, keep_cols), bias=p.bias is not None, rel_lambda=settings.ridge,
-                              prior=settings.prior(w.W_orig[:, keep]))
+        Wk, bk, ridge = solve(folded, p.bias is not None, settings.prior(w.W_orig[:, keep]), settings,
+                              keep_cols)
         W2f = torch.zeros_like(w.W, dtype=F64)
         W2f[:, torch.as_tensor(keep_cols)] = Wk
         b2f = bk
@@ -279,13 +293,29 @@ def refit_level2_kept(s: Structure, w: Level2Weights, cross: CrossMoments | None
         delta = flap_bias_compensation(s, full, stats, kept)
         b2f = delta if b2f is None else b2f + delta
     err_after = output_error(cross, W2f, b2f) if cross is not None else None
-    rec: dict = {}
+    rec: dict = {"kept_ridge": ridge} if settings.folds > 1 and recon == "refit" and len(drop_cols) else {}
     if recon == "refit" and err_after is not None and err_after > err_none:
         W2f, b2f, err_after = W2p, b_orig, err_none
         rec["kept_original_level2"] = True
     if cross is not None:
         rec["output_error"] = {"pruned_no_reconstruction": err_none, "final": err_after}
     return W2f, b2f, rec
+
+
+def solve(folded: FoldedCross, bias: bool, prior: torch.Tensor | None, settings: GreedySettings,
+          keep_cols=None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The ridge refit on all windows (on input channels ``keep_cols`` when given), its
+    relative ridge chosen by validation over the folds with --ridge-folds, else --ridge.
+    Returns (W, b, the relative ridge used)."""
+    total, folds = folded.total(), folded.usable_folds()
+    if keep_cols is not None:
+        total = restrict(total, keep_cols)
+        folds = [restrict(f, keep_cols) for f in folds] if len(folds) > 1 else folds
+    lam = settings.ridge
+    if settings.folds > 1 and len(folds) > 1:
+        lam, _ = validated_ridge(folds, total, bias, prior)
+    W, b = refit_linear(total, bias=bias, rel_lambda=lam, prior=prior)
+    return W, b, lam
 
 
 def commit(state: GreedyState, s: Structure, W2f: torch.Tensor, b2f: torch.Tensor | None) -> None:

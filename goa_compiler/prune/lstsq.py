@@ -11,7 +11,9 @@ the kept input channels only, minimise ||h^_kept W2'^T + b2 - Y2||: that is
 ``refit_linear(restrict(cross(h^, Y2), kept_channels), bias)``: the sub-Gram of the kept
 channels, no new pass over the data.
 
-Ridge: lambda = rel_lambda * mean(diag(X^T X)), x10 while the Cholesky factorisation fails.
+Ridge: lambda = rel_lambda * mean(diag(X^T X)), x10 while the Cholesky factorisation fails;
+``validated_ridge`` chooses rel_lambda from RIDGE_GRID by held-out error over folds of the
+calibration windows (each fold's own sums: no new pass over the data).
 Biases: a column of ones appended to X (the augmented Gram below); the bias coordinate is not
 penalised (the ridge acts on the weights only).
 All results are float64.
@@ -123,3 +125,33 @@ def restrict(cross: CrossMoments, keep_idx) -> CrossMoments:
     out.xtx = cross.xtx[k][:, k].clone()
     out.xty = cross.xty[k].clone()
     return out
+
+
+RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)    # relative lambdas that validation picks from
+
+
+def subtract(total: CrossMoments, part: CrossMoments) -> CrossMoments:
+    """The sums of the samples of ``total`` that are not in ``part`` (a subset of them)."""
+    out = CrossMoments()
+    out.n, out.sx, out.sy, out.xtx, out.xty, out.yy = [a - b for a, b in zip(total.tensors(), part.tensors())]
+    return out
+
+
+def validated_ridge(folds: list[CrossMoments], total: CrossMoments, bias: bool,
+                    prior: torch.Tensor | None, grid=RIDGE_GRID) -> tuple[float, list[float]]:
+    """The relative lambda of ``grid`` whose refit, fit on all folds but one, has the lowest
+    squared error on the fold left out, summed over the folds (K-fold validation from the
+    sums: every fit and every error is a function of the fold sums). Returns it and the
+    summed held-out error of every grid value. Ties go to the larger lambda (closer to the
+    prior)."""
+    if len(folds) < 2:
+        raise ValueError("validated_ridge needs at least 2 non-empty folds")
+    errors = []
+    for lam in grid:
+        e = 0.0
+        for f in folds:
+            W, b = refit_linear(subtract(total, f), bias, rel_lambda=lam, prior=prior)
+            e += output_error(f, W, b) * float(f.n) * f.xty.shape[1]
+        errors.append(e)
+    best = min(range(len(grid)), key=lambda i: (errors[i], -grid[i]))
+    return float(grid[best]), errors

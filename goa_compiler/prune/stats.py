@@ -153,6 +153,51 @@ class CrossMoments:
         return 0 if self.n is None else int(self.n.item())
 
 
+class FoldedCross:
+    """CrossMoments split into ``k`` folds by calibration window, for choosing a ridge by
+    held-out error (lstsq.refit_validated): window w (counted over every update, along the
+    first axis of x) falls in fold w mod k. ``total()`` is their sum, the statistics of all
+    windows; with k = 1 it is the one accumulator itself."""
+
+    def __init__(self, k: int = 1):
+        if k < 1:
+            raise ValueError(f"folds must be at least 1, got {k}")
+        self.folds = [CrossMoments() for _ in range(k)]
+        self.windows = 0
+        self._total: CrossMoments | None = None
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        k, b = len(self.folds), x.shape[0]
+        self._total = None
+        if k == 1:
+            self.folds[0].update(x, y)
+        else:
+            fold = (self.windows + torch.arange(b)) % k
+            for f in range(k):
+                sel = (fold == f).nonzero().reshape(-1)
+                if sel.numel():
+                    self.folds[f].update(x[sel.to(x.device)], y[sel.to(y.device)])
+        self.windows += b
+
+    @property
+    def k(self) -> int:
+        return len(self.folds)
+
+    def usable_folds(self) -> list[CrossMoments]:
+        """The folds that saw any window (fewer windows than folds leave some empty)."""
+        return [f for f in self.folds if f.n is not None]
+
+    def total(self) -> CrossMoments:
+        if self.k == 1:
+            return self.folds[0]
+        if self._total is None:
+            out = CrossMoments()
+            for f in self.usable_folds():
+                out.merge(f)
+            self._total = out
+        return self._total
+
+
 class HeadSimilarity:
     """D_ij = mean over samples and query positions of JS(P_i[row], P_j[row]) for the heads of
     one attention layer (docs/method.md §4), with natural logs:
