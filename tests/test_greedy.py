@@ -179,3 +179,71 @@ def test_module_inputs_decide_what_the_next_module_sees(tmp_path, module_inputs)
     assert abs(energies(pruned)["median"] - dense["median"]) > 1e-3 * dense["median"]   # they differ
     for k in ("min", "median", "max"):
         assert ffn["scores"][k] == pytest.approx(want[k], rel=1e-5), (k, ffn["scores"], want, dense)
+
+
+# ------------------------------------------------------------------------------ block allocation
+
+def _block_structures():
+    """Two blocks, each an attention of 3 units of 100 parameters and an FFN of 10 units of 10
+    (hand-built: allocation reads only names, layers, units and unit parameters)."""
+    from goa_compiler.ir.structure import Kind, ParamSlice, Probes, Role, Structure
+
+    def mk(name, kind, layer, units, per):
+        sl = ParamSlice(f"{name}.w", 0, Role("down" if kind == "ffn" else "o"), np.arange(units)[:, None])
+        return Structure(name, Kind(kind), layer, (sl,), Probes("x", "h"), level2_node="l2",
+                         projections={}, root_index={}), {f"{name}.w": (units, per)}
+    out, shapes = [], {}
+    for layer in (0, 1):
+        for name, kind, units, per in ((f"attn{layer}", "attention", 3, 100), (f"ffn{layer}", "ffn", 10, 10)):
+            s, sh = mk(name, kind, layer, units, per)
+            out.append(s)
+            shapes.update(sh)
+    return out, shapes
+
+
+def test_block_allocation_meets_each_block_and_follows_cost_per_parameter():
+    from goa_compiler.prune.allocation import SelectionError, block_counts, unit_params
+
+    structures, shapes = _block_structures()
+    assert [unit_params(s, shapes) for s in structures] == [100, 10, 100, 10]
+    # block 0: an attention unit costs 1 per parameter-unit less than any neuron: it goes
+    # first; block 1: attention is dear, the budget goes to neurons up to the FFN's last one
+    costs = {"attn0": np.array([1.0, 500.0]), "ffn0": np.arange(1, 10) * 50.0,
+             "attn1": np.array([1e6, 2e6]), "ffn1": np.arange(1, 10) * 1.0}
+    counts = block_counts(structures, costs, 0.3, shapes)     # target 120 parameters a block
+    assert counts == {"attn0": 1, "ffn0": 2, "attn1": 0, "ffn1": 9}
+    per_block = [counts["attn0"] * 100 + counts["ffn0"] * 10, counts["attn1"] * 100 + counts["ffn1"] * 10]
+    assert per_block[0] == 120 and abs(per_block[1] - 120) <= 50     # block 1: the FFN keeps one neuron
+    # a module's removals stay in its own order: a cheap later cost cannot jump the queue
+    costs["ffn0"] = np.array([1e9, *np.zeros(8)])
+    assert block_counts(structures, costs, 0.3, shapes)["ffn0"] == 0
+    with pytest.raises(SelectionError, match="cannot be reached in block"):
+        block_counts(structures, {k: np.zeros(len(v)) for k, v in costs.items()}, 0.95, shapes)
+
+
+def test_removal_costs_by_criterion():
+    from goa_compiler.prune.criteria import ScoreSettings, removal_costs
+
+    sc = np.array([3.0, 1.0, 6.0])
+    moment = ScoreSettings("moment", "empirical", 0.3)
+    assert removal_costs("goa", moment, "ffn", sc).tolist() == [1.0, 3.0, 6.0]
+    assert removal_costs("flap", moment, "ffn", sc).tolist() == [1.0, 3.0, 6.0]
+    assert removal_costs("goa", ScoreSettings("moment", "obs", 0.3), "ffn", sc).tolist() == [1.0, 2.0, 3.0]
+    assert removal_costs("goa", ScoreSettings("similarity", "empirical", 0.3), "attention", sc) is None
+    assert removal_costs("wanda-sp", moment, "ffn", sc) is None
+
+
+def test_block_allocation_compiles_and_each_block_loses_its_share(tmp_path):
+    model, vocab, res = _compile("llama", tmp_path, allocation="block", ratio=0.3)
+    r = res.report
+    per = _unit_params(model)
+    blocks = {}
+    for m in r["modules"]:
+        b = blocks.setdefault(m["layer"], [0, 0])
+        b[0] += (m["total"] - len(m["kept"])) * per[m["kind"]]
+        b[1] += m["total"] * per[m["kind"]]
+    for removed, total in blocks.values():
+        assert abs(removed - 0.3 * total) <= max(per.values()) / 2 + 1e-9
+    assert r["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
+    with pytest.raises(Exception, match="--allocation block"):
+        _compile("llama", tmp_path, name="x", allocation="block", criterion="wanda-sp")

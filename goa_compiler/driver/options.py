@@ -38,6 +38,7 @@ class Reconstruction(StrEnum):
 class Allocation(StrEnum):
     UNIFORM = "uniform"
     GLOBAL = "global"
+    BLOCK = "block"
 
 
 class ModuleInputs(StrEnum):
@@ -151,8 +152,10 @@ class CompileOptions:
     criterion: str = option(Criterion.GOA, "how units are scored", choices=Criterion)
     reconstruct: str = option(Reconstruction.REFIT, "least-squares reconstruction of the kept weights",
                               choices=Reconstruction)
-    allocation: str = option(Allocation.UNIFORM, "how the ratio is spread over the modules",
-                             choices=Allocation)
+    allocation: str = option(Allocation.UNIFORM, "how the ratio is spread over the modules: the same share "
+                             "of every module (uniform); across all modules by standardised score (global); "
+                             "the same share of every block, split inside it between attention and FFN by "
+                             "output error per parameter removed (block; goa or flap)", choices=Allocation)
     module_inputs: str = option(
         ModuleInputs.DENSE, "the inputs each module is scored and refit on: the dense model's (every "
         "module on its own) or the model pruned so far (the paper's greedy; measured worse, "
@@ -323,6 +326,11 @@ def validate(opts: CompileOptions) -> CompileOptions:
         if opts.goa_score != GoaScore.EMPIRICAL:
             raise OptionError(f"--goa-score {opts.goa_score} is a goa score: it needs --criterion goa, "
                               f"not {opts.criterion}")
+    if opts.allocation == Allocation.BLOCK and (opts.criterion not in (Criterion.GOA, Criterion.FLAP)
+                                                or opts.head_criterion != HeadCriterion.MOMENT):
+        raise OptionError(f"--allocation block weighs units by the output error their removal costs: it needs "
+                          f"--criterion goa (with --head-criterion moment) or flap, not {opts.criterion}"
+                          + (f" with --head-criterion {opts.head_criterion}" if opts.criterion == Criterion.GOA else ""))
     return dataclasses.replace(
         opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
         allocation=Allocation(opts.allocation), module_inputs=ModuleInputs(opts.module_inputs),

@@ -34,7 +34,7 @@ from goa_compiler.export.onnx import export_decoder, export_onnx, onnx_param_cou
 from goa_compiler.frontends.fx import FxFrontend
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
-from goa_compiler.prune.criteria import ScoreSettings, score_units
+from goa_compiler.prune.criteria import ScoreSettings, removal_costs, score_units
 from goa_compiler.transform import serving
 from goa_compiler.transform.rewrite import RewriteResult, rewrite
 from goa_compiler.ui.output import staged_output, write_json
@@ -295,7 +295,7 @@ class GreedyReconstruction(PassBase):
     def call(self, state):
         opts, progress = state.opts, state.progress
         chosen, skip, ratio = _targets(state)
-        if opts.allocation != "global":   # refuse an impossible ratio before the slow part
+        if opts.allocation == "uniform":   # refuse an impossible ratio before the slow part
             counts = allocation.uniform_counts(chosen, ratio, state.shapes)
         windows = calibration.calibration_windows(state.tokenizer, opts)
         feeds = calibration.batches(windows, opts.batch_size)
@@ -303,12 +303,16 @@ class GreedyReconstruction(PassBase):
                                          _score_settings(opts), opts.module_inputs,
                                          opts.refit_prior, opts.ridge_folds)
         rng = np.random.default_rng(opts.seed)
-        if opts.allocation == "global":
+        if opts.allocation in ("global", "block"):
             st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress)
             weights = state.frontend.weights()
             pre = {s.name: score_units(opts.criterion, s, weights, st[s.name], rng, settings.score)
                    for s in chosen}
-            counts = allocation.global_counts(chosen, pre, ratio, state.shapes)
+            if opts.allocation == "global":
+                counts = allocation.global_counts(chosen, pre, ratio, state.shapes)
+            else:
+                costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, pre[s.name]) for s in chosen}
+                counts = allocation.block_counts(chosen, costs, ratio, state.shapes)
         run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress)
         state.plan = allocation.plan_of(run.kept)
         state.scores, state.records = run.scores, run.records

@@ -134,6 +134,46 @@ def global_counts(structures: list[Structure], scores: dict[str, np.ndarray], ra
     return counts
 
 
+def block_counts(structures: list[Structure], costs: dict[str, np.ndarray], ratio: float,
+                 shapes: dict[str, tuple]) -> dict[str, int]:
+    """Every block (the structures of one layer) loses ``ratio`` of its structured parameters;
+    inside the block, units of all its modules compete by cost per parameter removed.
+
+    ``costs[name]``: the output error each further removal adds, in removal order (length
+    units - 1: a module keeps one unit; criteria.removal_costs). The block's candidates are
+    visited in ascending cost / parameters; one is taken while the block's removed parameters
+    stay within half a unit of its target; a candidate that would overshoot is passed over,
+    and with it the rest of its module (a module's removals stay in its own order), so finer
+    units fill what a coarse one (a K/V group) would overshoot."""
+    counts = {s.name: 0 for s in structures}
+    layers: dict[int, list[Structure]] = {}
+    for s in structures:
+        layers.setdefault(s.layer, []).append(s)
+    for block in layers.values():
+        target = ratio * structure_params(block, shapes)
+        cands = []
+        for s in block:
+            per = unit_params(s, shapes)
+            for k, c in enumerate(np.asarray(costs[s.name], dtype=np.float64)[: s.units - 1]):
+                cands.append((max(float(c), 0.0) / per, k, s.name, per))
+        cands.sort(key=lambda c: (c[0], c[1]))
+        removed, closed, overshot = 0.0, set(), False
+        for _, k, name, per in cands:
+            if name in closed or k != counts[name]:
+                closed.add(name)
+                continue
+            if removed + per / 2 > target:
+                closed.add(name)
+                overshot = True
+                continue
+            counts[name] += 1
+            removed += per
+        if not overshot and removed + min(unit_params(s, shapes) for s in block) / 2 < target:
+            raise SelectionError(f"ratio {ratio:.4g} cannot be reached in block {block[0].layer} with one unit "
+                                 f"kept in each of its modules; use a smaller --ratio")
+    return counts
+
+
 def drop_lowest(scores: np.ndarray, n_drop: int) -> list[int]:
     """The ``n_drop`` lowest-scoring units, ascending; ties broken by index (stable). The one
     keep/drop rule, used by the greedy loop and the data-free path alike."""

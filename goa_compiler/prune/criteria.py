@@ -263,6 +263,10 @@ def _obs_costs(W: torch.Tensor, Ginv: torch.Tensor, units: list[torch.Tensor], l
     for k in sizes:
         pos = [i for i, u in enumerate(units) if u.numel() == k]
         idx = torch.stack([units[i] for i in pos]).to(W.device)             # [A, k]
+        if k == 1:      # one channel: ||W[:, j]||^2 / (G^-1)_jj - lambda ||W[:, j]||^2
+            col = (W[:, idx[:, 0]] ** 2).sum(0)
+            out[pos] = (col / Ginv.diagonal()[idx[:, 0]] - lam * col).cpu().numpy()
+            continue
         Ws = W[:, idx].permute(1, 0, 2)                                       # [A, out, k]
         M = Ginv[idx[:, :, None], idx[:, None, :]]                            # [A, k, k]
         X = torch.linalg.solve(M, Ws.transpose(1, 2))                         # [A, k, out]
@@ -449,6 +453,23 @@ REGISTRY: dict[str, Scorer] = {sc.name: sc for sc in (
     Scorer("wanda-sp", True, lambda s, w, st, rng, cfg: wanda_sp(s, w, st), "Wanda-sp"),
     Scorer("flap", True, lambda s, w, st, rng, cfg: flap_fluctuation(s, w, st), "FLAP fluctuation"),
 )}
+
+
+def removal_costs(criterion: str, settings: ScoreSettings, kind: str, scores: np.ndarray) -> np.ndarray | None:
+    """What each further removal of a unit costs in output error, in removal order (lowest
+    score first), for an allocation that weighs modules against each other; None when the
+    criterion's scores are ranks, not errors. goa's empirical moment and the closed forms,
+    and FLAP's fluctuation, are each unit's own output energy (removals add: the sorted
+    scores); goa's obs score is the cumulative error after the refit (its increments);
+    wanda-sp, magnitude, random and attention-map similarity rank only."""
+    order = np.sort(np.asarray(scores, dtype=np.float64))
+    if criterion == "flap":
+        return order
+    if criterion != "goa" or (kind == "attention" and settings.head_criterion == "similarity"):
+        return None
+    if settings.goa_score == "obs":
+        return np.diff(order, prepend=0.0)
+    return order
 
 
 def score_units(criterion: str, s: Structure, weights, stats: ModuleStats | None,
