@@ -62,6 +62,7 @@ from goa_compiler.measure import speed as sp  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 CRITERIA = ("goa", "flap", "wanda-sp", "magnitude", "random")
 PEER = "torch-pruning"
+PUBLISHED = "published"
 QUICK_CONFIGS = [("goa", "none"), ("goa", "refit"), ("flap", "none"), ("flap", "refit"),
                  ("wanda-sp", "none"), ("wanda-sp", "refit"), ("magnitude", "none"),
                  ("random", "none"), (PEER, "taylor")]
@@ -101,9 +102,11 @@ class Context:
         log(f"model ready in {time.perf_counter() - t:.0f}s: {self.loaded.source}")
 
     def opts(self, criterion, recon, ratio) -> CompileOptions:
-        return CompileOptions(ratio=ratio, criterion=criterion, reconstruct=recon,
-                              seq_len=self.args.seq_len, num_samples=self.args.num_samples,
-                              seed=self.args.seed)
+        """``recon`` "published": FLAP as its paper runs it, global allocation of standardised
+        scores and its bias compensation (no refit); else the compiler's defaults."""
+        extra = {"allocation": "global", "reconstruct": "none"} if recon == PUBLISHED else {"reconstruct": recon}
+        return CompileOptions(ratio=ratio, criterion=criterion, seq_len=self.args.seq_len,
+                              num_samples=self.args.num_samples, seed=self.args.seed, **extra)
 
     def export(self, gm, name: str, optimize: bool) -> Path:
         path = self.tmp / f"{name.replace('/', '_')}.onnx"
@@ -230,7 +233,7 @@ def configs(args):
     if args.quick:
         base = QUICK_CONFIGS
     else:
-        base = [(c, r) for c in CRITERIA for r in ("none", "refit")] + [(PEER, "taylor")]
+        base = _rows()
     wanted = set(args.criteria.split(",")) if args.criteria else None
     return [(r, c, rec) for r in args.ratio_list for c, rec in base if wanted is None or c in wanted]
 
@@ -368,6 +371,11 @@ def _peer_run(ctx: Context, job, removed) -> dict:
     return rec
 
 
+def _rows():
+    rows = [(c, rec) for c in CRITERIA for rec in ("none", "refit")] + [(PEER, "taylor")]
+    return rows[:4] + [("flap", PUBLISHED)] + rows[4:]
+
+
 def quality_markdown(data, ratios) -> str:
     s = data["setup"]
     lines = [f"Model: {s['model']}. Cells: perplexity of the pruned model in onnxruntime (ratio to "
@@ -393,8 +401,7 @@ def _quality_table(data, ratios, metric) -> list[str]:
         cands = {k: v for k, v in runs.items() if v["ratio"] == r and metric in v}
         if cands:
             best[r] = min(cands, key=lambda k: cands[k][metric])
-    rows = [(c, rec) for c in CRITERIA for rec in ("none", "refit")] + [(PEER, "taylor")]
-    for crit, recon in rows:
+    for crit, recon in _rows():
         cells = []
         for r in ratios:
             v = runs.get(_key(crit, recon, r))
@@ -407,7 +414,8 @@ def _quality_table(data, ratios, metric) -> list[str]:
                 cells.append(f"**{cell}**" if best.get(r) == _key(crit, recon, r) else cell)
         if any(c != "-" for c in cells):
             label = "Torch-Pruning 1.6.1 (FFN only)" if crit == PEER else crit
-            rlabel = "none (Taylor importance)" if crit == PEER else recon
+            rlabel = ("none (Taylor importance)" if crit == PEER else
+                      "none, global allocation (as published)" if recon == PUBLISHED else recon)
             lines.append(f"| {label} | {rlabel} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Winner per ratio: " + "; ".join(
@@ -433,7 +441,7 @@ def plot_quality(data, png):
 
     runs = data["runs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = [(c, rec) for c in CRITERIA for rec in ("none", "refit")] + [(PEER, "taylor")]
+    rows = _rows()
     colors = dict(zip(CRITERIA + (PEER,), ["C0", "C1", "C2", "C3", "C4", "C5"]))
     for crit, recon in rows:
         pts = sorted((v["ratio"], v["ppl_ratio"]) for v in runs.values()

@@ -2,15 +2,17 @@
 another kind, in one process: the quick check of a change that moves quality.
 
     python tools/quality_check.py --out q.json [--configs goa/refit/0.2,goa/none/0.2]
-        [--ood /usr/share/doc/python3.11/html/_sources/tutorial] [--eval-tokens 4096]
+        [--ood pydoc] [--eval-tokens 4096]
         [--module-inputs dense|pruned] [--set refit_prior=original --set ridge=0.3]
 
 Each configuration is criterion/reconstruction/ratio, pruned with the defaults otherwise
 (KJV calibration split, --num-samples 32 windows of 128 tokens, seed 0) through the same
 pipeline as `goa compile` (driver.pipeline.prune_captured on one capture), and scored in
 PyTorch on the rewritten graph (the graph `goa compile` exports; every export is verified
-against it). --ood is any DATA that `goa eval --data` reads (the default is the Python
-tutorial in reStructuredText from Debian's python3.11-doc: `apt-get install python3.11-doc`).
+against it). --ood is any DATA that `goa eval --data` reads (the default is the named set
+pydoc, the Python reference's help topics from the standard library; earlier measurements
+used the Python tutorial from Debian's python3.11-doc,
+/usr/share/doc/python3.11/html/_sources/tutorial).
 Writes JSON: per configuration and data set, perplexity and its ratio to the dense model.
 """
 from __future__ import annotations
