@@ -283,14 +283,16 @@ def test_eval_max_tokens_scores_exactly_that_many_windows(llama_dir, tmp_path, c
 
 # ------------------------------------------------------------------------------ --skip-layers
 
-def test_skip_layers_first_through_the_cli(llama_dir, calib, tmp_path, capsys):
+@pytest.mark.parametrize("allocation", ["uniform", "block"])
+def test_skip_layers_first_through_the_cli(llama_dir, calib, tmp_path, capsys, allocation):
     """Block 0 keeps every unit; block 1 loses enough that the model loses the ratio, within
-    one FFN neuron (the finest unit, which absorbs the rounding of the K/V groups)."""
+    one FFN neuron (uniform: the finest unit absorbs the rounding of the K/V groups; block:
+    the FFN fills what a head would overshoot)."""
     from transformers import AutoConfig
 
     out = tmp_path / "out"
     rc, r, err = run_json(capsys, ["compile", llama_dir, "--ratio", "0.3", "--skip-layers", "first",
-                                   "--out", str(out)] + cheap(calib))
+                                   "--allocation", allocation, "--out", str(out)] + cheap(calib))
     assert rc == 0, err
     assert r["skipped_layers"] == [0]
     per = unit_params(AutoConfig.from_pretrained(llama_dir))
@@ -301,7 +303,7 @@ def test_skip_layers_first_through_the_cli(llama_dir, calib, tmp_path, capsys):
         if m["layer"] == 0:
             assert kept == total and m["kept"] == list(range(m["total"]))
             assert "output_error" not in m                 # not reconstructed either
-        else:
+        elif allocation == "uniform" or m["kind"] == "ffn":
             assert kept < total
     assert sum(units(m)[0] * per[m["kind"]] for m in r["modules"]) == r["params"]["structured_before"]
     removed = sum((units(m)[0] - units(m)[1]) * per[m["kind"]] for m in r["modules"])

@@ -330,12 +330,14 @@ def expected_refusal(values: dict) -> str | None:
     """What the real compile of a config that passed --dry-run must refuse (exit 2), as a
     piece of its one-line message, or None when it must compile. The dry run checks options,
     files, data and OUT, not these: (1) goa-only scores with the test's own --criterion
-    magnitude; (2) a ratio the tiny Llama cannot lose with a block kept dense. The tiny model
+    magnitude, and block allocation, which needs error scores; (2) a ratio the tiny Llama cannot lose with a block kept dense. The tiny model
     has 2 blocks; each attention has 2 K/V groups."""
     if values.get("head_criterion", "moment") != "moment":
         return "--head-criterion"
     if values.get("goa_score", "empirical") != "empirical":
         return "--goa-score"
+    if values.get("allocation") == "block":           # output errors: goa or flap, not magnitude
+        return "--allocation block"
     skip = str(values.get("skip_layers", "none")).strip().lower()
     eff = values["ratio"] if skip in ("", "none") else 2 * values["ratio"]   # a dense block: twice
     if eff >= 1.0:

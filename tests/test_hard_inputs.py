@@ -265,8 +265,10 @@ def test_ratio_that_removes_every_kv_group_of_a_layer(llama_dir, tmp_path, capsy
     line = error_line(capsys)
     assert "every K/V group of layer 0's attention" in line and "--ratio" in line
     assert not out.exists()
-    # goa: refused before calibration (the calibration file does not even exist)
-    assert cli.main(goa_args(llama_dir, out, tmp_path / "missing.txt") + ["--ratio", "0.8"]) == 2
+    # goa with uniform allocation: refused before calibration (the calibration file does not
+    # even exist); block allocation keeps a unit of every module by construction
+    assert cli.main(goa_args(llama_dir, out, tmp_path / "missing.txt") + ["--ratio", "0.8",
+                                                                           "--allocation", "uniform"]) == 2
     assert "every K/V group of layer 0" in error_line(capsys)
     assert not out.exists()
 

@@ -135,7 +135,7 @@ def compiled(tmp_path_factory):
     config = root / "goa.toml"
     config.write_text(f'model = "{model}"\nout = "{out}"\nratio = 0.3\nnum-samples = 2\nseq_len = 16\n'
                       f'calib = "{calib}"\neval = "{calib}"\neval-tokens = 64\nquiet = true\n'
-                      'max-ppl-increase = 100.0\nmax-logit-error = 0.0\n')
+                      'max-ppl-increase = 100.0\nmax-logit-error = 0.0\nallocation = "uniform"\n')
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = cli.main(["compile", "--config", str(config), "--max-logit-error", "10"])

@@ -21,7 +21,15 @@ def _resolved(argv):
 def test_python_api_defaults_are_the_cli_defaults():
     assert _resolved(["m", "--ratio", "0.2", "--out", "o"]) == validate(CompileOptions(ratio=0.2))
     d = CompileOptions(ratio=0.2)
-    assert (d.criterion, d.reconstruct, d.num_samples, d.allocation) == ("goa", "refit", 32, "uniform")
+    assert (d.criterion, d.reconstruct, d.num_samples, d.allocation) == ("goa", "refit", 32, None)
+    # the allocation left unset is decided by the criterion: block where scores are errors
+    assert validate(d).allocation == "block"
+    assert validate(dataclasses.replace(d, criterion="flap")).allocation == "block"
+    for crit in ("wanda-sp", "magnitude", "random"):
+        assert validate(dataclasses.replace(d, criterion=crit)).allocation == "uniform"
+    assert validate(dataclasses.replace(d, head_criterion="similarity")).allocation == "uniform"
+    with pytest.raises(OptionError, match="--allocation block"):
+        validate(dataclasses.replace(d, criterion="wanda-sp", allocation="block"))
 
 
 def test_every_field_is_a_flag_and_a_config_key():

@@ -43,8 +43,9 @@ def test_goa_selection_beats_random_and_magnitude(smollm2):
     captured, analysis = analyze_model(loaded.model, loaded.kind)
 
     def opts(criterion):
+        # uniform: every criterion removes the same units per module (block is goa's and flap's)
         return CompileOptions(ratio=RATIO, criterion=criterion, reconstruct="none", num_samples=4,
-                              seq_len=64, max_logit_error=1e9)
+                              seq_len=64, max_logit_error=1e9, allocation="uniform")
 
     windows, what = logit_windows(loaded.tokenizer, opts("goa"), None, int(loaded.model.config.vocab_size))
     assert windows.shape == (4, 64) and "calibration split" in what

@@ -33,6 +33,7 @@ class Reconstruction(StrEnum):
     PAPER = "paper"
     REFIT = "refit"
     NONE = "none"
+    MEAN = "mean"              # no refit: removed channels replaced by their calibration mean (bias)
 
 
 class Allocation(StrEnum):
@@ -150,12 +151,16 @@ class CompileOptions:
         None, "fraction of the parameters in the depth-2 structures to remove, in [0, 1) (required)",
         check=_in_unit)
     criterion: str = option(Criterion.GOA, "how units are scored", choices=Criterion)
-    reconstruct: str = option(Reconstruction.REFIT, "least-squares reconstruction of the kept weights",
-                              choices=Reconstruction)
-    allocation: str = option(Allocation.UNIFORM, "how the ratio is spread over the modules: the same share "
-                             "of every module (uniform); across all modules by standardised score (global); "
-                             "the same share of every block, split inside it between attention and FFN by "
-                             "output error per parameter removed (block; goa or flap)", choices=Allocation)
+    reconstruct: str = option(Reconstruction.REFIT, "reconstruction of the kept weights: least-squares "
+                              "refits (refit; paper: before selection only), none, or mean (no refit: the "
+                              "removed channels' calibration mean added as a level-2 bias, FLAP's "
+                              "compensation, for any criterion)", choices=Reconstruction)
+    allocation: str | None = option(
+        None, "how the ratio is spread over the modules: the same share of every block, split inside it "
+        "between attention and FFN by output error per parameter removed (block; goa and flap, whose scores "
+        "are output errors); the same share of every module (uniform); across all modules by standardised "
+        "score (global). Default: block for goa and flap, uniform for the others (measured: docs/method.md)",
+        choices=Allocation)
     module_inputs: str = option(
         ModuleInputs.DENSE, "the inputs each module is scored and refit on: the dense model's (every "
         "module on its own) or the model pruned so far (the paper's greedy; measured worse, "
@@ -313,6 +318,14 @@ def show_value(value: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+def default_allocation(opts: CompileOptions) -> Allocation:
+    """--allocation when not given: block where the scores are output errors (goa with its
+    moment or obs score for attention, flap), uniform for the criteria that only rank."""
+    errors = opts.criterion == Criterion.FLAP or (opts.criterion == Criterion.GOA
+                                                  and opts.head_criterion == HeadCriterion.MOMENT)
+    return Allocation.BLOCK if errors else Allocation.UNIFORM
+
+
 def validate(opts: CompileOptions) -> CompileOptions:
     """Every value, then every combination; returns ``opts`` with choices as their enums."""
     if opts.ratio is None:
@@ -326,14 +339,15 @@ def validate(opts: CompileOptions) -> CompileOptions:
         if opts.goa_score != GoaScore.EMPIRICAL:
             raise OptionError(f"--goa-score {opts.goa_score} is a goa score: it needs --criterion goa, "
                               f"not {opts.criterion}")
-    if opts.allocation == Allocation.BLOCK and (opts.criterion not in (Criterion.GOA, Criterion.FLAP)
-                                                or opts.head_criterion != HeadCriterion.MOMENT):
+    allocation = opts.allocation or default_allocation(opts)
+    if allocation == Allocation.BLOCK and (opts.criterion not in (Criterion.GOA, Criterion.FLAP)
+                                           or opts.head_criterion != HeadCriterion.MOMENT):
         raise OptionError(f"--allocation block weighs units by the output error their removal costs: it needs "
                           f"--criterion goa (with --head-criterion moment) or flap, not {opts.criterion}"
                           + (f" with --head-criterion {opts.head_criterion}" if opts.criterion == Criterion.GOA else ""))
     return dataclasses.replace(
         opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
-        allocation=Allocation(opts.allocation), module_inputs=ModuleInputs(opts.module_inputs),
+        allocation=Allocation(allocation), module_inputs=ModuleInputs(opts.module_inputs),
         refit_prior=RefitPrior(opts.refit_prior), dtype=DType(opts.dtype),
         head_criterion=HeadCriterion(opts.head_criterion),
         goa_score=GoaScore(opts.goa_score))
