@@ -115,7 +115,7 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
         pins |= _pins(s)
     state = GreedyState(orig=frontend.weights(), dense=[], pruned=[])
     # the dense stream gives the targets of the refits: not needed without reconstruction
-    if settings.reconstruct != "none":
+    if settings.reconstruct in ("paper", "refit"):
         state.dense = [frontend.stream(f, None, pins) for f in feeds]
     # module_inputs "pruned": the second stream reads the weights greedy installs (errors of
     # upstream modules reach the next ones); "dense": it never does, so every module is
@@ -137,7 +137,7 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
     # nothing there needs no reconstruction (so ratio 0 compiles to the dense model)
     recon = settings.reconstruct if (state.diverged or n_drop > 0) else "none"
     rec: dict = {}
-    refit_l1 = recon != "none" and not any(state.pruned[0].done(n) for n in s.level1_nodes)
+    refit_l1 = recon in ("paper", "refit") and not any(state.pruned[0].done(n) for n in s.level1_nodes)
     l1 = collect_level1(state, s, refit_l1, settings.folds)
     if l1.joint is not None:
         rec["level1_error"] = refit_level1(state, s, l1.joint, settings)
@@ -265,7 +265,7 @@ def refit_level2_kept(s: Structure, w: Level2Weights, folded: FoldedCross | None
     columns zero, and the error record. ``refit``: least squares on the kept channels (an
     intercept only where the projection has a bias: adding one to bias-free projections
     over-fitted SmolLM2 badly, docs/method.md); else the slice of ``w``. FLAP's bias
-    compensation belongs to the unrefit weights (with the kept-channel refit it
+    compensation (flap without refit; ``mean``: every criterion) belongs to the unrefit weights (with the kept-channel refit it
     double-counts: measured ppl > 1e7 on SmolLM2). The guard: when the refit is worse than
     the pruned original, the pruned original."""
     p = s.projections[s.level2_node]
@@ -288,7 +288,7 @@ def refit_level2_kept(s: Structure, w: Level2Weights, folded: FoldedCross | None
         W2f = w.W.to(F64).clone()
         W2f[:, dc] = 0.0
         b2f = w.b.to(F64) if w.b is not None else None
-    if settings.criterion == "flap" and len(drop_cols) and recon != "refit":
+    if len(drop_cols) and (recon == "mean" or (settings.criterion == "flap" and recon != "refit")):
         full = {p.weight: _layout(w.W.to(F64), p.out_axis)}
         delta = flap_bias_compensation(s, full, stats, kept)
         b2f = delta if b2f is None else b2f + delta
