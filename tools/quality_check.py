@@ -39,7 +39,12 @@ def main(argv=None) -> int:
                    help="passed to every compile (default: the compiler's default)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="another CompileOptions field for every compile, e.g. refit_prior=original, ridge=0.3")
+    p.add_argument("--attention-units", type=int, default=None, metavar="N",
+                   help="experiment: with --set allocation=uniform, every attention loses N units and the "
+                        "FFNs share the rest of the budget (one common fraction)")
     args = p.parse_args(argv)
+    if args.attention_units is not None:
+        _force_attention_units(args.attention_units)
 
     from goa_compiler.analysis import analyze_graph
     from goa_compiler.capture.sources import load_model
@@ -79,6 +84,28 @@ def main(argv=None) -> int:
         print(f"{cfg}: {ppl}", file=sys.stderr)
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _force_attention_units(n: int) -> None:
+    """Replace uniform allocation's counts: n units from every attention, the FFNs the rest."""
+    import numpy as np
+
+    from goa_compiler.prune import allocation
+
+    def counts(structures, ratio, shapes=None):
+        per = {s.name: allocation.unit_params(s, shapes) for s in structures}
+        left = ratio * allocation.structure_params(structures, shapes)
+        out = {}
+        for s in structures:
+            if s.kind == "attention":
+                out[s.name] = n
+                left -= n * per[s.name]
+        ffn = [s for s in structures if s.kind != "attention"]
+        frac = left / sum(s.units * per[s.name] for s in ffn)
+        out.update({s.name: int(np.floor(frac * s.units + 0.5)) for s in ffn})
+        return out
+
+    allocation.uniform_counts = counts
 
 
 if __name__ == "__main__":
