@@ -386,9 +386,11 @@ def quality_markdown(data, ratios) -> str:
     for metric, title, how in sets:
         lines += [f"### {title}", "", f"Dense perplexity **{data['dense'][metric]:.2f}**. Evaluation: {how}.", ""]
         lines += _quality_table(data, ratios, metric)
-    lines.append("`none`: each criterion in its published form (FLAP with its own bias compensation); "
-                 "`refit`: goa-compiler's default reconstruction (greedy least-squares refits of every "
-                 "pruned module against the dense outputs). Bold: best at that ratio.")
+    lines.append("`none`: each criterion's own selection without refit (FLAP with its bias compensation), "
+                 "under the compiler's default allocation (block for goa and flap, uniform for the others); "
+                 "FLAP as published (global allocation) has its own row; `refit`: goa-compiler's default "
+                 "reconstruction (greedy least-squares refits of every pruned module against the dense "
+                 "outputs). Bold: best at that ratio.")
     return "\n".join(lines) + "\n"
 
 
