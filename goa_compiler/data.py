@@ -57,7 +57,7 @@ DEFAULT_SET = "kjv"
 
 def is_named(spec: str | None) -> bool:
     """None (the default set), or the name of a named set ("default" is the old name of kjv)."""
-    return spec is None or spec in NAMED_SETS or spec == "default"
+    return set_name(spec) is not None
 
 
 def set_name(spec: str | None) -> str | None:

@@ -318,12 +318,16 @@ def show_value(value: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
+def scores_are_errors(opts: CompileOptions) -> bool:
+    """The criterion scores units by output error (goa with the moment or obs score for
+    attention, flap), which block allocation weighs; the others only rank."""
+    return opts.criterion == Criterion.FLAP or (opts.criterion == Criterion.GOA
+                                                and opts.head_criterion == HeadCriterion.MOMENT)
+
+
 def default_allocation(opts: CompileOptions) -> Allocation:
-    """--allocation when not given: block where the scores are output errors (goa with its
-    moment or obs score for attention, flap), uniform for the criteria that only rank."""
-    errors = opts.criterion == Criterion.FLAP or (opts.criterion == Criterion.GOA
-                                                  and opts.head_criterion == HeadCriterion.MOMENT)
-    return Allocation.BLOCK if errors else Allocation.UNIFORM
+    """--allocation when not given: block where the scores are output errors, else uniform."""
+    return Allocation.BLOCK if scores_are_errors(opts) else Allocation.UNIFORM
 
 
 def validate(opts: CompileOptions) -> CompileOptions:
@@ -340,8 +344,7 @@ def validate(opts: CompileOptions) -> CompileOptions:
             raise OptionError(f"--goa-score {opts.goa_score} is a goa score: it needs --criterion goa, "
                               f"not {opts.criterion}")
     allocation = opts.allocation or default_allocation(opts)
-    if allocation == Allocation.BLOCK and (opts.criterion not in (Criterion.GOA, Criterion.FLAP)
-                                           or opts.head_criterion != HeadCriterion.MOMENT):
+    if allocation == Allocation.BLOCK and not scores_are_errors(opts):
         raise OptionError(f"--allocation block weighs units by the output error their removal costs: it needs "
                           f"--criterion goa (with --head-criterion moment) or flap, not {opts.criterion}"
                           + (f" with --head-criterion {opts.head_criterion}" if opts.criterion == Criterion.GOA else ""))

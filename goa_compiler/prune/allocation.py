@@ -151,9 +151,10 @@ def block_counts(structures: list[Structure], costs: dict[str, np.ndarray], rati
         layers.setdefault(s.layer, []).append(s)
     for block in layers.values():
         target = ratio * structure_params(block, shapes)
+        per_unit = {s.name: unit_params(s, shapes) for s in block}
         cands = []
         for s in block:
-            per = unit_params(s, shapes)
+            per = per_unit[s.name]
             for k, c in enumerate(np.asarray(costs[s.name], dtype=np.float64)[: s.units - 1]):
                 cands.append((max(float(c), 0.0) / per, k, s.name, per))
         cands.sort(key=lambda c: (c[0], c[1]))
@@ -168,7 +169,7 @@ def block_counts(structures: list[Structure], costs: dict[str, np.ndarray], rati
                 continue
             counts[name] += 1
             removed += per
-        if not overshot and removed + min(unit_params(s, shapes) for s in block) / 2 < target:
+        if not overshot and removed + min(per_unit.values()) / 2 < target:
             raise SelectionError(f"ratio {ratio:.4g} cannot be reached in block {block[0].layer} with one unit "
                                  f"kept in each of its modules; use a smaller --ratio")
     return counts

@@ -226,7 +226,8 @@ def obs_removal(structure: Structure, weights: dict[str, torch.Tensor], stats: M
     W, chans = _level2_matrix(structure, weights)
     G = 0.5 * (h.gram.to(F64) + h.gram.to(F64).T).to(W.device)
     d = G.shape[0]
-    lam = rel_damp * float(G.diagonal().mean()) if float(G.diagonal().mean()) > 0 else rel_damp
+    scale = float(G.diagonal().mean())
+    lam = rel_damp * scale if scale > 0 else rel_damp
     Ginv = torch.cholesky_inverse(torch.linalg.cholesky(G + lam * torch.eye(d, dtype=F64, device=G.device)))
     U = len(chans)
     per_round = max(1, -(-U // OBS_STEPS))

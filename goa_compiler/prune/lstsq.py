@@ -146,11 +146,12 @@ def validated_ridge(folds: list[CrossMoments], total: CrossMoments, bias: bool,
     prior)."""
     if len(folds) < 2:
         raise ValueError("validated_ridge needs at least 2 non-empty folds")
+    pairs = [(subtract(total, f), f) for f in folds]          # (training sums, held-out fold)
     errors = []
     for lam in grid:
         e = 0.0
-        for f in folds:
-            W, b = refit_linear(subtract(total, f), bias, rel_lambda=lam, prior=prior)
+        for train, f in pairs:
+            W, b = refit_linear(train, bias, rel_lambda=lam, prior=prior)
             e += output_error(f, W, b) * float(f.n) * f.xty.shape[1]
         errors.append(e)
     best = min(range(len(grid)), key=lambda i: (errors[i], -grid[i]))

@@ -155,7 +155,7 @@ class CrossMoments:
 
 class FoldedCross:
     """CrossMoments split into ``k`` folds by calibration window, for choosing a ridge by
-    held-out error (lstsq.refit_validated): window w (counted over every update, along the
+    held-out error (lstsq.validated_ridge): window w (counted over every update, along the
     first axis of x) falls in fold w mod k. ``total()`` is their sum, the statistics of all
     windows; with k = 1 it is the one accumulator itself."""
 
