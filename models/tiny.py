@@ -15,8 +15,11 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    FalconConfig,
     Gemma3TextConfig,
     GPT2Config,
+    GPTBigCodeConfig,
+    GPTJConfig,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
@@ -78,10 +81,32 @@ def _config(family: str):
         return BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
                           intermediate_size=128, max_position_embeddings=MAX_POS, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0)
+    if family == "falcon":
+        # the new decoder architecture: q/k/v of each K/V group fused as [groups, q per group + 2,
+        # head], K/V picked by a constant index and broadcast; projections are x @ W.T matmuls
+        return FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+                            num_kv_heads=2, new_decoder_architecture=True, alibi=False, bias=False,
+                            max_position_embeddings=MAX_POS)
+    if family == "falcon-mqa":
+        # multi-query (one K/V head for every query head), parallel attention and MLP
+        return FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+                            multi_query=True, new_decoder_architecture=False, parallel_attn=True, alibi=False,
+                            bias=False, max_position_embeddings=MAX_POS)
+    if family == "gptj":
+        # interleaved rotary (every two channels) on the first 8 of each head's 16
+        return GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, rotary_dim=8, n_inner=128,
+                          n_positions=MAX_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          bos_token_id=0, eos_token_id=0)
+    if family == "gpt-bigcode":
+        # multi-query with a fused c_attn [q heads | k | v]
+        return GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_inner=128,
+                                multi_query=True, n_positions=MAX_POS, resid_pdrop=0.0, embd_pdrop=0.0,
+                                attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
 
 
-FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox", "phi3", "gemma3", "bert"]
+FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox", "phi3", "gemma3", "bert",
+            "falcon", "falcon-mqa", "gptj"]
 ENCODERS = {"bert"}
 
 

@@ -60,6 +60,13 @@ LAYOUT: dict[str, Family] = {
         Block(("model.decoder.layers.{L}.fc1",), "model.decoder.layers.{L}.fc2")),
     "gpt-neox": Family(Block(("gpt_neox.layers.{L}.attention.query_key_value",), "gpt_neox.layers.{L}.attention.dense"),
                        Block(("gpt_neox.layers.{L}.mlp.dense_h_to_4h",), "gpt_neox.layers.{L}.mlp.dense_4h_to_h")),
+    "falcon": Family(Block(("transformer.h.{L}.self_attention.query_key_value",), "transformer.h.{L}.self_attention.dense"),
+                     Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
+    "falcon-mqa": Family(Block(("transformer.h.{L}.self_attention.query_key_value",),
+                               "transformer.h.{L}.self_attention.dense"),
+                         Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
+    "gptj": Family(Block(tuple(f"transformer.h.{{L}}.attn.{p}_proj" for p in "qkv"), "transformer.h.{L}.attn.out_proj"),
+                   Block(("transformer.h.{L}.mlp.fc_in",), "transformer.h.{L}.mlp.fc_out")),
     "bert": Family(
         Block(tuple(f"encoder.layer.{{L}}.attention.self.{p}" for p in ("query", "key", "value")),
               "encoder.layer.{L}.attention.output.dense"),
@@ -74,7 +81,17 @@ def heads(config) -> int:
 
 
 def kv_heads(config) -> int:
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1                                    # Falcon, GPT-BigCode: one K/V head
+    if getattr(config, "new_decoder_architecture", False):
+        return int(config.num_kv_heads)             # Falcon's grouped K/V
     return int(getattr(config, "num_key_value_heads", None) or heads(config))
+
+
+def attention_units(config) -> int:
+    """Heads, or whole K/V groups where there are fewer K/V heads than query heads; with a
+    single K/V head (multi-query) the query heads are the units and the K/V head stays."""
+    return kv_heads(config) if 1 < kv_heads(config) < heads(config) else heads(config)
 
 
 def head_dim(config) -> int:
@@ -167,15 +184,22 @@ def unit_params(model, family: str, kind: str, layer: int) -> tuple[int, int]:
     A unit owns an equal share of every level-1 weight's output rows and bias (fused
     projections included) and of the level-2 weight's input columns; the level-2 bias and
     the norms are not per unit. Units: heads, whole K/V groups where there are fewer K/V
-    heads than query heads, or FFN neurons."""
+    heads than query heads (a single K/V head: query heads), or FFN neurons."""
     mods = dict(model.named_modules())
     b = block(family, kind, layer)
     cfg = model.config
     if kind == "attention":
-        units = kv_heads(cfg) if kv_heads(cfg) < heads(cfg) else heads(cfg)
+        units = attention_units(cfg)
     else:
         units = input_width(model, family, kind, layer)
     total = mods[b.level2].weight.numel()
+    if kind == "attention" and kv_heads(cfg) == 1 < heads(cfg):
+        # multi-query: a unit owns its query rows of the level 1 (the first heads * d rows
+        # of a fused projection), never the shared K/V rows
+        q = mods[b.level1[0]]
+        rows = heads(cfg) * head_dim(cfg)
+        total += rows * q.weight.shape[in_axis(q)] + (rows if getattr(q, "bias", None) is not None else 0)
+        return units, total // units
     for name in b.level1:
         m = mods[name]
         total += m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)

@@ -75,7 +75,7 @@ def _check_records(model, family, modules):
         if rec["kind"] == "attention":
             assert rec["total"] == ol.heads(cfg), rec
             assert ol.input_width(model, family, "attention", rec["layer"]) == ol.heads(cfg) * ol.head_dim(cfg)
-            if ol.kv_heads(cfg) < ol.heads(cfg):
+            if ol.attention_units(cfg) < ol.heads(cfg):
                 # whole K/V groups: query head h reads K/V head h // (heads / kv_heads)
                 rep = ol.heads(cfg) // ol.kv_heads(cfg)
                 assert rec["kv_total"] == ol.kv_heads(cfg), rec
@@ -88,7 +88,7 @@ def _check_records(model, family, modules):
 
 def _removed_units(model, rec) -> int:
     cfg = model.config
-    if rec["kind"] == "attention" and ol.kv_heads(cfg) < ol.heads(cfg):
+    if rec["kind"] == "attention" and ol.attention_units(cfg) < ol.heads(cfg):
         return rec["kv_total"] - len(rec["kv_kept"])
     return rec["total"] - len(rec["kept"])
 

@@ -101,6 +101,7 @@ class _State:
     param_uses: dict[str, int] = field(default_factory=dict)   # parameter -> number of readers
     port_inputs: dict[str, int] = field(default_factory=dict)  # input port -> entries on its axis
     port_outputs: dict[str, tuple] = field(default_factory=dict)   # output port -> (tag, entries)
+    pinned: list[tuple[str, int, int, str]] = field(default_factory=list)  # (root, a, b, where)
 
     # -- helpers
     def refuse(self, tags, reason: str, terminal: bool = False):
@@ -154,6 +155,11 @@ def _view_groups(src: tuple, dst: tuple):
     groups = []
     i = j = 0
     while i < len(src) or j < len(dst):
+        if i < len(src) and j < len(dst) and _static(src[i]) == 1 and _static(dst[j]) == 1:
+            groups.append(([i], [j]))        # a kept size-1 axis (one K/V head)
+            i += 1
+            j += 1
+            continue
         if i < len(src) and _static(src[i]) == 1:
             groups.append(([i], []))
             i += 1
@@ -398,6 +404,67 @@ def _split(st, node, in_tags):
     st.multi[node.name] = outs
 
 
+@rule("select")
+def _select(st, node, in_tags):
+    d = node.attrs["dim"]
+    if d in in_tags:
+        raise _Reject("selects one entry of a channel axis")
+    st.tags[node.name] = {(a if a < d else a - 1): t for a, t in in_tags.items()}
+
+
+@rule("unbind")
+def _unbind(st, node, in_tags):
+    d = node.attrs["dim"]
+    if d in in_tags:
+        raise _Reject("unbinds a channel axis")
+    n = _static(_shape(st, node.inputs[0])[d])
+    if n is None:
+        raise _Reject("unbinds a dynamic axis")
+    st.multi[node.name] = [{(a if a < d else a - 1): t for a, t in in_tags.items()} for _ in range(n)]
+
+
+@rule("stack")
+def _stack(st, node, in_tags):
+    """stack = unsqueeze every operand at ``dim``, then concatenate along it."""
+    d = node.attrs["dim"]
+    refs = [i for i in node.inputs if isinstance(i, Ref)]
+    shifted = [{(a if a < d else a + 1): t for a, t in _tags(st, r).items()} for r in refs]
+    out: dict[int, Tag] = {}
+    for a in sorted({a for tags in shifted for a in tags}):
+        tagged = [tags.get(a) for tags in shifted]
+        if any(t is None for t in tagged) or len(refs) != len(node.inputs):
+            raise _Reject("stacks channels with a tensor outside the structure")
+        for t in tagged[1:]:
+            st.join(tagged[0], t, _static(node.shape[a]))
+        out[a] = tagged[0]
+    st.tags[node.name] = out
+
+
+@rule("index")
+def _index(st, node, in_tags):
+    """x[..., idx, ...]: a 1-D index on an axis without channels keeps every other axis's
+    channels; on a channel axis, constant entries counted from the end (the K/V slots of a
+    fused multi-query projection) select those channels, which no unit may then own."""
+    x, *idx = node.inputs
+    if any(_value_tags(st, r.name) for r in idx if isinstance(r, Ref)):
+        raise _Reject("an index computed from channels")
+    if not in_tags:
+        return
+    axes, values = node.attrs["axes"], node.attrs["values"]
+    if len(axes) != 1 or len(_shape(st, idx[0])) != 1:
+        raise _Reject("advanced indexing of a tensor with channels")
+    a, vals = axes[0], values[0]
+    out = dict(in_tags)
+    if a in in_tags:
+        t = in_tags[a]
+        length = _static(_shape(st, x)[a])
+        if vals is None or length is None or len(vals) != 1 or not -length <= vals[0] < 0 or t.repeat != 1:
+            raise _Reject("indexes a channel axis other than by one constant counted from its end")
+        out[a] = _slice_tag(t, length + vals[0], length + vals[0] + 1)
+        st.pinned.append((t.root, *out[a].channels(1), f"{node.target} ({node.name})"))
+    st.tags[node.name] = out
+
+
 @rule("cat")
 def _cat(st, node, in_tags):
     d = node.attrs["dim"]
@@ -495,9 +562,14 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
         for r in refs:
             s = _shape(st, r) or ()          # a symbolic integer (a sequence length) is a scalar
             k = a - (rank - len(s))
-            if k < 0 or _static(s[k]) == 1:
+            if k < 0:
                 continue
             t = _tags(st, r).get(k)
+            if _static(s[k]) == 1:
+                if t is None:
+                    continue
+                if _static(out_shape[a]) != 1:
+                    raise _Reject("broadcasts a channel axis of one entry")
             (tagged if t is not None else plain).append((r, k, t))
         if not tagged:
             continue
@@ -511,7 +583,7 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
             src = st.graph.nodes[r.name]
             if src.op == "param":
                 st.attached.append((st.graph.params[r.name], k, first, length))
-                if len(src.shape) != len(_shape(st, r)):
+                if len(src.shape) != len(_shape(st, r)) or src.attrs.get("transposed"):
                     raise _Reject("a parameter broadcast along channels with an unusual layout")
             else:
                 # projection outputs (flat channels) added to the data stream: the residual
@@ -595,10 +667,39 @@ def _head_axis(st: _State, ref, name: str) -> tuple[Tag, int]:
     return tags[rank - 3], _static(shape[rank - 3])
 
 
+def _shared_kv(st: _State, ref, heads: int) -> bool:
+    """Keys or values that every query head reads alike (multi-query attention): one head,
+    or channels only on the feature axis of a tensor expanded over the heads. They belong
+    to no unit: query heads are the units, and these channels stay."""
+    tags, shape = _tags(st, ref), _shape(st, ref)
+    rank = len(shape)
+    if any(a < rank - 3 or a == rank - 2 for a in tags):
+        return False
+    if rank - 3 in tags:
+        return _static(shape[rank - 3]) == 1 and heads > 1 and rank - 1 not in tags
+    if rank - 1 in tags and _static(shape[rank - 3]) not in (1, None):
+        # expanded to the head count by a constant that would have to follow the kept heads
+        raise _Reject("keys and values expanded over the query heads (multi-query attention "
+                      "that repeats one K/V head by a constant count)")
+    return rank - 1 in tags
+
+
 @rule("sdpa")
 def _sdpa(st: _State, node: Node, in_tags=None):
     q, k, v, mask = node.inputs
     qt, hq = _head_axis(st, q, "query")
+    shared = [_shared_kv(st, r, hq) for r in (k, v)]
+    if any(shared):
+        if not all(shared):
+            raise _Reject("keys and values are shared by the query heads differently")
+        _mask_check(st, mask, hq)
+        _note_attention(st, node, q, qt, hq, None, None, None, None, _static(_shape(st, q)[-1]))
+        for role, ref in (("k", k), ("v", v)):
+            for a, t in _tags(st, ref).items():
+                length = _static(_shape(st, ref)[a])
+                st.roles.setdefault((t.root, *t.channels(length)), set()).add(role)
+        st.tags[node.name] = {len(node.shape) - 3: qt}
+        return
     kt, hk = _head_axis(st, k, "key")
     vt, hv = _head_axis(st, v, "value")
     if hk != hv or hq % hk:
@@ -613,6 +714,14 @@ def _sdpa(st: _State, node: Node, in_tags=None):
         kt_e, vt_e = kt, vt
     st.join(qt, kt_e, hq)
     st.join(qt, vt_e, hq)
+    _mask_check(st, mask, hq)
+    qshape = _shape(st, q)
+    _note_attention(st, node, q, qt, hq, k, kt, v, vt, _static(qshape[-1]))
+    out_rank = len(node.shape)
+    st.tags[node.name] = {out_rank - 3: qt}
+
+
+def _mask_check(st, mask, hq):
     if isinstance(mask, Ref):
         ms = _shape(st, mask)
         mrank = len(ms)
@@ -621,17 +730,20 @@ def _sdpa(st: _State, node: Node, in_tags=None):
         if mrank >= 3 and _static(ms[mrank - 3]) not in (1, None) and st.data_dependent.get(mask.name):
             if _static(ms[mrank - 3]) == hq:
                 raise _Reject("a per-head attention mask computed from the input")
-    qshape = _shape(st, q)
-    _note_attention(st, node, q, qt, hq, k, kt, v, vt, _static(qshape[-1]))
-    out_rank = len(node.shape)
-    st.tags[node.name] = {out_rank - 3: qt}
 
 
 def _note_attention(st, node, q, qt, hq, k, kt, v, vt, head_dim):
+    """Roles and head counts of one attention; ``k`` None: K/V shared by every query head
+    (one K/V head that no unit owns)."""
     for role, ref, t in (("q", q, qt), ("k", k, kt), ("v", v, vt)):
+        if ref is None:
+            continue
         length = _static(_shape(st, ref)[len(_shape(st, ref)) - 3])
         a, b = t.channels(length)
         st.roles.setdefault((t.root, a, b), set()).add(role)
+    if k is None:
+        st.attention[qt.root] = dict(node=node.name, heads=hq, kv_heads=1, head_dim=head_dim)
+        return
     kv_len = _static(_shape(st, k)[len(_shape(st, k)) - 3])
     kv_heads = kv_len // kt.repeat
     facts = dict(node=node.name, heads=hq, kv_heads=kv_heads, head_dim=head_dim)

@@ -103,6 +103,9 @@ def _units(st: _State, roots: list[str], l2s: list[str]) -> _Units:
             root_index[r] = np.array(per_unit, dtype=np.int64)
     if not root_index:
         raise _Reject("no projection channels reach the level-2 input")
+    for root, a, b, where in st.pinned:
+        if root in root_index and np.isin(root_index[root], np.arange(a, b)).any():
+            raise _Reject(f"{where}: a constant index selects channels of a unit")
     col_units: list[list[int]] = [[] for _ in range(n_units)]
     for c, a in enumerate(atom_of_col):
         col_units[unit_of_atom[a]].append(c)
@@ -148,17 +151,23 @@ def _level1_slices(st: _State, u: _Units, is_attention: bool) -> list[ParamSlice
     return [ParamSlice(*x) for x in out]
 
 
-def _entries_per_unit(st: _State, u: _Units, t, length: int, what: str) -> np.ndarray:
-    """[units, k]: the entries 0..length-1 of an axis tagged ``t``, grouped by unit."""
+def _entries_per_unit(st: _State, u: _Units, t, length: int, what: str,
+                      with_shared: bool = False):
+    """[units, k]: the entries 0..length-1 of an axis tagged ``t``, grouped by unit (and,
+    ``with_shared``, the tuple of entries no unit owns)."""
     i = np.arange(length)
     per_unit: list[list[int]] = [[] for _ in range(u.n)]
+    shared: list[int] = []
     for k, c in zip(i.tolist(), t.first_channel(i).tolist()):
         unit = u.unit_of_atom.get(st.uf_chan.find((t.root, c)))
         if unit is not None:
             per_unit[unit].append(k)
+        else:
+            shared.append(k)
     if len({len(p) for p in per_unit}) != 1:
         raise _Reject(f"{what} does not split evenly into units")
-    return np.array(per_unit, dtype=np.int64)
+    index = np.array(per_unit, dtype=np.int64)
+    return (index, tuple(shared)) if with_shared else index
 
 
 def _attached_slices(st: _State, u: _Units) -> list[ParamSlice]:
@@ -175,7 +184,7 @@ def _port_slices(st: _State, u: _Units, ports: list[str]) -> tuple[PortSlice, ..
             t, length = Tag(name, 0, 1, 1), st.port_inputs[name]
         else:
             t, length = st.port_outputs[name]
-        out.append(PortSlice(name, axis, _entries_per_unit(st, u, t, length, f"port {name}")))
+        out.append(PortSlice(name, axis, *_entries_per_unit(st, u, t, length, f"port {name}", with_shared=True)))
     return tuple(out)
 
 

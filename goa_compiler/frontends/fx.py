@@ -116,7 +116,43 @@ def from_fx(gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
             nodes[n.name] = Node(n.name, "ignore", args, shape, target=str(n.target))
             continue
         nodes[n.name] = _normalise(n, args, kw, shape)
+        if nodes[n.name].op == "param":          # a transposed view of a parameter
+            params[n.name] = nodes[n.name].attrs["name"]
     return Graph(nodes, params, param_shapes, outputs, ports)
+
+
+def _constant_ints(a) -> list[int] | None:
+    """The values of a small 1-D integer tensor the graph holds as a constant (a lifted
+    tensor, read through copies), else None (an index computed from the input)."""
+    while isinstance(a, torch.fx.Node) and a.op == "call_function" and _op_name(a.target) in (
+            "lift_fresh_copy", "clone", "to", "_to_copy", "alias", "detach"):
+        a = a.args[0]
+    if not (isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.graph.owning_module is not None):
+        return None
+    t = fetch_attr(a.graph.owning_module, str(a.target))
+    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() <= 4096 and not t.is_floating_point():
+        return [int(v) for v in t.tolist()]
+    return None
+
+
+_TRANSPOSES = ("t", "numpy_T", "transpose", "permute", "swapaxes", "mT", "adjoint")
+
+
+def _weight_operand(a) -> tuple[str, bool] | None:
+    """(parameter name, transposed) when ``a`` is a 2-D parameter or its transpose: the
+    weight of a projection written as a matrix product (``x @ W``, ``x @ W.T``)."""
+    if not isinstance(a, torch.fx.Node):
+        return None
+    val = a.meta.get("val")
+    if a.op == "call_function" and _op_name(a.target) in _TRANSPOSES and isinstance(val, torch.Tensor) \
+            and val.dim() == 2 and a.args and isinstance(a.args[0], torch.fx.Node):
+        inner = _weight_operand(a.args[0])
+        return (inner[0], not inner[1]) if inner else None
+    if a.op == "get_attr":
+        t = fetch_attr(a.graph.owning_module, str(a.target)) if a.graph.owning_module is not None else None
+        if isinstance(t, torch.Tensor) and t.dim() == 2:
+            return str(a.target), False
+    return None
 
 
 def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
@@ -145,12 +181,19 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
     if name == "linear":
         bias = args[2] if len(args) > 2 else kw.get("bias")
         return mk("linear", [args[0], args[1], bias], w_out_axis=0)
+    weight = _weight_operand(n.args[1]) if len(n.args) > 1 else None
+    alias = _weight_operand(n) if name in _TRANSPOSES else None
+    if alias is not None:
+        # a transposed parameter, read by the product it feeds: the view names it as the
+        # parameter itself, so the product is one projection reading it once
+        return mk("param", [], name=alias[0], transposed=alias[1])
     if name == "addmm":
-        return mk("linear", [args[1], args[2], args[0]], w_out_axis=1)
+        w = _weight_operand(n.args[2])
+        return mk("linear", [args[1], args[2], args[0]], w_out_axis=0 if w and w[1] else 1)
+    if name in ("mm", "matmul", "bmm") and weight is not None:
+        # x @ W ([in, out]) or x @ W.T ([out, in], as nn.Linear stores it)
+        return mk("linear", [args[0], args[1], None], w_out_axis=0 if weight[1] else 1)
     if name in ("mm", "matmul", "bmm"):
-        b = n.args[1]
-        if isinstance(b, torch.fx.Node) and b.op == "get_attr" and in_rank(1) == 2:
-            return mk("linear", [args[0], args[1], None], w_out_axis=1)
         return mk("matmul", [args[0], args[1]])
     if name in ("view", "reshape", "_unsafe_view"):
         return mk("view", [args[0]], sizes=list(args[1]))
@@ -172,8 +215,19 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
         dims = args[1] if len(args) > 1 else None
         dims = _norm_dims(dims, r) if dims is not None else None
         return mk("squeeze", [args[0]], dims=dims)
-    if name == "expand":
+    if name in ("expand", "broadcast_to"):
         return mk("expand", [args[0]], sizes=list(args[1]))
+    if name == "flatten":
+        return mk("view", [args[0]], sizes=[])     # sizes follow from the input: nothing to patch
+    if name == "select":
+        return mk("select", [args[0]], dim=args[1] % in_rank(), index=args[2])
+    if name == "stack":
+        return mk("stack", list(args[0]), dim=(args[1] if len(args) > 1 else kw.get("dim", 0)) % len(shape))
+    if name == "index" and len(n.args) > 1:
+        picks = list(n.args[1])
+        axes = [i for i, p in enumerate(picks) if p is not None]
+        values = [_constant_ints(picks[i]) for i in axes]
+        return mk("index", [args[0], *[_conv(picks[i]) for i in axes]], axes=axes, values=values)
     if name == "slice":
         r = in_rank()
         dim = (args[1] if len(args) > 1 else kw.get("dim", 0)) % r
@@ -189,7 +243,8 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
         r = in_rank()
         dim = (args[2] if len(args) > 2 else kw.get("dim", 0)) % r
         if name == "unbind":
-            return mk("other", [args[0]])
+            dim = (args[1] if len(args) > 1 else kw.get("dim", 0)) % r
+            return mk("unbind", [args[0]], dim=dim)
         size = n.args[0].meta["val"].shape[dim]
         size = int(size) if not isinstance(size, torch.SymInt) else None
         if name == "split_with_sizes":

@@ -7,9 +7,11 @@ from a torch.export graph; an ONNX frontend can build the same view) and the pas
 read it never see the backend.
 
 Normalised ops (``Node.op``) and their ``attrs``:
-    param                                 a parameter or buffer (attrs: name)
+    param                                 a parameter or buffer (attrs: name; transposed:
+                                          the 2-D transpose of one, as ``x @ W.T`` reads it)
     input, output
-    linear      x, weight, bias           attrs: w_out_axis (0 for [out, in], 1 for [in, out])
+    linear      x, weight, bias           attrs: w_out_axis (0 for [out, in], 1 for [in, out]);
+                                          a matmul with a parameter operand is one too
     view        x                         attrs: sizes (the argument list, to patch)
     permute     x                         attrs: dims
     unsqueeze   x                         attrs: dim
@@ -17,6 +19,11 @@ Normalised ops (``Node.op``) and their ``attrs``:
     expand      x                         attrs: sizes
     slice       x                         attrs: dim, start, end, step
     split       x                         attrs: dim, sizes (multi-output, read by getitem)
+    unbind      x                         attrs: dim (multi-output: one per entry of dim)
+    select      x                         attrs: dim, index (the axis is dropped)
+    index       x, idx...                 attrs: axes (indexed by idx...), values (each
+                                          index's constant ints, or None when computed)
+    stack       xs...                     attrs: dim (the new axis)
     getitem     x                         attrs: index
     cat         xs...                     attrs: dim
     unary       x                         attrs: activation (bool)

@@ -80,11 +80,12 @@ class ParamSlice:
 @dataclass(frozen=True, eq=False)
 class PortSlice:
     """A graph port's share of a structure: ``index[u]`` lists the entries along ``axis``
-    of port ``port`` (ir/graph.py Port) that unit ``u`` owns."""
+    of port ``port`` (ir/graph.py Port) that unit ``u`` owns; ``shared`` entries stay."""
 
     port: str
     axis: int
     index: np.ndarray
+    shared: tuple[int, ...] = ()      # entries no unit owns (a K/V head every query head reads)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ class Structure:
     def granularity(self) -> Unit:
         if self.kind == Kind.FFN:
             return Unit.NEURON
-        return Unit.KV_GROUP if self.kv_heads and self.heads and self.kv_heads < self.heads else Unit.HEAD
+        grouped = self.kv_heads and self.heads and self.kv_heads < self.heads and self.units < self.heads
+        return Unit.KV_GROUP if grouped else Unit.HEAD
 
     @property
     def level1_nodes(self) -> list[str]:

@@ -91,7 +91,8 @@ def _slice_ports(frontend, structures: list[Structure], plan: Plan) -> dict[str,
             raise ValueError(f"{type(frontend).__name__} cannot resize the graph ports of {s.name}")
         kept = sorted(plan.modules[s.name].kept)
         for p in s.ports:
-            keep = np.sort(p.index[kept].reshape(-1)) if kept else np.array([], dtype=np.int64)
+            owned = p.index[kept].reshape(-1) if kept else np.array([], dtype=np.int64)
+            keep = np.sort(np.concatenate([owned, np.asarray(p.shared, dtype=np.int64)]))
             frontend.slice_port(p.port, p.axis, keep)
             sizes[p.port] = len(keep)
     return sizes
