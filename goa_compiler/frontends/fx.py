@@ -479,11 +479,21 @@ class FxFrontend:
     def add_bias(self, node_name: str, param: str) -> None:
         """Give a bias-free linear projection the (already registered) bias ``param``."""
         node = next(n for n in self.gm.graph.nodes if n.name == node_name)
-        if _op_name(node.target) != "linear":
+        if _op_name(node.target) == "linear":
+            with self.gm.graph.inserting_before(node):
+                b = self.gm.graph.get_attr(param)
+            node.args = (node.args[0], node.args[1], b)
+            return
+        if _op_name(node.target) not in ("mm", "matmul", "bmm"):
             raise ValueError(f"cannot add a bias to {node.target}")
-        with self.gm.graph.inserting_before(node):
-            b = self.gm.graph.get_attr(param)
-        node.args = (node.args[0], node.args[1], b)
+        # a projection written as a matrix product: its users read product + bias instead
+        graph = self.gm.graph
+        with graph.inserting_after(node):
+            b = graph.get_attr(param)
+        with graph.inserting_after(b):
+            added = graph.call_function(torch.ops.aten.add.Tensor, (node, b))
+        added.meta = dict(node.meta)
+        node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
 
     def finish(self) -> None:
         self.gm.recompile()

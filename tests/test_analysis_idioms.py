@@ -1,0 +1,100 @@
+"""Analysis rules for the idioms beyond plain linear + view + sdpa, on hand-built graph views
+(the way frontends/fx.py builds them from torch.export): multi-query attention whose single
+K/V head is picked from a fused projection by a constant index, interleaved rotary
+(stack + flatten), a fused axis taken apart by select, and the refusals that guard them."""
+from __future__ import annotations
+
+import numpy as np
+
+from goa_compiler.analysis import analyze_graph
+from test_analysis_rules import B, D, S, View, _heads  # tests/ is on sys.path under pytest
+from goa_compiler.ir.graph import Ref
+
+
+def _index(g: View, x: Ref, axis: int, value: int) -> Ref:
+    shape = list(g.shape(x))
+    shape[axis] = 1
+    idx = g._add("param", [], (1,), {"name": f"const{len(g.nodes)}"})
+    return g._add("index", [x, idx], shape, {"axes": [axis], "values": [[value]]})
+
+
+def _mqa(value_index=-1) -> View:
+    """Falcon's multi-query layout: one projection [4 query heads | k | v] of head size 4,
+    viewed [B, S, 6, 4]; queries are a slice, K and V constant indices from the end."""
+    g = View()
+    qkv = g.view(g.linear(g.x, "h.0.qkv.weight", 24, "qkv"), B, S, 6, 4, name="heads")
+    q = g.permute(g._add("slice", [qkv], (B, S, 4, 4), {"dim": 2, "start": 0, "end": -2, "step": 1}), 0, 2, 1, 3)
+    k = g.permute(_index(g, qkv, 2, -2), 0, 2, 1, 3)
+    v = g.permute(_index(g, qkv, 2, value_index), 0, 2, 1, 3)
+    att = g._add("sdpa", [q, k, v, None], (B, 4, S, 4), {"gqa": False}, "sdpa")
+    merged = g.view(g.permute(att, 0, 2, 1, 3), B, S, D, name="merge")
+    g.out = g.binary(g.x, g.linear(merged, "h.0.dense.weight", D, "dense"))
+    return g
+
+
+def test_multi_query_units_are_query_heads_and_the_kv_head_stays():
+    g = _mqa()
+    (s,) = analyze_graph(g.graph(g.out)).structures
+    assert (s.kind, s.granularity, s.units, s.heads, s.kv_heads) == ("attention", "head", 4, 4, 1)
+    # unit h owns rows 4h..4h+3 of the fused projection (its query head) and nothing of K/V
+    (q,) = s.by_role("q")
+    np.testing.assert_array_equal(q.index, np.arange(16).reshape(4, 4))
+    assert not s.by_role("k") and not s.by_role("v")
+    np.testing.assert_array_equal(s.by_role("o")[0].index, np.arange(16).reshape(4, 4))
+
+
+def test_a_positive_constant_index_into_the_heads_is_refused():
+    g = _mqa(value_index=5)
+    a = analyze_graph(g.graph(g.out))
+    assert a.structures == ()
+    assert "one constant counted from its end" in a.refused[0].reason
+
+
+def test_interleaved_rotary_keeps_the_heads():
+    """GPT-J: x1 = x[..., ::2], x2 = x[..., 1::2]; stack((-x2, x1), -1).flatten(-2)."""
+    g = View()
+    q = _heads(g, g.linear(g.x, "h.0.q.weight", 16, "q"), 4, "qh")
+    k = _heads(g, g.linear(g.x, "h.0.k.weight", 16, "k"), 4, "kh")
+    v = _heads(g, g.linear(g.x, "h.0.v.weight", 16, "v"), 4, "vh")
+
+    def rotate(x):
+        even = g._add("slice", [x], (B, 4, S, 2), {"dim": 3, "start": 0, "end": None, "step": 2})
+        odd = g._add("slice", [x], (B, 4, S, 2), {"dim": 3, "start": 1, "end": None, "step": 2})
+        st = g._add("stack", [g.unary(odd), even], (B, 4, S, 2, 2), {"dim": 4})
+        return g.binary(x, g._add("view", [st], (B, 4, S, 4), {"sizes": []}))
+
+    att = g.sdpa(rotate(q), rotate(k), v, gqa=False)
+    merged = g.view(g.permute(att, 0, 2, 1, 3), B, S, D, name="merge")
+    out = g.binary(g.x, g.linear(merged, "h.0.o.weight", D, "o"))
+    (s,) = analyze_graph(g.graph(out)).structures
+    assert (s.kind, s.units, s.level1_nodes) == ("attention", 4, ["q", "k", "v"])
+
+
+def test_select_on_a_fused_axis_and_on_the_heads():
+    """Bloom-like [B, S, heads, 3, d] with select on the 3: followed; select of one head: refused."""
+    g = View()
+    fused = g.view(g.linear(g.x, "h.0.qkv.weight", 48, "qkv"), B, S, 4, 3, 4, name="fused")
+    q, k, v = (g.permute(g._add("select", [fused], (B, S, 4, 4), {"dim": 3, "index": i}), 0, 2, 1, 3)
+               for i in range(3))
+    merged = g.view(g.permute(g.sdpa(q, k, v, gqa=False), 0, 2, 1, 3), B, S, D, name="merge")
+    out = g.binary(g.x, g.linear(merged, "h.0.dense.weight", D, "dense"))
+    (s,) = analyze_graph(g.graph(out)).structures
+    assert (s.units, s.unit_channels) == (4, 4)
+    # head h owns the 12 fused rows 12h..12h+11 (its q, k and v)
+    np.testing.assert_array_equal(s.level1()[0].index, np.arange(48).reshape(4, 12))
+
+    g = View()
+    heads = g.view(g.linear(g.x, "h.0.up.weight", 16, "up"), B, S, 4, 4, name="heads")
+    one = g._add("select", [heads], (B, S, 4), {"dim": 2, "index": 0})
+    out = g.binary(g.x, g.linear(one, "h.0.down.weight", D, "down"))
+    a = analyze_graph(g.graph(out))
+    assert a.structures == () and "selects one entry of a channel axis" in a.refused[0].reason
+
+
+def test_a_single_channel_entry_broadcast_is_refused():
+    g = View()
+    one = _index(g, g.view(g.linear(g.x, "h.0.up.weight", 16, "up"), B, S, 4, 4, name="heads"), 2, -1)
+    wide = g.binary(one, g._add("input", [], (B, S, 3, 4), name="y"))
+    out = g.binary(g.x, g.linear(g.view(wide, B, S, 12), "h.0.down.weight", D, "down"))
+    a = analyze_graph(g.graph(out))
+    assert a.structures == () and "broadcasts a channel axis of one entry" in a.refused[0].reason
