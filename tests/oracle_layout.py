@@ -74,6 +74,16 @@ LAYOUT: dict[str, Family] = {
 }
 
 
+# the families models/tiny.py lists in PARTIAL: the one kind analysis prunes there
+PARTIAL: dict[str, tuple[str, Block]] = {
+    "gpt-bigcode": ("ffn", Block(("transformer.h.{L}.mlp.c_fc",), "transformer.h.{L}.mlp.c_proj")),
+    "mpt": ("ffn", Block(("transformer.blocks.{L}.ffn.up_proj",), "transformer.blocks.{L}.ffn.down_proj")),
+    "bloom": ("ffn", Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
+    "mixtral": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
+                                   "model.layers.{L}.self_attn.o_proj")),
+}
+
+
 # ------------------------------------------------------------------ config and layout
 
 def heads(config) -> int:
@@ -117,7 +127,11 @@ def out_axis(module: torch.nn.Module) -> int:
 
 
 def block(family: str, kind: str, layer: int) -> Block:
-    b = getattr(LAYOUT[family], kind)
+    if family in PARTIAL:
+        assert PARTIAL[family][0] == kind, (family, kind)
+        b = PARTIAL[family][1]
+    else:
+        b = getattr(LAYOUT[family], kind)
     return Block(tuple(n.format(L=layer) for n in b.level1), b.level2.format(L=layer))
 
 

@@ -102,6 +102,7 @@ class _State:
     port_inputs: dict[str, int] = field(default_factory=dict)  # input port -> entries on its axis
     port_outputs: dict[str, tuple] = field(default_factory=dict)   # output port -> (tag, entries)
     pinned: list[tuple[str, int, int, str]] = field(default_factory=list)  # (root, a, b, where)
+    experts: list[tuple[str, str]] = field(default_factory=list)   # (index node, 3-D parameter)
 
     # -- helpers
     def refuse(self, tags, reason: str, terminal: bool = False):
@@ -448,6 +449,10 @@ def _index(st, node, in_tags):
     x, *idx = node.inputs
     if any(_value_tags(st, r.name) for r in idx if isinstance(r, Ref)):
         raise _Reject("an index computed from channels")
+    src = st.graph.nodes[x.name] if isinstance(x, Ref) else None
+    if src is not None and src.op == "param" and len(src.shape) >= 3 and \
+            any(st.data_dependent.get(r.name) for r in idx if isinstance(r, Ref)):
+        st.experts.append((node.name, st.graph.params[x.name]))
     if not in_tags:
         return
     axes, values = node.attrs["axes"], node.attrs["values"]
@@ -566,10 +571,12 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
                 continue
             t = _tags(st, r).get(k)
             if _static(s[k]) == 1:
-                if t is None:
+                if t is not None and _static(out_shape[a]) != 1:
+                    # one channel scaling many entries (a gate of width 1): that projection
+                    # is no level 1; the other operands' channels go on
+                    st.refuse([t], f"{node.target} ({node.name}): broadcasts a channel axis of one entry")
+                if t is None or _static(out_shape[a]) != 1:
                     continue
-                if _static(out_shape[a]) != 1:
-                    raise _Reject("broadcasts a channel axis of one entry")
             (tagged if t is not None else plain).append((r, k, t))
         if not tagged:
             continue

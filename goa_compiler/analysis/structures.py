@@ -55,6 +55,10 @@ def collect(st: _State) -> Analysis:
             drafts.append(_draft(st, roots, l2s, ports))
         except _Reject as e:
             refused.extend(Refusal(r, st.projs[r].weight, str(e), candidate=True) for r in roots)
+    # experts kept as 3-D parameters and picked per token (transformers' MoE): not pruned
+    refused.extend(Refusal(node, param, f"{node}: mixture-of-experts weights picked per token; "
+                                        "experts are not pruned (the router and each expert stay dense)")
+                   for node, param in st.experts)
     order = {n: i for i, n in enumerate(st.graph.nodes)}
     drafts.sort(key=lambda d: order[d["level2_node"]])
     refused.sort(key=lambda r: order[r.node])

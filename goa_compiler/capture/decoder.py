@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from goa_compiler.capture.torch_export import max_positions
+from goa_compiler.capture.torch_export import exportable_experts, max_positions
 
 # the graph's interface, by position: three token inputs, then past K/V per layer
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -177,6 +177,7 @@ def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     """torch.export the model as a KV-cache decoder; DecoderRefused with the reason when the
     model has no cache of that form or torch.export refuses it."""
     model.eval()
+    exportable_experts(model)
     wrapper = CachedDecoder(model)
     geo = cache_geometry(model)
     dec = CapturedDecoder(None, geo, max_positions(model), int(model.config.vocab_size))

@@ -8,6 +8,7 @@ GraphModule (parameters as attributes) is what analysis reads and rewrite edits.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -70,22 +71,72 @@ def output_name_for(kind: str) -> str:
     return "logits" if kind == "causal-lm" else "last_hidden_state"
 
 
+def exportable_experts(model: torch.nn.Module) -> None:
+    """Mixture-of-experts models in transformers 5 run their experts through a grouped
+    matrix product (a custom op the ONNX exporter cannot translate) by default; the batched
+    form (each token's expert weights gathered, then one batched product) computes the same
+    and exports. Models without experts are left as they are."""
+    can = getattr(model, "_can_set_experts_implementation", None)
+    if callable(can) and can() and getattr(model.config, "_experts_implementation", None) != "batched_mm":
+        model.set_experts_implementation("batched_mm")
+
+
+class CaptureError(Exception):
+    """torch.export refused the model: the message names the guard or the op, in one line."""
+
+
 def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | None = None) -> Captured:
-    """torch.export the model (non-strict) with dynamic batch and sequence."""
+    """torch.export the model (non-strict) with dynamic batch and sequence. A sequence-length
+    guard the model imposes (MPT and GPT-Neo accept fewer positions than their configured
+    maximum) narrows the range and the export is tried again; what export still refuses is
+    a CaptureError."""
     model.eval()
+    exportable_experts(model)
     out_name = output_name_for(kind)
     vocab = vocab_size or int(model.config.vocab_size)
     example = example_inputs(vocab)
     max_seq = max_positions(model)
     wrapper = LogitsOnly(model, out_name)
-    with torch.no_grad():
-        ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)
+    tried: list[int] = []
+    while True:
+        tried.append(max_seq)
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)
+            break
+        except Exception as e:  # noqa: BLE001 - torch.export raises many kinds; the text says which
+            narrower = _narrower_range(str(e), max_seq)
+            if narrower is None or narrower in tried or narrower < example[0].shape[1]:
+                raise CaptureError(f"torch.export refused {type(model).__name__}: {_first_line(e)}") from e
+            max_seq = narrower
     gm = ep.module()
     # what the output does not need (an encoder's pooler) is neither analysed, counted nor
     # exported
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name)
+
+
+def _narrower_range(message: str, max_seq: int) -> int | None:
+    """The longest sequence a violated sequence-length guard still allows: export's own
+    suggestion (``Dim('seq', ..., max=N)``) where it makes one, else one position fewer when
+    the guard excludes the current maximum (``!= max_seq``, ``< max_seq``)."""
+    if "Constraints violated" not in message or "seq" not in message:
+        return None
+    m = re.search(r"Dim\(\s*'seq'[^)]*max\s*=\s*(\d+)", message)
+    if m and int(m.group(1)) < max_seq:
+        return int(m.group(1))
+    if re.search(rf"(!=|<)\s*{max_seq}\b", message):
+        return max_seq - 1
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    """The exception in one line: its first line, and the next when the first only
+    announces it ("Constraints violated (seq)!")."""
+    lines = [ln.strip(" -") for ln in str(e).strip().splitlines() if ln.strip(" -")]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0][-1] in "!:" else (lines or [""])[0]
+    return f"{type(e).__name__}: {text[:240]}"
 
 
 def recapture(gm: torch.nn.Module, example, max_seq: int = 8192, shapes=None) -> torch.export.ExportedProgram:

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from goa_compiler.capture.decoder import CapturedDecoder, DecoderRefused, capture_decoder
-from goa_compiler.capture.torch_export import Captured, capture
+from goa_compiler.capture.torch_export import CaptureError, Captured, capture
 from goa_compiler.driver import report as reporting
 from goa_compiler.driver.options import CompileOptions, validate
 from goa_compiler.driver.passes import PassBase, PassManager, PassResult
-from goa_compiler.export.onnx import export_decoder, export_onnx, onnx_param_count, verify
+from goa_compiler.export.onnx import (ExportError, export_decoder, export_onnx, onnx_param_count,
+                                     untranslatable_ops, verify)
 from goa_compiler.frontends.fx import FxFrontend
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
@@ -115,7 +116,14 @@ class Capture(PassBase):
         return state.captured is None
 
     def call(self, state):
-        state.captured = capture(state.model, state.kind)
+        try:
+            state.captured = capture(state.model, state.kind)
+        except CaptureError as e:
+            raise CompileError(f"capture: {e}") from e
+        ops = untranslatable_ops(state.captured.gm)
+        if ops:
+            raise CompileError(f"export: the ONNX exporter has no translation for {', '.join(ops)} "
+                               f"(found after capture, before calibration)")
         state.frontend = FxFrontend(state.captured.gm)
         return PassResult(self.name)
 
@@ -218,7 +226,15 @@ class ExportDense(PassBase):
 
 def _export(state, path: Path, dense: bool = False) -> Path:
     """model.onnx: the decoder when the compile has one (at the pruned cache geometry, or
-    the dense one before the rewrite), else the plain graph; in --dtype."""
+    the dense one before the rewrite), else the plain graph; in --dtype. What the exporter
+    cannot translate is a CompileError naming the op."""
+    try:
+        return _export_dtype(state, path, dense)
+    except ExportError as e:
+        raise CompileError(f"export: {e}") from e
+
+
+def _export_dtype(state, path: Path, dense: bool) -> Path:
     if state.opts.dtype == "fp16":
         from goa_compiler.export.precision import to_fp16
 

@@ -46,13 +46,38 @@ def export_decoder(gm: torch.nn.Module, example, path: str | os.PathLike, input_
                       _name_decoder_dims)
 
 
+class ExportError(Exception):
+    """The ONNX exporter could not translate the graph: the op, in one line."""
+
+
+def untranslatable_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """Ops of a captured graph the ONNX exporter can neither translate nor decompose: those
+    outside aten and prims (custom ops such as transformers' grouped matrix product) with no
+    ONNX function and no decomposition. Checked right after capture, before the slow phases."""
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    custom = {n.target for n in gm.graph.nodes if n.op == "call_function"
+              and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace not in ("aten", "prims")}
+    if not custom:
+        return []
+    with _quiet():
+        registry = ONNXRegistry.from_torchlib()
+    return sorted(str(t) for t in custom if not registry.is_registered(t)
+                  and not torch._C._dispatch_has_kernel_for_dispatch_key(t.name(), "CompositeImplicitAutograd"))
+
+
 def _translate(ep, example, path, input_names, output_names, shapes, opset, optimize, fix=None) -> Path:
     path = Path(path)
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            ep, example, input_names=input_names, output_names=output_names,
-            dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False, optimize=False)
+        try:
+            program = torch.onnx.export(
+                ep, example, input_names=input_names, output_names=output_names,
+                dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False, optimize=False)
+        except Exception as e:  # noqa: BLE001 - the exporter's errors are many kinds
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise ExportError(f"the ONNX exporter failed ({type(e).__name__}): "
+                              f"{(lines or [''])[0][:240]}") from e
         if optimize:
             fold_graph(program.model)
     model = program.model_proto
