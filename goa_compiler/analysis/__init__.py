@@ -7,9 +7,10 @@ from goa_compiler.ir.graph import Graph
 from goa_compiler.ir.structure import Analysis
 
 
-def analyze_graph(graph: Graph) -> Analysis:
-    """The structures of ``graph`` and the projections refused, each with its reason."""
-    return collect(interpret(graph))
+def analyze_graph(graph: Graph, query_heads: bool = False) -> Analysis:
+    """The structures of ``graph`` and the projections refused, each with its reason.
+    ``query_heads``: grouped-K/V attention gets query-head units (channels.interpret)."""
+    return collect(interpret(graph, query_heads))
 
 
 __all__ = ["analyze_graph"]

@@ -103,6 +103,21 @@ class _State:
     port_outputs: dict[str, tuple] = field(default_factory=dict)   # output port -> (tag, entries)
     pinned: list[tuple[str, int, int, str]] = field(default_factory=list)  # (root, a, b, where)
     experts: list[tuple[str, str]] = field(default_factory=list)   # (index node, 3-D parameter)
+    query_heads: bool = False       # grouped K/V: query heads are the units (not whole groups)
+    kv_reads: list[dict] = field(default_factory=list)   # attention whose query heads read K/V groups
+
+    @property
+    def kv_ports(self) -> set[str]:
+        """Ports whose entries are K/V heads read by query-head units (sliced by group)."""
+        kv_roots = {t.root for r in self.kv_reads for t in (r["k"], r["v"])}
+        out = set()
+        for name in self.port_inputs:
+            if self.uf_mod.find(("root", name)) in {self.uf_mod.find(("root", k)) for k in kv_roots}:
+                out.add(name)
+        for name, (tag, _) in self.port_outputs.items():
+            if tag.root in kv_roots:
+                out.add(name)
+        return out
 
     # -- helpers
     def refuse(self, tags, reason: str, terminal: bool = False):
@@ -202,9 +217,11 @@ def _divides(a, b) -> bool:
 
 # ------------------------------------------------------------------------------- the pass
 
-def interpret(graph: Graph) -> _State:
-    """Run the channel-following interpretation over every node, in order."""
-    st = _State(graph)
+def interpret(graph: Graph, query_heads: bool = False) -> _State:
+    """Run the channel-following interpretation over every node, in order. ``query_heads``:
+    in grouped-K/V attention each query head is a unit of its own, and a K/V head is kept
+    while any query head of its group is (else whole groups are the units)."""
+    st = _State(graph, query_heads=query_heads)
     param_uses = st.param_uses
     for node in graph.nodes.values():
         for r in node.refs():
@@ -719,8 +736,14 @@ def _sdpa(st: _State, node: Node, in_tags=None):
         vt_e = Tag(vt.root, vt.start, vt.block, vt.repeat * rep)
     else:
         kt_e, vt_e = kt, vt
-    st.join(qt, kt_e, hq)
-    st.join(qt, vt_e, hq)
+    if st.query_heads and kt_e.repeat > qt.repeat and kt_e.repeat == vt_e.repeat and qt.repeat == 1:
+        # grouped K/V: the query heads stay units of their own; each reads K/V head i // repeat
+        st.uf_mod.union(("root", qt.root), ("root", kt.root))
+        st.uf_mod.union(("root", qt.root), ("root", vt.root))
+        st.kv_reads.append(dict(node=node.name, q=qt, k=kt_e, v=vt_e, heads=hq, expanded=rep == 1))
+    else:
+        st.join(qt, kt_e, hq)
+        st.join(qt, vt_e, hq)
     _mask_check(st, mask, hq)
     qshape = _shape(st, q)
     _note_attention(st, node, q, qt, hq, k, kt, v, vt, _static(qshape[-1]))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from goa_compiler.analysis.channels import Tag, _Reject, _State
-from goa_compiler.ir.structure import (Analysis, Kind, ParamSlice, PortSlice, Probes, Projection, Refusal,
-                                       Role, Structure)
+from goa_compiler.ir.structure import (Analysis, Kind, KVGroups, ParamSlice, PortSlice, Probes, Projection,
+                                       Refusal, Role, Structure)
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,8 @@ def _attached_slices(st: _State, u: _Units) -> list[ParamSlice]:
 def _port_slices(st: _State, u: _Units, ports: list[str]) -> tuple[PortSlice, ...]:
     out = []
     for name in ports:
+        if name in st.kv_ports:
+            continue                    # a grouped K/V cache: sliced by group (_kv_groups)
         axis = st.graph.ports[name].axis
         if name in st.port_inputs:
             t, length = Tag(name, 0, 1, 1), st.port_inputs[name]
@@ -192,9 +194,56 @@ def _port_slices(st: _State, u: _Units, ports: list[str]) -> tuple[PortSlice, ..
     return tuple(out)
 
 
+def _kv_groups(st: _State, u: _Units, ports: list[str]) -> KVGroups | None:
+    """Query-head units reading grouped K/V (channels.interpret with query_heads): the group
+    each unit reads, the K/V slices and cache entries of each group."""
+    reads = [r for r in st.kv_reads if r["q"].root in u.root_index]
+    if not reads:
+        return None
+    if len(reads) > 1:
+        raise _Reject("query heads read K/V in several attention ops")
+    r = reads[0]
+    q, k, heads = r["q"], r["k"], r["heads"]
+    if u.n != heads:
+        raise _Reject("query-head units that are not one per query head")
+    group_of_unit = np.full(u.n, -1, dtype=np.int64)
+    for i in range(heads):
+        unit = u.unit_of_atom[st.uf_chan.find((q.root, int(q.first_channel(np.array([i]))[0])))]
+        group_of_unit[unit] = i // k.repeat
+    groups = heads // k.repeat
+    slices, roots = [], {}
+    for role, t in ((Role.K, r["k"]), (Role.V, r["v"])):
+        p = st.projs[t.root]
+        index = t.start + np.arange(groups)[:, None] * t.block + np.arange(t.block)[None, :]
+        roots[t.root] = np.concatenate([roots[t.root], index], axis=1) if t.root in roots else index
+        slices.append(ParamSlice(p.weight, p.w_out_axis, role, index))
+        if p.bias:
+            slices.append(ParamSlice(p.bias, 0, Role.BIAS, index))
+    atom_group = {st.uf_chan.find((root, int(c))): g for root, idx in roots.items()
+                  for g in range(groups) for c in idx[g]}
+    kv_ports = []
+    for name in ports:
+        if name not in st.kv_ports:
+            continue
+        axis, length = st.graph.ports[name].axis, st.port_inputs.get(name) or st.port_outputs[name][1]
+        t = Tag(name, 0, 1, 1) if name in st.port_inputs else st.port_outputs[name][0]
+        per: list[list[int]] = [[] for _ in range(groups)]
+        for e in range(length):
+            g = atom_group.get(st.uf_chan.find((t.root, int(t.first_channel(np.array([e]))[0]))))
+            if g is None:
+                raise _Reject(f"port {name} carries entries of no K/V group")
+            per[g].append(e)
+        kv_ports.append(PortSlice(name, axis, np.array(per, dtype=np.int64)))
+    node = st.graph.nodes[r["node"]]
+    operands = tuple(i for i, ref in enumerate(node.inputs[:3]) if i > 0)
+    return KVGroups(group_of_unit, tuple(slices), tuple(kv_ports), roots, r["node"], operands,
+                    len(node.shape) - 3, r["expanded"], k.repeat)
+
+
 def _draft(st: _State, roots: list[str], l2s: list[str], ports: list[str]) -> dict:
     """Every field of a Structure but its name and layer (given once all are known)."""
     u = _units(st, roots, l2s)
+    kv = _kv_groups(st, u, ports)
     is_attention = any(r in st.attention for r in u.root_index)
     lp = st.projs[u.level2]
     slices = [*_level1_slices(st, u, is_attention),
@@ -214,9 +263,9 @@ def _draft(st: _State, roots: list[str], l2s: list[str], ports: list[str]) -> di
         probes=Probes(level1_input=sorted(x_inputs)[0],
                       level2_input=st.graph.nodes[u.level2].inputs[0].name, attention=facts.get("node")),
         level2_node=u.level2, projections=projections, root_index=u.root_index,
-        constants=tuple(c for c in st.constants if c.root in u.root_index),
+        constants=tuple(c for c in st.constants if c.root in u.root_index or (kv and c.root in kv.roots)),
         ports=_port_slices(st, u, ports),
-        heads=heads, kv_heads=kv_heads, head_dim=facts.get("head_dim"))
+        heads=heads, kv_heads=kv_heads, head_dim=facts.get("head_dim"), kv=kv)
 
 
 def _overlap(ranges) -> bool:

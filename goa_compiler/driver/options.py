@@ -42,6 +42,11 @@ class Allocation(StrEnum):
     BLOCK = "block"
 
 
+class AttentionUnit(StrEnum):
+    GROUP = "group"            # grouped K/V: a K/V head with all the query heads that read it
+    QUERY_HEAD = "query-head"  # every query head; a K/V head stays while one of its query heads does
+
+
 class ModuleInputs(StrEnum):
     DENSE = "dense"            # every module's statistics and refits on the dense model's inputs
     PRUNED = "pruned"          # on the inputs of the model pruned so far (errors propagate)
@@ -161,6 +166,11 @@ class CompileOptions:
         "are output errors); the same share of every module (uniform); across all modules by standardised "
         "score (global). Default: block for goa and flap, uniform for the others (measured: docs/method.md)",
         choices=Allocation)
+    attention_unit: str = option(
+        AttentionUnit.GROUP, "the unit of grouped-K/V attention: a K/V head with its query heads (group), "
+        "or each query head (query-head: a K/V head goes when its last query head does; groups left "
+        "unequal read their K/V through a gather). Multi-query attention always has query-head units",
+        choices=AttentionUnit)
     module_inputs: str = option(
         ModuleInputs.DENSE, "the inputs each module is scored and refit on: the dense model's (every "
         "module on its own) or the model pruned so far (the paper's greedy; measured worse, "
@@ -351,6 +361,7 @@ def validate(opts: CompileOptions) -> CompileOptions:
     return dataclasses.replace(
         opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
         allocation=Allocation(allocation), module_inputs=ModuleInputs(opts.module_inputs),
+        attention_unit=AttentionUnit(opts.attention_unit),
         refit_prior=RefitPrior(opts.refit_prior), dtype=DType(opts.dtype),
         head_criterion=HeadCriterion(opts.head_criterion),
         goa_score=GoaScore(opts.goa_score))

@@ -135,7 +135,7 @@ class Analyze(PassBase):
         return state.analysis is None
 
     def call(self, state):
-        state.analysis = _analysis(state.frontend)
+        state.analysis = _analysis(state.frontend, _query_heads(state.opts))
         state.shapes = state.frontend.param_shapes()
         state.params_before = state.frontend.param_count()
         return PassResult(self.name)
@@ -146,8 +146,12 @@ class Analyze(PassBase):
             self.fail(f"structure names are not unique: {names}")
 
 
-def _analysis(frontend) -> Analysis:
-    analysis = _analysis_or_empty(frontend)
+def _query_heads(opts) -> bool:
+    return opts.attention_unit == "query-head"
+
+
+def _analysis(frontend, query_heads: bool = False) -> Analysis:
+    analysis = _analysis_or_empty(frontend, query_heads)
     if not analysis.structures:
         raise CompileError("no prunable structure found: " + "; ".join(
             sorted({r.reason for r in analysis.refused if r.candidate})[:3] or ["no projections"]))
@@ -168,7 +172,7 @@ class CaptureDecoder(PassBase):
         try:
             dec = capture_decoder(state.model)
             fe = FxFrontend(dec.gm, dec.port_inputs(), dec.port_outputs())
-            an = _analysis_or_empty(fe)
+            an = _analysis_or_empty(fe, _query_heads(state.opts))
             problem = serving.mismatch(state.analysis, an)
             if problem:
                 raise DecoderRefused(problem)
@@ -626,10 +630,10 @@ def analyze_model(model: torch.nn.Module, kind: str) -> tuple[Captured, Analysis
     return captured, _analysis_or_empty(FxFrontend(captured.gm))
 
 
-def _analysis_or_empty(frontend) -> Analysis:
+def _analysis_or_empty(frontend, query_heads: bool = False) -> Analysis:
     from goa_compiler.analysis import analyze_graph
 
-    return analyze_graph(frontend.view())
+    return analyze_graph(frontend.view(), query_heads)
 
 
 __all__ = ["CompileError", "CompileOptions", "CompileResult", "CompileState", "PIPELINE", "OUTPUT",

@@ -52,6 +52,8 @@ def module_record(s: Structure, kept) -> dict:
         rec.update(total=s.heads, kept=sorted(h for g in kept for h in range(g * rep, (g + 1) * rep)))
         if s.granularity == Unit.KV_GROUP:
             rec.update(kv_total=s.kv_heads, kv_kept=sorted(kept))
+        elif s.kv is not None:
+            rec.update(kv_total=s.kv.groups, kv_kept=s.kv.kept_groups(kept))
     else:
         rec.update(total=s.units, kept=sorted(kept))
     rec["unit"] = s.granularity

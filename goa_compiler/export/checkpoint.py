@@ -153,7 +153,7 @@ def standard_config(config, analysis, plan):
     widths: dict[str, set[tuple[int, int]]] = {}
     for s in analysis.structures:
         mp = plan.modules.get(s.name)
-        kept = len(mp.kept) if mp is not None else s.units
+        kept = mp.kept if mp is not None else range(s.units)
         for what, dense, pruned in _widths(s, kept):
             widths.setdefault(what, set()).add((dense, pruned))
     new = copy.deepcopy(config)
@@ -178,14 +178,18 @@ def standard_config(config, analysis, plan):
     return new
 
 
-def _widths(s, kept_units: int):
-    """(what, dense, pruned) widths one structure determines: query heads and K/V heads of
-    an attention module, neurons of an FFN."""
+def _widths(s, kept):
+    """(what, dense, pruned) widths one structure determines with the units ``kept``: query
+    heads and K/V heads of an attention module, neurons of an FFN."""
+    kept_units = len(kept)
     if s.kind != "attention":
         yield "ffn", s.units, kept_units
         return
     yield "heads", s.heads, kept_units * s.query_heads_per_unit
-    if s.kv_heads and s.kv_heads % s.units == 0:
+    if s.kv is not None:
+        # query-head units: the K/V heads a kept query head still reads
+        yield "kv_heads", s.kv_heads, len(s.kv.kept_groups(kept))
+    elif s.kv_heads and s.kv_heads % s.units == 0:
         yield "kv_heads", s.kv_heads, kept_units * (s.kv_heads // s.units)
 
 
@@ -201,7 +205,7 @@ def width_attributes(model: torch.nn.Module, analysis, plan) -> dict[str, int]:
         mp = plan.modules.get(s.name)
         if mp is None or len(mp.kept) == s.units:
             continue
-        widths = _width_map(s, len(mp.kept))
+        widths = _width_map(s, mp.kept)
         if not widths:
             continue
         scope = _scope(s)
@@ -216,7 +220,7 @@ def width_attributes(model: torch.nn.Module, analysis, plan) -> dict[str, int]:
     return out
 
 
-def _width_map(s, kept: int) -> dict[int, int]:
+def _width_map(s, kept) -> dict[int, int]:
     pairs: dict[int, set[int]] = {}
     for _, dense, pruned in _widths(s, kept):
         pairs.setdefault(dense, set()).add(pruned)

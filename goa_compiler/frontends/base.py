@@ -57,5 +57,8 @@ class Frontend(Protocol):
     def add_bias(self, node: str, param: str) -> None:
         """Give a bias-free projection the (already set) bias parameter ``param``."""
 
+    def gather(self, node: str, pos: int, axis: int, index: list[int]) -> None:
+        """Let operand ``pos`` of ``node`` be read through a gather of ``index`` along ``axis``."""
+
     def finish(self) -> None:
         """Make the edits take effect (recompile)."""

@@ -476,6 +476,20 @@ class FxFrontend:
         graph. An input's size is not part of it (it comes with the example inputs at export,
         from rewrite's ``ports``); an output's follows from the ops that compute it."""
 
+    def gather(self, node_name: str, pos: int, axis: int, index: list[int]) -> None:
+        """Operand ``pos`` of ``node_name`` read through index_select(axis, index): the K/V
+        head each kept query head reads, when K/V groups are left unequal."""
+        node = next(n for n in self.gm.graph.nodes if n.name == node_name)
+        graph = self.gm.graph
+        name = f"goa_gather_{node_name}_{pos}"
+        self.gm.register_buffer(name, torch.as_tensor(index, dtype=torch.long))
+        with graph.inserting_before(node):
+            idx = graph.get_attr(name)
+            picked = graph.call_function(torch.ops.aten.index_select.default, (node.args[pos], axis, idx))
+        args = list(node.args)
+        args[pos] = picked
+        node.args = tuple(args)
+
     def add_bias(self, node_name: str, param: str) -> None:
         """Give a bias-free linear projection the (already registered) bias ``param``."""
         node = next(n for n in self.gm.graph.nodes if n.name == node_name)

@@ -146,6 +146,48 @@ class Projection:
 
 
 @dataclass(frozen=True, eq=False)
+class KVGroups:
+    """The K/V heads that query-head units read (grouped attention analysed with query-head
+    units): unit ``u`` reads group ``group_of_unit[u]``; a group's K/V slices and cache
+    entries (index [groups, k]) go only when none of its units stays. ``roots`` are the
+    K/V projections' channels per group (for the shape constants they patch). Unequal
+    groups are served by a gather of the K/V heads each kept query head reads, inserted
+    before the attention op ``attention`` on its operands ``operands`` along ``axis``;
+    ``expanded``: the K/V there are already repeated ``repeat`` times (else the op's own
+    grouped attention repeats them)."""
+
+    group_of_unit: np.ndarray
+    slices: tuple[ParamSlice, ...]
+    ports: tuple[PortSlice, ...]
+    roots: dict[str, np.ndarray]
+    attention: str
+    operands: tuple[int, ...]
+    axis: int
+    expanded: bool
+    repeat: int
+
+    @property
+    def groups(self) -> int:
+        return int(self.group_of_unit.max()) + 1 if self.group_of_unit.size else 0
+
+    def kept_groups(self, kept_units) -> list[int]:
+        return sorted({int(self.group_of_unit[u]) for u in kept_units})
+
+    def gather_index(self, kept_units) -> list[int] | None:
+        """Entries of the K/V operand each kept query head reads, after the groups without a
+        kept unit are gone; None when every kept group keeps all its query heads (the
+        graph's own repeat is right)."""
+        kept = sorted(kept_units)
+        groups = self.kept_groups(kept)
+        if len(kept) == len(groups) * self.repeat:
+            return None
+        rank = {g: i for i, g in enumerate(groups)}
+        slot = {u: k for g in groups for k, u in enumerate(np.flatnonzero(self.group_of_unit == g))}
+        return [rank[int(self.group_of_unit[u])] * (self.repeat if self.expanded else 1)
+                + (slot[u] if self.expanded else 0) for u in kept]
+
+
+@dataclass(frozen=True, eq=False)
 class Structure:
     name: str                    # layer{N}.{kind}, unique
     kind: Kind
@@ -160,6 +202,7 @@ class Structure:
     heads: int | None = None     # query heads (attention)
     kv_heads: int | None = None  # key/value heads (attention)
     head_dim: int | None = None
+    kv: KVGroups | None = None   # query-head units reading grouped K/V
 
     @property
     def units(self) -> int:

@@ -33,19 +33,31 @@ def dropped_units(structure: Structure, kept) -> list[int]:
     return sorted(set(range(structure.units)) - set(kept))
 
 
+def dropped_groups(structure: Structure, kept) -> list[int]:
+    """K/V groups none of whose query-head units is kept (structures with ``kv``)."""
+    kv = structure.kv
+    return [] if kv is None else sorted(set(range(kv.groups)) - set(kv.kept_groups(kept)))
+
+
 def removed_indices(structure: Structure, kept) -> dict[tuple[str, int], np.ndarray]:
-    """(param, axis) -> indices removed along that axis for the given kept units."""
-    drop = dropped_units(structure, kept)
+    """(param, axis) -> indices removed along that axis for the given kept units (and the
+    K/V slices of the groups no kept unit reads)."""
+    drop, groups = dropped_units(structure, kept), dropped_groups(structure, kept)
     out: dict[tuple[str, int], list] = {}
     for s in structure.slices:
         if drop:
             out.setdefault((s.param, s.axis), []).append(s.index[drop].reshape(-1))
+    for s in structure.kv.slices if groups else ():
+        out.setdefault((s.param, s.axis), []).append(s.index[groups].reshape(-1))
     return {k: np.unique(np.concatenate(v)) for k, v in out.items()}
 
 
 def removed_root_channels(structure: Structure, kept) -> dict[str, np.ndarray]:
-    drop = dropped_units(structure, kept)
-    return {r: np.sort(idx[drop].reshape(-1)) for r, idx in structure.root_index.items()}
+    drop, groups = dropped_units(structure, kept), dropped_groups(structure, kept)
+    out = {r: np.sort(idx[drop].reshape(-1)) for r, idx in structure.root_index.items()}
+    for r, idx in structure.kv.roots.items() if structure.kv is not None else ():
+        out[r] = np.union1d(out.get(r, np.array([], dtype=np.int64)), idx[groups].reshape(-1))
+    return out
 
 
 def rewrite(frontend, analysis: Analysis, plan: Plan, new_weights: dict | None = None,
@@ -76,15 +88,35 @@ def rewrite(frontend, analysis: Analysis, plan: Plan, new_weights: dict | None =
     pruned = [s for s in analysis.structures if s.name in plan.modules]
     patched = _set_constants(frontend, pruned, root_removed)
     ports = _slice_ports(frontend, pruned, plan)
+    _gather_kv(frontend, pruned, plan)
     frontend.finish()
     return RewriteResult(before, frontend.param_count(), sliced, tuple(patched), ports)
 
 
+def _gather_kv(frontend, structures: list[Structure], plan: Plan) -> None:
+    """Query-head units that leave K/V groups of unequal size: each kept query head reads
+    its K/V head through a gather before the attention op."""
+    for s in structures:
+        if s.kv is None:
+            continue
+        index = s.kv.gather_index(plan.modules[s.name].kept)
+        if index is not None:
+            for pos in s.kv.operands:
+                frontend.gather(s.kv.attention, pos, s.kv.axis, index)
+
+
 def _slice_ports(frontend, structures: list[Structure], plan: Plan) -> dict[str, int]:
-    """Each port of a pruned structure keeps the entries of the kept units; returns the new
-    size of every port. A frontend without ``slice_port`` cannot resize its graph's ports."""
+    """Each port of a pruned structure keeps the entries of the kept units (of the K/V
+    groups they read); returns the new size of every port. A frontend without
+    ``slice_port`` cannot resize its graph's ports."""
     sizes: dict[str, int] = {}
     for s in structures:
+        if s.kv is not None and s.kv.ports:
+            groups = s.kv.kept_groups(plan.modules[s.name].kept)
+            for p in s.kv.ports:
+                keep = np.sort(p.index[groups].reshape(-1))
+                frontend.slice_port(p.port, p.axis, keep)
+                sizes[p.port] = len(keep)
         if not s.ports:
             continue
         if not hasattr(frontend, "slice_port"):
