@@ -60,6 +60,9 @@ def _config(family: str):
     if family == "llama-gqa":
         # transformers 5 requires hidden % heads == 0 even with an explicit head_dim, hence 96.
         return _llama_like(LlamaConfig, heads=6, kv_heads=2, hidden=96)
+    if family == "llama-mqa":
+        # one K/V head for 4 query heads, repeated by repeat_kv (expand + reshape)
+        return _llama_like(LlamaConfig, heads=4, kv_heads=1)
     if family == "mistral":
         return _llama_like(MistralConfig, heads=8, kv_heads=2, sliding_window=None)
     if family == "qwen2":
@@ -101,7 +104,7 @@ def _config(family: str):
                           n_positions=MAX_POS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           bos_token_id=0, eos_token_id=0)
     if family == "gpt-bigcode":
-        # multi-query with a fused c_attn [q heads | k | v]
+        # multi-query with a fused c_attn [q heads | k | v], its one K/V head expanded to the heads
         return GPTBigCodeConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_inner=128,
                                 multi_query=True, n_positions=MAX_POS, resid_pdrop=0.0, embd_pdrop=0.0,
                                 attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
@@ -119,11 +122,11 @@ def _config(family: str):
 
 
 FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox", "phi3", "gemma3", "bert",
-            "falcon", "falcon-mqa", "gptj"]
+            "falcon", "falcon-mqa", "gptj", "gpt-bigcode", "llama-mqa"]
 ENCODERS = {"bert"}
 # families whose graphs have a structure analysis refuses (the kind named), with its reason
 # in the report: the other kind is pruned
-PARTIAL = {"gpt-bigcode": "attention", "mpt": "attention", "bloom": "attention", "mixtral": "ffn"}
+PARTIAL = {"mpt": "attention", "bloom": "attention", "mixtral": "ffn"}
 
 
 @torch.no_grad()

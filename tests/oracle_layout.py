@@ -49,6 +49,7 @@ LAYOUT: dict[str, Family] = {
                    Block(("transformer.h.{L}.mlp.c_fc",), "transformer.h.{L}.mlp.c_proj")),
     "llama": _llama(),
     "llama-gqa": _llama(),
+    "llama-mqa": _llama(),
     "mistral": _llama(),
     "qwen2": _llama(),
     "gemma3": _llama(),
@@ -67,6 +68,8 @@ LAYOUT: dict[str, Family] = {
                          Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
     "gptj": Family(Block(tuple(f"transformer.h.{{L}}.attn.{p}_proj" for p in "qkv"), "transformer.h.{L}.attn.out_proj"),
                    Block(("transformer.h.{L}.mlp.fc_in",), "transformer.h.{L}.mlp.fc_out")),
+    "gpt-bigcode": Family(Block(("transformer.h.{L}.attn.c_attn",), "transformer.h.{L}.attn.c_proj"),
+                          Block(("transformer.h.{L}.mlp.c_fc",), "transformer.h.{L}.mlp.c_proj")),
     "bert": Family(
         Block(tuple(f"encoder.layer.{{L}}.attention.self.{p}" for p in ("query", "key", "value")),
               "encoder.layer.{L}.attention.output.dense"),
@@ -76,7 +79,6 @@ LAYOUT: dict[str, Family] = {
 
 # the families models/tiny.py lists in PARTIAL: the one kind analysis prunes there
 PARTIAL: dict[str, tuple[str, Block]] = {
-    "gpt-bigcode": ("ffn", Block(("transformer.h.{L}.mlp.c_fc",), "transformer.h.{L}.mlp.c_proj")),
     "mpt": ("ffn", Block(("transformer.blocks.{L}.ffn.up_proj",), "transformer.blocks.{L}.ffn.down_proj")),
     "bloom": ("ffn", Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
     "mixtral": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),

@@ -80,6 +80,10 @@ def _check_records(model, family, modules):
                 rep = ol.heads(cfg) // ol.kv_heads(cfg)
                 assert rec["kv_total"] == ol.kv_heads(cfg), rec
                 assert rec["kept"] == [h for g in rec["kv_kept"] for h in range(g * rep, (g + 1) * rep)], rec
+            elif ol.kv_heads(cfg) < ol.heads(cfg) and "kv_kept" in rec:
+                # query-head units: a K/V head stays exactly while one of its query heads does
+                rep = ol.heads(cfg) // ol.kv_heads(cfg)
+                assert rec["kv_kept"] == sorted({h // rep for h in rec["kept"]}), rec
             else:
                 assert "kv_kept" not in rec, rec
         else:

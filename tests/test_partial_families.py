@@ -2,8 +2,6 @@
 an internal error), the refused kind is named with its reason, and what was pruned passes
 the zeroing oracle in onnxruntime (tests/oracle_layout.py, independent of the analysis).
 
-    gpt-bigcode  multi-query attention whose one K/V head is expanded to the head count by
-                 a constant: attention refused, FFN pruned
     mpt          ALiBi attention; capture narrows the sequence range to the model's guard
     bloom        ALiBi attention with heads merged into the batch axis
     mixtral      experts as 3-D parameters picked per token: attention pruned, experts not

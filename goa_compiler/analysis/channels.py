@@ -103,6 +103,7 @@ class _State:
     port_outputs: dict[str, tuple] = field(default_factory=dict)   # output port -> (tag, entries)
     pinned: list[tuple[str, int, int, str]] = field(default_factory=list)  # (root, a, b, where)
     experts: list[tuple[str, str]] = field(default_factory=list)   # (index node, 3-D parameter)
+    port_features: list[tuple[Tag, int]] = field(default_factory=list)  # ports' feature axes: never sliced
     query_heads: bool = False       # grouped K/V: query heads are the units (not whole groups)
     kv_reads: list[dict] = field(default_factory=list)   # attention whose query heads read K/V groups
 
@@ -165,9 +166,12 @@ def _prod(dims):
     return sympy.expand(p)
 
 
-def _view_groups(src: tuple, dst: tuple):
+def _view_groups(src: tuple, dst: tuple, keep=frozenset()):
     """Group the dims of a reshape: a list of (src dims, dst dims) with equal products.
-    Size-1 dims form their own groups. Returns None when the shapes cannot be matched."""
+    Size-1 dims form their own groups, except next to a source dim in ``keep`` (a channel
+    axis): a size-1 source dim in ``keep`` (one K/V head) merges with the dims after it, and
+    a size-1 destination dim before a kept source dim leads its group ([.., D] -> [.., 1, D]
+    is one head of D channels). Returns None when the shapes cannot be matched."""
     groups = []
     i = j = 0
     while i < len(src) or j < len(dst):
@@ -176,11 +180,11 @@ def _view_groups(src: tuple, dst: tuple):
             i += 1
             j += 1
             continue
-        if i < len(src) and _static(src[i]) == 1:
+        if i < len(src) and _static(src[i]) == 1 and i not in keep:
             groups.append(([i], []))
             i += 1
             continue
-        if j < len(dst) and _static(dst[j]) == 1:
+        if j < len(dst) and _static(dst[j]) == 1 and not (i < len(src) and i in keep):
             groups.append(([], [j]))
             j += 1
             continue
@@ -323,8 +327,11 @@ def _output(st, node, in_tags):
     for r in node.refs():
         tags = st.tags.get(r, {})
         port = st.graph.ports.get(r)
-        if port is not None and set(tags) == {port.axis}:
+        last = len(st.graph.nodes[r].shape or ()) - 1
+        if port is not None and port.axis in tags and set(tags) <= {port.axis, last}:
             st.port_outputs[r] = (tags[port.axis], _static(st.graph.nodes[r].shape[port.axis]))
+            if last in tags and last != port.axis:
+                st.port_features.append((tags[last], _static(st.graph.nodes[r].shape[last])))
         elif _value_tags(st, r):
             st.refuse(_value_tags(st, r), "channels reach a model output", terminal=True)
 
@@ -605,6 +612,12 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
             st.join(first, t, length)
         for r, k, _ in plain:
             src = st.graph.nodes[r.name]
+            port = st.graph.ports.get(r.name)
+            if port is not None and src.op == "input" and k == len(_shape(st, r)) - 1 != port.axis:
+                # a cache port's features meet channels (a multi-query K/V head's): they are
+                # never sliced, so no unit may own these channels (structures._units)
+                st.port_features.append((first, length))
+                continue
             if src.op == "param":
                 st.attached.append((st.graph.params[r.name], k, first, length))
                 if len(src.shape) != len(_shape(st, r)) or src.attrs.get("transposed"):
@@ -626,7 +639,7 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
     sizes = node.attrs["sizes"]
     if not in_tags:
         return
-    groups = _view_groups(src, dst)
+    groups = _view_groups(src, dst, frozenset(in_tags))
     if groups is None:
         raise _Reject("a reshape of a channel axis analysis cannot match")
     out: dict[int, Tag] = {}
@@ -699,13 +712,56 @@ def _shared_kv(st: _State, ref, heads: int) -> bool:
     rank = len(shape)
     if any(a < rank - 3 or a == rank - 2 for a in tags):
         return False
-    if rank - 3 in tags:
-        return _static(shape[rank - 3]) == 1 and heads > 1 and rank - 1 not in tags
-    if rank - 1 in tags and _static(shape[rank - 3]) not in (1, None):
-        # expanded to the head count by a constant that would have to follow the kept heads
-        raise _Reject("keys and values expanded over the query heads (multi-query attention "
-                      "that repeats one K/V head by a constant count)")
-    return rank - 1 in tags
+    head, features = tags.get(rank - 3), tags.get(rank - 1)
+    if features is not None:
+        # channels on the features: heads expanded from one, or a cache's own entries
+        return head is None or head.root in st.port_inputs
+    return head is not None and _static(shape[rank - 3]) == 1 and heads > 1
+
+
+def _expansion_sizes(st: _State, ref, axis: int, n: int) -> list[tuple[str, int]] | None:
+    """The integer arguments that make axis ``axis`` of ``ref`` ``n`` entries long, traced
+    back to the expand that made it from one entry: (node, position in its sizes) of that
+    expand and of every reshape on the way. None when the trail is lost."""
+    found: list[tuple[str, int]] = []
+    name = ref.name
+    for _ in range(32):
+        node = st.graph.nodes[name]
+        src = node.inputs[0] if node.inputs and isinstance(node.inputs[0], Ref) else None
+        if src is None:
+            return None
+        src_shape = _shape(st, src)
+        if node.op == "expand":
+            sizes = node.attrs["sizes"]
+            off = len(sizes) - len(src_shape)
+            if axis - off >= 0 and _static(src_shape[axis - off]) == 1 and sizes[axis] == n:
+                return found + [(node.name, axis)]
+        elif node.op == "view":
+            groups = _view_groups(src_shape, node.shape)
+            group = next((g for g in groups or () if axis in g[1]), None)
+            inner = [k for k in (group[0] if group else ()) if _static(src_shape[k]) != 1]
+            if group is None or group[1] != [axis] or len(inner) != 1:
+                return None
+            if axis < len(node.attrs["sizes"]) and node.attrs["sizes"][axis] == n:
+                found.append((node.name, axis))
+            axis = inner[0]
+        elif node.op == "permute":
+            axis = node.attrs["dims"][axis]
+        elif node.op == "unsqueeze":
+            if axis == node.attrs["dim"]:
+                return None
+            axis -= axis > node.attrs["dim"]
+        elif node.op in ("unary", "binary"):
+            src = next((r for r in node.inputs if isinstance(r, Ref) and len(_shape(st, r)) == len(node.shape)
+                        and _static(_shape(st, r)[axis]) == n), None)
+            if src is None:
+                return None
+        else:
+            return None
+        if _static(_shape(st, src)[axis]) not in (n, 1):
+            return None
+        name = src.name
+    return None
 
 
 @rule("sdpa")
@@ -717,6 +773,18 @@ def _sdpa(st: _State, node: Node, in_tags=None):
         if not all(shared):
             raise _Reject("keys and values are shared by the query heads differently")
         _mask_check(st, mask, hq)
+        for ref in (k, v):
+            shape = _shape(st, ref)
+            if _static(shape[len(shape) - 3]) == hq > 1:
+                # one K/V head repeated to the query heads by a constant: it follows the kept heads
+                trail = _expansion_sizes(st, ref, len(shape) - 3, hq)
+                if trail is None:
+                    raise _Reject("keys and values repeated over the query heads in a way analysis "
+                                  "cannot follow back to the expand")
+                a, b = qt.channels(hq)
+                for n, pos in trail:
+                    st.constants.append(ShapeConstant(IntHandle(n, "sizes", pos), ConstantKind.SIZE, qt.root,
+                                                      a, b, qt.block, qt.repeat, hq))
         _note_attention(st, node, q, qt, hq, None, None, None, None, _static(_shape(st, q)[-1]))
         for role, ref in (("k", k), ("v", v)):
             for a, t in _tags(st, ref).items():
@@ -736,7 +804,8 @@ def _sdpa(st: _State, node: Node, in_tags=None):
         vt_e = Tag(vt.root, vt.start, vt.block, vt.repeat * rep)
     else:
         kt_e, vt_e = kt, vt
-    if st.query_heads and kt_e.repeat > qt.repeat and kt_e.repeat == vt_e.repeat and qt.repeat == 1:
+    if (st.query_heads or _kv_heads_of(kt_e, hq) == 1) and kt_e.repeat > qt.repeat \
+            and kt_e.repeat == vt_e.repeat and qt.repeat == 1:
         # grouped K/V: the query heads stay units of their own; each reads K/V head i // repeat
         st.uf_mod.union(("root", qt.root), ("root", kt.root))
         st.uf_mod.union(("root", qt.root), ("root", vt.root))
@@ -749,6 +818,11 @@ def _sdpa(st: _State, node: Node, in_tags=None):
     _note_attention(st, node, q, qt, hq, k, kt, v, vt, _static(qshape[-1]))
     out_rank = len(node.shape)
     st.tags[node.name] = {out_rank - 3: qt}
+
+
+def _kv_heads_of(t: Tag, length: int) -> int:
+    """K/V heads behind an axis of ``length`` entries tagged ``t`` (repeated ``t.repeat`` times)."""
+    return max(length // t.repeat, 1)
 
 
 def _mask_check(st, mask, hq):

@@ -107,6 +107,10 @@ def _units(st: _State, roots: list[str], l2s: list[str]) -> _Units:
             root_index[r] = np.array(per_unit, dtype=np.int64)
     if not root_index:
         raise _Reject("no projection channels reach the level-2 input")
+    for t, length in st.port_features:
+        owned = {unit_of_atom.get(st.uf_chan.find((t.root, int(c)))) for c in t.first_channel(np.arange(length))}
+        if owned - {None}:
+            raise _Reject("a cache port carries a unit's channels on its feature axis")
     for root, a, b, where in st.pinned:
         if root in root_index and np.isin(root_index[root], np.arange(a, b)).any():
             raise _Reject(f"{where}: a constant index selects channels of a unit")
