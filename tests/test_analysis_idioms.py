@@ -98,3 +98,18 @@ def test_a_single_channel_entry_broadcast_is_refused():
     out = g.binary(g.x, g.linear(g.view(wide, B, S, 12), "h.0.down.weight", D, "down"))
     a = analyze_graph(g.graph(out))
     assert a.structures == () and "broadcasts a channel axis of one entry" in a.refused[0].reason
+
+
+def test_a_constant_index_from_the_end_before_the_units_is_refused():
+    """[k | v | 4 query heads] with K/V picked as entries -6 and -5: removing a query head
+    would move what those indices pick, so the structure is refused."""
+    g = View()
+    qkv = g.view(g.linear(g.x, "h.0.qkv.weight", 24, "qkv"), B, S, 6, 4, name="heads")
+    q = g.permute(g._add("slice", [qkv], (B, S, 4, 4), {"dim": 2, "start": 2, "end": None, "step": 1}), 0, 2, 1, 3)
+    k = g.permute(_index(g, qkv, 2, -6), 0, 2, 1, 3)
+    v = g.permute(_index(g, qkv, 2, -5), 0, 2, 1, 3)
+    att = g._add("sdpa", [q, k, v, None], (B, 4, S, 4), {"gqa": False}, "sdpa")
+    merged = g.view(g.permute(att, 0, 2, 1, 3), B, S, D, name="merge")
+    a = analyze_graph(g.graph(g.binary(g.x, g.linear(merged, "h.0.dense.weight", D, "dense"))))
+    assert a.structures == ()
+    assert "selects or follows channels of a unit" in a.refused[0].reason

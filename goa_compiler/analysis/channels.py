@@ -101,7 +101,7 @@ class _State:
     param_uses: dict[str, int] = field(default_factory=dict)   # parameter -> number of readers
     port_inputs: dict[str, int] = field(default_factory=dict)  # input port -> entries on its axis
     port_outputs: dict[str, tuple] = field(default_factory=dict)   # output port -> (tag, entries)
-    pinned: list[tuple[str, int, int, str]] = field(default_factory=list)  # (root, a, b, where)
+    pinned: list[tuple[str, int, int, str]] = field(default_factory=list)  # (root, a, b, where): no unit's
     experts: list[tuple[str, str]] = field(default_factory=list)   # (index node, 3-D parameter)
     port_features: list[tuple[Tag, int]] = field(default_factory=list)  # ports' feature axes: never sliced
     query_heads: bool = False       # grouped K/V: query heads are the units (not whole groups)
@@ -490,7 +490,8 @@ def _index(st, node, in_tags):
         if vals is None or length is None or len(vals) != 1 or not -length <= vals[0] < 0 or t.repeat != 1:
             raise _Reject("indexes a channel axis other than by one constant counted from its end")
         out[a] = _slice_tag(t, length + vals[0], length + vals[0] + 1)
-        st.pinned.append((t.root, *out[a].channels(1), f"{node.target} ({node.name})"))
+        # counted from the end: the entry and every one after it must stay where they are
+        st.pinned.append((t.root, out[a].channels(1)[0], t.channels(length)[1], f"{node.target} ({node.name})"))
     st.tags[node.name] = out
 
 

@@ -113,7 +113,7 @@ def _units(st: _State, roots: list[str], l2s: list[str]) -> _Units:
             raise _Reject("a cache port carries a unit's channels on its feature axis")
     for root, a, b, where in st.pinned:
         if root in root_index and np.isin(root_index[root], np.arange(a, b)).any():
-            raise _Reject(f"{where}: a constant index selects channels of a unit")
+            raise _Reject(f"{where}: a constant index counted from the end selects or follows channels of a unit")
     col_units: list[list[int]] = [[] for _ in range(n_units)]
     for c, a in enumerate(atom_of_col):
         col_units[unit_of_atom[a]].append(c)
