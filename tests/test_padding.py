@@ -8,7 +8,8 @@ What holds (checked family by family; tolerance 1e-4 of the largest output magni
   * left padding: every family whose positions are relative (rotary: llama, mistral, qwen2,
     phi3, gemma3, gpt-neox; OPT's learned positions are derived from the attention mask by
     transformers itself), PyTorch and ONNX.
-  * left padding with absolute positions counted from 0 whatever the mask (gpt2, bert):
+  * left padding with absolute positions counted from 0 whatever the mask (gpt2, bert,
+    gpt-bigcode):
     transformers' models number positions 0..seq-1 when no ``position_ids`` are given, so the
     left-padded row's real tokens get shifted positions. The PyTorch model gives the right
     answer only when handed position_ids = cumsum(mask) - 1 (what generate() does for GPT-2);
@@ -31,7 +32,7 @@ from models import tiny
 
 TOL = 1e-4
 # no position_ids input in the graph; these families' positions do not follow the mask
-ABSOLUTE = {"gpt2", "bert"}
+ABSOLUTE = {"gpt2", "bert", "gpt-bigcode"}
 RELATIVE = [f for f in tiny.FAMILIES if f not in ABSOLUTE]
 # longer than gemma3's sliding window (32), so that the window meets the padding
 SEQ, RIGHT_LEN, LEFT_LEN = 48, 44, 37
