@@ -4,6 +4,7 @@ another kind, in one process: the quick check of a change that moves quality.
     python tools/quality_check.py --out q.json [--configs goa/refit/0.2,goa/none/0.2]
         [--ood pydoc] [--eval-tokens 4096]
         [--module-inputs dense|pruned] [--set refit_prior=original --set ridge=0.3]
+        [--set attention_unit=query-head]
 
 Each configuration is criterion/reconstruction/ratio, pruned with the defaults otherwise
 (KJV calibration split, --num-samples 32 windows of 128 tokens, seed 0) through the same
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         extra[key] = float(value) if kind.startswith("float") else int(value) if kind.startswith("int") else value
     loaded = load_model("smollm2-135m")
     cap = capture(loaded.model, loaded.kind)
-    analysis = analyze_graph(FxFrontend(cap.gm).view())
+    analysis = analyze_graph(FxFrontend(cap.gm).view(), query_heads=extra.get("attention_unit") == "query-head")
     sets = {}
     for name, spec in (("kjv", "kjv"), ("ood", args.ood)):
         opts = CompileOptions(ratio=0.0, eval_data=spec, eval_tokens=args.eval_tokens)

@@ -132,11 +132,14 @@ def _narrower_range(message: str, max_seq: int) -> int | None:
 
 
 def _first_line(e: Exception) -> str:
-    """The exception in one line: its first line, and the next when the first only
-    announces it ("Constraints violated (seq)!")."""
+    """The exception in one line: its first line, with the guard torch.export could not
+    prove when it names one ("Not all values of seq ... satisfy the generated guard ...")."""
     lines = [ln.strip(" -") for ln in str(e).strip().splitlines() if ln.strip(" -")]
-    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0][-1] in "!:" else (lines or [""])[0]
-    return f"{type(e).__name__}: {text[:240]}"
+    text = (lines or [""])[0]
+    guard = next((ln for ln in lines if ln.startswith("Not all values of")), None)
+    if guard is not None:
+        text = text.split("!")[0] + ": " + guard
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 def recapture(gm: torch.nn.Module, example, max_seq: int = 8192, shapes=None) -> torch.export.ExportedProgram:
