@@ -39,3 +39,26 @@ def test_what_export_still_refuses_is_a_capture_error(monkeypatch):
     monkeypatch.setattr(torch.export, "export", refuse)
     with pytest.raises(CaptureError, match=r"^torch.export refused LlamaForCausalLM: RuntimeError: Could not guard"):
         capture(tiny.build("llama")[0], "causal-lm")
+
+
+def test_positions_are_the_models_own_where_it_numbers_them_its_way():
+    """RoBERTa counts positions from its padding index, from the tokens: the captured graph
+    must not replace them with positions from the mask (GPT-2 needs those for left padding)."""
+    import torch
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    from goa_compiler.capture.torch_export import example_inputs, positions_from_mask
+
+    torch.manual_seed(0)
+    model = RobertaForCausalLM(RobertaConfig(vocab_size=256, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, is_decoder=True,
+                                             max_position_embeddings=64)).eval()
+    example = example_inputs(256)
+    assert not positions_from_mask(model, example, "logits")
+    assert positions_from_mask(tiny.build("gpt2")[0], example, "logits")
+    captured = capture(model, "causal-lm")
+    ids, mask = example
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = captured.gm(ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

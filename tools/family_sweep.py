@@ -30,7 +30,7 @@ SHRINK = dict(vocab_size=256, hidden_size=64, n_embd=64, d_model=64, num_hidden_
               moe_intermediate_size=32, num_local_experts=4, num_experts=4, n_routed_experts=4,
               num_experts_per_tok=2, shared_expert_intermediate_size=64, kv_lora_rank=16, q_lora_rank=16,
               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=None,
-              first_k_dense_replace=1, layer_types=None, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+              first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def tiny_config(model_type: str):
@@ -45,6 +45,9 @@ def tiny_config(model_type: str):
                 setattr(target, key, value)
             except Exception:  # noqa: BLE001 - a read-only or derived field
                 pass
+    types = getattr(target, "layer_types", None)
+    if isinstance(types, (list, tuple)) and types:
+        target.layer_types = list(types[:2]) if len(types) >= 2 else list(types) * 2
     target.use_cache = False
     return cfg
 

@@ -14,19 +14,36 @@ from dataclasses import dataclass
 import torch
 
 
+def positions_from_mask(model: torch.nn.Module, example, output: str) -> bool:
+    """Whether positions derived from the mask are the model's own on an unpadded batch
+    (0..seq-1): true of GPT-2 and the rotary families, not of RoBERTa's, which count from
+    its padding index and derive them from the tokens themselves. Checked by running the
+    model both ways, not by family."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    ids, mask = example
+    with torch.no_grad():
+        own = getattr(model(input_ids=ids, attention_mask=mask, use_cache=False), output)
+        ours = getattr(model(input_ids=ids, attention_mask=mask, use_cache=False,
+                             position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0)), output)
+    return bool(torch.allclose(own, ours, rtol=1e-4, atol=1e-5 * float(own.abs().max())))
+
+
 class LogitsOnly(torch.nn.Module):
     """forward(input_ids, attention_mask) -> the model's main output tensor only.
 
     Where the model takes ``position_ids``, they are derived from the mask (the number of
     real tokens before each one), as generation does: a left-padded row then sees the
     positions of the same sequence unpadded, which absolute position embeddings (GPT-2,
-    BERT) need; for an unpadded batch they are 0..seq-1, what the model would use anyway."""
+    BERT) need; for an unpadded batch they are 0..seq-1, what the model would use anyway.
+    ``positions`` False: the model numbers positions its own way (``positions_from_mask``)."""
 
-    def __init__(self, model: torch.nn.Module, output: str):
+    def __init__(self, model: torch.nn.Module, output: str, positions: bool | None = None):
         super().__init__()
         self.model = model
         self.output = output
-        self.positions = "position_ids" in inspect.signature(model.forward).parameters
+        takes = "position_ids" in inspect.signature(model.forward).parameters
+        self.positions = takes if positions is None else (takes and positions)
 
     def forward(self, input_ids, attention_mask):
         kw = {}
@@ -96,7 +113,7 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     vocab = vocab_size or int(model.config.vocab_size)
     example = example_inputs(vocab)
     max_seq = max_positions(model)
-    wrapper = LogitsOnly(model, out_name)
+    wrapper = LogitsOnly(model, out_name, positions_from_mask(model, example, out_name))
     tried: list[int] = []
     while True:
         tried.append(max_seq)

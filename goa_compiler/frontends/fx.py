@@ -115,7 +115,13 @@ def from_fx(gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
         if n.op == "call_module":
             nodes[n.name] = Node(n.name, "ignore", args, shape, target=str(n.target))
             continue
-        nodes[n.name] = _normalise(n, args, kw, shape)
+        try:
+            nodes[n.name] = _normalise(n, args, kw, shape)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError):
+            # an overload whose arguments the mapping does not expect: analysis refuses
+            # channels through it rather than the compile failing
+            nodes[n.name] = Node(n.name, "other", [a for a in args if isinstance(a, Ref)], shape,
+                                 target=str(n.target))
         if nodes[n.name].op == "param":          # a transposed view of a parameter
             params[n.name] = nodes[n.name].attrs["name"]
     return Graph(nodes, params, param_shapes, outputs, ports)
@@ -275,6 +281,8 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
         w = args[2] if len(args) > 2 else kw.get("weight")
         b = args[3] if len(args) > 3 and name != "rms_norm" else kw.get("bias")
         return mk("norm", [args[0], w, b], ndims=len(ns))
+    if name in _REDUCE and len(args) > 1 and isinstance(args[1], Ref):
+        return mk("binary", [args[0], args[1]])      # max/min of two tensors: elementwise
     if name in _REDUCE:
         r = in_rank()
         dims = args[1] if len(args) > 1 else kw.get("dim")
