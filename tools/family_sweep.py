@@ -29,7 +29,7 @@ SHRINK = dict(vocab_size=256, hidden_size=64, n_embd=64, d_model=64, num_hidden_
               n_inner=128, ffn_dim=128, head_dim=16, max_position_embeddings=512, n_positions=512, max_seq_len=512,
               moe_intermediate_size=32, num_local_experts=4, num_experts=4, n_routed_experts=4,
               num_experts_per_tok=2, shared_expert_intermediate_size=64, kv_lora_rank=16, q_lora_rank=16,
-              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=None,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=64,
               first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import torch
 
 
+class CaptureError(Exception):
+    """torch.export refused the model: the message names the guard or the op, in one line."""
+
+
 def positions_from_mask(model: torch.nn.Module, example, output: str) -> bool:
     """Whether positions derived from the mask are the model's own on an unpadded batch
     (0..seq-1): true of GPT-2 and the rotary families, not of RoBERTa's, which count from
@@ -22,10 +26,13 @@ def positions_from_mask(model: torch.nn.Module, example, output: str) -> bool:
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return False
     ids, mask = example
-    with torch.no_grad():
-        own = getattr(model(input_ids=ids, attention_mask=mask, use_cache=False), output)
-        ours = getattr(model(input_ids=ids, attention_mask=mask, use_cache=False,
-                             position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0)), output)
+    try:
+        with torch.no_grad():
+            own = getattr(model(input_ids=ids, attention_mask=mask, use_cache=False), output)
+            ours = getattr(model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                 position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0)), output)
+    except Exception as e:  # noqa: BLE001 - the model's own failure, whatever it raises
+        raise CaptureError(f"{type(model).__name__} does not run on an example batch: {_first_line(e)}") from e
     return bool(torch.allclose(own, ours, rtol=1e-4, atol=1e-5 * float(own.abs().max())))
 
 
@@ -96,10 +103,6 @@ def exportable_experts(model: torch.nn.Module) -> None:
     can = getattr(model, "_can_set_experts_implementation", None)
     if callable(can) and can() and getattr(model.config, "_experts_implementation", None) != "batched_mm":
         model.set_experts_implementation("batched_mm")
-
-
-class CaptureError(Exception):
-    """torch.export refused the model: the message names the guard or the op, in one line."""
 
 
 def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | None = None) -> Captured:
