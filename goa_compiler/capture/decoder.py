@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from goa_compiler.capture.torch_export import exportable_experts, max_positions
+from goa_compiler.capture.torch_export import exportable_experts, max_positions, vocab_size_of
 
 # the graph's interface, by position: three token inputs, then past K/V per layer
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -180,7 +180,7 @@ def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     exportable_experts(model)
     wrapper = CachedDecoder(model)
     geo = cache_geometry(model)
-    dec = CapturedDecoder(None, geo, max_positions(model), int(model.config.vocab_size))
+    dec = CapturedDecoder(None, geo, max_positions(model), vocab_size_of(model))
     try:
         with torch.no_grad():
             ep = torch.export.export(wrapper, dec.example(), dynamic_shapes=dec.dynamic_shapes(), strict=False)

@@ -277,7 +277,9 @@ def vocabulary_size(model) -> int | None:
     rows = getattr(emb, "num_embeddings", None)
     if isinstance(rows, int):
         sizes.append(rows)
-    configured = getattr(getattr(model, "config", None), "vocab_size", None)
+    from goa_compiler.capture.torch_export import text_config
+
+    configured = getattr(text_config(model), "vocab_size", None)
     if isinstance(configured, int) and configured > 0:
         sizes.append(configured)
     return min(sizes) if sizes else None

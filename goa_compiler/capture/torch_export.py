@@ -75,9 +75,29 @@ def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0
     return ids, torch.ones_like(ids)
 
 
+def text_config(model: torch.nn.Module):
+    """The config of the model's language part: the config itself, or the text config of a
+    composite (multimodal) one, through transformers' own ``get_text_config``."""
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def vocab_size_of(model: torch.nn.Module) -> int:
+    """Token ids the model embeds: its (text) config's vocab_size, else its embedding rows."""
+    v = getattr(text_config(model), "vocab_size", None)
+    if isinstance(v, int) and v > 0:
+        return v
+    get = getattr(model, "get_input_embeddings", None)
+    rows = getattr(get() if callable(get) else None, "num_embeddings", None)
+    if isinstance(rows, int):
+        return rows
+    raise CaptureError(f"{type(model).__name__}: no vocab_size in its config and no input embedding")
+
+
 def max_positions(model: torch.nn.Module, default: int = 8192) -> int:
     """The longest sequence the model accepts (its position table), capped at ``default``."""
-    cfg = getattr(model, "config", None)
+    cfg = text_config(model)
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         v = getattr(cfg, key, None)
         if isinstance(v, int) and v > 2:
@@ -113,7 +133,7 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     model.eval()
     exportable_experts(model)
     out_name = output_name_for(kind)
-    vocab = vocab_size or int(model.config.vocab_size)
+    vocab = vocab_size or vocab_size_of(model)
     example = example_inputs(vocab)
     max_seq = max_positions(model)
     wrapper = LogitsOnly(model, out_name, positions_from_mask(model, example, out_name))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from goa_compiler.capture.decoder import CapturedDecoder, DecoderRefused, capture_decoder
-from goa_compiler.capture.torch_export import CaptureError, Captured, capture
+from goa_compiler.capture.torch_export import CaptureError, Captured, capture, vocab_size_of
 from goa_compiler.driver import report as reporting
 from goa_compiler.driver.options import CompileOptions, validate
 from goa_compiler.driver.passes import PassBase, PassManager, PassResult
@@ -98,7 +98,7 @@ class CompileState:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.config.vocab_size)
+        return vocab_size_of(self.model)
 
     def sections(self) -> dict:
         out: dict = {}

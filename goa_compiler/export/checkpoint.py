@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from goa_compiler.capture.decoder import cache_of
+from goa_compiler.capture.torch_export import vocab_size_of
 
 WIDTHS_FILE = "goa_pruned.json"
 FORMAT = "goa-pruned/1"
@@ -262,7 +263,7 @@ def save_checkpoint(dense: torch.nn.Module, graph: torch.nn.Module, analysis, pl
     """Write OUT/hf in the first form that reloads to the pruned graph's logits."""
     state = pruned_state(dense, graph)
     shapes = shapes_of(state)
-    vocab = int(dense.config.vocab_size)
+    vocab = vocab_size_of(dense)
     attempts, failed = [], []
     try:
         config = standard_config(dense.config, analysis, plan)
