@@ -25,6 +25,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    GptOssConfig,
     MptConfig,
     OPTConfig,
     Phi3Config,
@@ -115,6 +116,11 @@ def _config(family: str):
     if family == "bloom":
         # ALiBi attention with the heads merged into the batch axis of baddbmm
         return BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=4)
+    if family == "gpt-oss":
+        # attention sinks (a learned logit per head, concatenated to the scores) and experts
+        return _llama_like(GptOssConfig, heads=4, kv_heads=2, head_dim=16, num_local_experts=4,
+                           num_experts_per_tok=2, sliding_window=32,
+                           layer_types=["sliding_attention", "full_attention"])
     if family == "mixtral":
         # experts as 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]) and a router
         return _llama_like(MixtralConfig, heads=4, kv_heads=2, num_local_experts=4, num_experts_per_tok=2)
@@ -126,7 +132,7 @@ FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox",
 ENCODERS = {"bert"}
 # families whose graphs have a structure analysis refuses (the kind named), with its reason
 # in the report: the other kind is pruned
-PARTIAL = {"mpt": "attention", "bloom": "attention", "mixtral": "ffn"}
+PARTIAL = {"mpt": "attention", "bloom": "attention", "mixtral": "ffn", "gpt-oss": "ffn"}
 
 
 @torch.no_grad()

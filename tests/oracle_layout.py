@@ -83,6 +83,8 @@ PARTIAL: dict[str, tuple[str, Block]] = {
     "bloom": ("ffn", Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
     "mixtral": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
                                    "model.layers.{L}.self_attn.o_proj")),
+    "gpt-oss": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
+                                   "model.layers.{L}.self_attn.o_proj")),
 }
 
 

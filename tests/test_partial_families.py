@@ -5,6 +5,7 @@ the zeroing oracle in onnxruntime (tests/oracle_layout.py, independent of the an
     mpt          ALiBi attention; capture narrows the sequence range to the model's guard
     bloom        ALiBi attention with heads merged into the batch axis
     mixtral      experts as 3-D parameters picked per token: attention pruned, experts not
+    gpt-oss      the same, with attention sinks (a learned logit per head, sliced with it)
 """
 from __future__ import annotations
 

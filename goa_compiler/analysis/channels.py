@@ -510,9 +510,13 @@ def _reduce(st, node, in_tags):
     if any(a in in_tags for a in dims):
         raise _Reject("reduces over a channel axis")
     if node.attrs["keepdim"]:
-        st.tags[node.name] = dict(in_tags)
+        out = dict(in_tags)
     else:
-        st.tags[node.name] = {a - sum(1 for d in dims if d < a): t for a, t in in_tags.items()}
+        out = {a - sum(1 for d in dims if d < a): t for a, t in in_tags.items()}
+    if node.shape and isinstance(node.shape[0], tuple):
+        st.multi[node.name] = [dict(out) for _ in node.shape]     # (values, indices) of max/min
+    else:
+        st.tags[node.name] = out
 
 
 @rule("softmax")
@@ -619,10 +623,19 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
                 # never sliced, so no unit may own these channels (structures._units)
                 st.port_features.append((first, length))
                 continue
+            source = _param_source(st, r, k, length) if src.op != "param" else None
             if src.op == "param":
                 st.attached.append((st.graph.params[r.name], k, first, length))
                 if len(src.shape) != len(_shape(st, r)) or src.attrs.get("transposed"):
                     raise _Reject("a parameter broadcast along channels with an unusual layout")
+            elif source is not None:
+                # a per-channel parameter reshaped or expanded on its way (attention sinks,
+                # per-head scales): sliced with the channels; the sizes on the way follow them
+                pnode, paxis, sizes = source
+                st.attached.append((st.graph.params[pnode], paxis, first, length))
+                for n, pos in sizes:
+                    _record_size(st, st.graph.nodes[n], "sizes", pos, st.graph.nodes[n].attrs["sizes"][pos],
+                                 first, length)
             else:
                 # projection outputs (flat channels) added to the data stream: the residual
                 residual = bool(st.data_dependent.get(r.name)) and all(
@@ -718,6 +731,55 @@ def _shared_kv(st: _State, ref, heads: int) -> bool:
         # channels on the features: heads expanded from one, or a cache's own entries
         return head is None or head.root in st.port_inputs
     return head is not None and _static(shape[rank - 3]) == 1 and heads > 1
+
+
+def _param_source(st: _State, ref, axis: int, length: int):
+    """(parameter node, its axis, sizes to patch) when axis ``axis`` of ``ref`` is a
+    parameter's axis of ``length`` entries carried through casts, reshapes that keep it,
+    unsqueezes, permutes and expands (the sizes: (node, position) of the integers on the
+    way that equal ``length``); None otherwise."""
+    sizes: list[tuple[str, int]] = []
+    name = ref.name
+    for _ in range(16):
+        node = st.graph.nodes[name]
+        if node.op == "param":
+            ok = not node.attrs.get("transposed") and len(node.shape) > axis and _static(node.shape[axis]) == length
+            return (node.name, axis, sizes) if ok else None
+        src = node.inputs[0] if node.inputs and isinstance(node.inputs[0], Ref) else None
+        if src is None or st.data_dependent.get(name):
+            return None
+        src_shape = _shape(st, src)
+        if node.op == "unary":
+            pass
+        elif node.op == "unsqueeze":
+            if axis == node.attrs["dim"]:
+                return None
+            axis -= axis > node.attrs["dim"]
+        elif node.op == "permute":
+            axis = node.attrs["dims"][axis]
+        elif node.op == "expand":
+            sizes_attr = node.attrs["sizes"]
+            off = len(sizes_attr) - len(src_shape)
+            if axis < off or _static(src_shape[axis - off]) != length:
+                return None
+            if sizes_attr[axis] == length:
+                sizes.append((node.name, axis))
+            axis -= off
+        elif node.op == "view":
+            groups = _view_groups(src_shape, node.shape)
+            group = next((g for g in groups or () if axis in g[1]), None)
+            inner = [k for k in (group[0] if group else ()) if _static(src_shape[k]) != 1]
+            if group is None or [a for a in group[1] if _static(node.shape[a]) != 1] != [axis] or len(inner) != 1:
+                return None
+            if axis < len(node.attrs["sizes"]) and node.attrs["sizes"][axis] == length:
+                sizes.append((node.name, axis))
+            axis = inner[0]
+        else:
+            return None
+        if _static(_shape(st, src)[axis]) != length:
+            return None
+        name = src.name
+    return None
 
 
 def _expansion_sizes(st: _State, ref, axis: int, n: int) -> list[tuple[str, int]] | None:
