@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from goa_compiler.capture.decoder import CapturedDecoder, DecoderRefused, capture_decoder
-from goa_compiler.capture.torch_export import CaptureError, Captured, capture, vocab_size_of
+from goa_compiler.capture.torch_export import CaptureError, Captured, capture, text_config, vocab_size_of
 from goa_compiler.driver import report as reporting
 from goa_compiler.driver.options import CompileOptions, validate
 from goa_compiler.driver.passes import PassBase, PassManager, PassResult
@@ -457,7 +457,7 @@ def _kv_bytes(layers, itemsize: int = 4) -> int:
 def _decoder_facts(state, pruned):
     from goa_compiler.serve.genai import DecoderFacts
 
-    cfg = state.model.config
+    cfg = text_config(state.model)
     tok = state.tokenizer
 
     def token(name):
