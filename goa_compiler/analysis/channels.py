@@ -242,6 +242,11 @@ def interpret(graph: Graph, query_heads: bool = False) -> _State:
             st.refuse(tags, f"{node.target} ({node.name}): {e}", terminal=e.terminal)
             if not e.terminal:
                 _carry_refused(st, node)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as e:
+            # a rule meeting arguments it does not expect (a bug to fix, but the model is
+            # refused where it reaches, not the compile)
+            st.refuse(_input_tags(st, node), f"{node.target} ({node.name}): analysis cannot follow this "
+                                             f"form of the op ({type(e).__name__}: {e})")
     return st
 
 
@@ -418,6 +423,11 @@ def _slice(st, node, in_tags):
 def _split(st, node, in_tags):
     d = node.attrs["dim"]
     outs, pos = [], 0
+    if not all(_is_int(size) for size in node.attrs["sizes"]):
+        if d in in_tags:
+            raise _Reject("splits a channel axis into sizes computed at run time")
+        st.multi[node.name] = [dict(in_tags) for _ in node.attrs["sizes"]]
+        return
     for k, size in enumerate(node.attrs["sizes"]):
         o = dict(in_tags)
         if d in in_tags:
