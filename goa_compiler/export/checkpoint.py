@@ -289,7 +289,12 @@ def save_checkpoint(dense: torch.nn.Module, graph: torch.nn.Module, analysis, pl
             failed.append(f"{label}: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
             continue
         if err <= RELOAD_TOLERANCE:
-            _write(model, cfg, sizes, out, tokenizer, attrs)
+            try:
+                _write(model, cfg, sizes, out, tokenizer, attrs)
+            except Exception as e:  # noqa: BLE001 - save_pretrained validates the config its own way
+                shutil.rmtree(out, ignore_errors=True)
+                failed.append(f"{label}: saving failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}")
+                continue
             how = ("AutoModelForCausalLM.from_pretrained loads it" if form == Form.STANDARD
                    else "goa_compiler.load_pruned loads it")
             return Checkpoint(form, "; ".join([how, *failed]), err)
