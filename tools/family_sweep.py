@@ -89,7 +89,10 @@ def one(model_type: str, ratio: float, queue):
             with torch.no_grad():
                 for rec in res.report["modules"]:
                     s = by_name[rec["name"]]
-                    drop = sorted(set(range(s.units)) - set(res.plan.modules[s.name].kept))
+                    mp = res.plan.modules.get(s.name)
+                    if mp is None:
+                        continue
+                    drop = sorted(set(range(s.units)) - set(mp.kept))
                     for sl in s.level2():
                         name = sl.param[len("model."):] if sl.param.startswith("model.") else sl.param
                         cols = torch.as_tensor(sl.index[drop].reshape(-1), dtype=torch.long)
