@@ -33,7 +33,10 @@ def positions_from_mask(model: torch.nn.Module, example, output: str) -> bool:
                                  position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0)), output)
     except Exception as e:  # noqa: BLE001 - the model's own failure, whatever it raises
         raise CaptureError(f"{type(model).__name__} does not run on an example batch: {_first_line(e)}") from e
-    return bool(torch.allclose(own, ours, rtol=1e-4, atol=1e-5 * float(own.abs().max())))
+    finite = own[torch.isfinite(own)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    # non-finite outputs (a poisoned weight) are calibration's to report, by module
+    return bool(torch.allclose(own, ours, rtol=1e-4, atol=1e-5 * scale, equal_nan=True))
 
 
 class LogitsOnly(torch.nn.Module):
