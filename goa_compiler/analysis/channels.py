@@ -111,14 +111,9 @@ class _State:
     def kv_ports(self) -> set[str]:
         """Ports whose entries are K/V heads read by query-head units (sliced by group)."""
         kv_roots = {t.root for r in self.kv_reads for t in (r["k"], r["v"])}
-        out = set()
-        for name in self.port_inputs:
-            if self.uf_mod.find(("root", name)) in {self.uf_mod.find(("root", k)) for k in kv_roots}:
-                out.add(name)
-        for name, (tag, _) in self.port_outputs.items():
-            if tag.root in kv_roots:
-                out.add(name)
-        return out
+        kv_modules = {self.uf_mod.find(("root", k)) for k in kv_roots}
+        return ({name for name in self.port_inputs if self.uf_mod.find(("root", name)) in kv_modules}
+                | {name for name, (tag, _) in self.port_outputs.items() if tag.root in kv_roots})
 
     # -- helpers
     def refuse(self, tags, reason: str, terminal: bool = False):
@@ -633,19 +628,17 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
                 # never sliced, so no unit may own these channels (structures._units)
                 st.port_features.append((first, length))
                 continue
-            source = _param_source(st, r, k, length) if src.op != "param" else None
-            if src.op == "param":
-                st.attached.append((st.graph.params[r.name], k, first, length))
-                if len(src.shape) != len(_shape(st, r)) or src.attrs.get("transposed"):
-                    raise _Reject("a parameter broadcast along channels with an unusual layout")
-            elif source is not None:
-                # a per-channel parameter reshaped or expanded on its way (attention sinks,
-                # per-head scales): sliced with the channels; the sizes on the way follow them
+            source = _param_source(st, r, k, length)
+            if source is not None:
+                # a per-channel parameter, directly or reshaped / expanded on its way (attention
+                # sinks, per-head scales): sliced with the channels; the sizes on the way follow
                 pnode, paxis, sizes = source
                 st.attached.append((st.graph.params[pnode], paxis, first, length))
                 for n, pos in sizes:
                     _record_size(st, st.graph.nodes[n], "sizes", pos, st.graph.nodes[n].attrs["sizes"][pos],
                                  first, length)
+            elif src.op == "param":
+                raise _Reject("a parameter broadcast along channels with an unusual layout")
             else:
                 # projection outputs (flat channels) added to the data stream: the residual
                 residual = bool(st.data_dependent.get(r.name)) and all(
@@ -743,11 +736,47 @@ def _shared_kv(st: _State, ref, heads: int) -> bool:
     return head is not None and _static(shape[rank - 3]) == 1 and heads > 1
 
 
+def _axis_back(st: _State, node: Node, axis: int, n: int):
+    """One step back along axis ``axis`` (``n`` entries) of ``node``'s output, through the
+    ops that carry an axis unchanged (casts, unsqueeze, permute, a reshape keeping it, an
+    expand of other axes): (source ref, its axis, the (node, position) of an integer equal
+    to ``n`` there, or None). None when the axis does not pass through unchanged."""
+    src = node.inputs[0] if node.inputs and isinstance(node.inputs[0], Ref) else None
+    if src is None:
+        return None
+    src_shape, handle = _shape(st, src), None
+    if node.op == "unsqueeze":
+        if axis == node.attrs["dim"]:
+            return None
+        axis -= axis > node.attrs["dim"]
+    elif node.op == "permute":
+        axis = node.attrs["dims"][axis]
+    elif node.op == "expand":
+        sizes = node.attrs["sizes"]
+        off = len(sizes) - len(src_shape)
+        if axis < off:
+            return None
+        handle = (node.name, axis) if sizes[axis] == n else None
+        axis -= off
+    elif node.op == "view":
+        group = next((g for g in _view_groups(src_shape, node.shape) or () if axis in g[1]), None)
+        inner = [k for k in (group[0] if group else ()) if _static(src_shape[k]) != 1]
+        if group is None or [a for a in group[1] if _static(node.shape[a]) != 1] != [axis] or len(inner) != 1:
+            return None
+        handle = (node.name, axis) if axis < len(node.attrs["sizes"]) and node.attrs["sizes"][axis] == n else None
+        axis = inner[0]
+    elif node.op != "unary":
+        return None
+    if _static(src_shape[axis]) != n:
+        return None
+    return src, axis, handle
+
+
 def _param_source(st: _State, ref, axis: int, length: int):
     """(parameter node, its axis, sizes to patch) when axis ``axis`` of ``ref`` is a
-    parameter's axis of ``length`` entries carried through casts, reshapes that keep it,
-    unsqueezes, permutes and expands (the sizes: (node, position) of the integers on the
-    way that equal ``length``); None otherwise."""
+    parameter's axis of ``length`` entries, directly or carried through the ops of
+    ``_axis_back`` (the sizes: the integers on the way that equal ``length``); None
+    otherwise (a transposed parameter, a value computed from the input)."""
     sizes: list[tuple[str, int]] = []
     name = ref.name
     for _ in range(16):
@@ -755,84 +784,43 @@ def _param_source(st: _State, ref, axis: int, length: int):
         if node.op == "param":
             ok = not node.attrs.get("transposed") and len(node.shape) > axis and _static(node.shape[axis]) == length
             return (node.name, axis, sizes) if ok else None
-        src = node.inputs[0] if node.inputs and isinstance(node.inputs[0], Ref) else None
-        if src is None or st.data_dependent.get(name):
+        step = None if st.data_dependent.get(name) else _axis_back(st, node, axis, length)
+        if step is None:
             return None
-        src_shape = _shape(st, src)
-        if node.op == "unary":
-            pass
-        elif node.op == "unsqueeze":
-            if axis == node.attrs["dim"]:
-                return None
-            axis -= axis > node.attrs["dim"]
-        elif node.op == "permute":
-            axis = node.attrs["dims"][axis]
-        elif node.op == "expand":
-            sizes_attr = node.attrs["sizes"]
-            off = len(sizes_attr) - len(src_shape)
-            if axis < off or _static(src_shape[axis - off]) != length:
-                return None
-            if sizes_attr[axis] == length:
-                sizes.append((node.name, axis))
-            axis -= off
-        elif node.op == "view":
-            groups = _view_groups(src_shape, node.shape)
-            group = next((g for g in groups or () if axis in g[1]), None)
-            inner = [k for k in (group[0] if group else ()) if _static(src_shape[k]) != 1]
-            if group is None or [a for a in group[1] if _static(node.shape[a]) != 1] != [axis] or len(inner) != 1:
-                return None
-            if axis < len(node.attrs["sizes"]) and node.attrs["sizes"][axis] == length:
-                sizes.append((node.name, axis))
-            axis = inner[0]
-        else:
-            return None
-        if _static(_shape(st, src)[axis]) != length:
-            return None
+        src, axis, handle = step
+        sizes += [handle] if handle else []
         name = src.name
     return None
 
 
 def _expansion_sizes(st: _State, ref, axis: int, n: int) -> list[tuple[str, int]] | None:
     """The integer arguments that make axis ``axis`` of ``ref`` ``n`` entries long, traced
-    back to the expand that made it from one entry: (node, position in its sizes) of that
-    expand and of every reshape on the way. None when the trail is lost."""
+    back (through elementwise ops and those of ``_axis_back``) to the expand that made it
+    from one entry: (node, position in its sizes) of that expand and of every integer equal
+    to ``n`` on the way. None when the trail is lost."""
     found: list[tuple[str, int]] = []
     name = ref.name
     for _ in range(32):
         node = st.graph.nodes[name]
         src = node.inputs[0] if node.inputs and isinstance(node.inputs[0], Ref) else None
-        if src is None:
-            return None
-        src_shape = _shape(st, src)
-        if node.op == "expand":
+        if node.op == "expand" and src is not None:
             sizes = node.attrs["sizes"]
-            off = len(sizes) - len(src_shape)
-            if axis - off >= 0 and _static(src_shape[axis - off]) == 1 and sizes[axis] == n:
+            off = len(sizes) - len(_shape(st, src))
+            if axis - off >= 0 and _static(_shape(st, src)[axis - off]) == 1 and sizes[axis] == n:
                 return found + [(node.name, axis)]
-        elif node.op == "view":
-            groups = _view_groups(src_shape, node.shape)
-            group = next((g for g in groups or () if axis in g[1]), None)
-            inner = [k for k in (group[0] if group else ()) if _static(src_shape[k]) != 1]
-            if group is None or group[1] != [axis] or len(inner) != 1:
-                return None
-            if axis < len(node.attrs["sizes"]) and node.attrs["sizes"][axis] == n:
-                found.append((node.name, axis))
-            axis = inner[0]
-        elif node.op == "permute":
-            axis = node.attrs["dims"][axis]
-        elif node.op == "unsqueeze":
-            if axis == node.attrs["dim"]:
-                return None
-            axis -= axis > node.attrs["dim"]
-        elif node.op in ("unary", "binary"):
+        if node.op == "binary":
+            # follow the operand that carries the n entries (the other broadcasts)
             src = next((r for r in node.inputs if isinstance(r, Ref) and len(_shape(st, r)) == len(node.shape)
                         and _static(_shape(st, r)[axis]) == n), None)
             if src is None:
                 return None
-        else:
+            name = src.name
+            continue
+        step = _axis_back(st, node, axis, n)
+        if step is None:
             return None
-        if _static(_shape(st, src)[axis]) not in (n, 1):
-            return None
+        src, axis, handle = step
+        found += [handle] if handle else []
         name = src.name
     return None
 
