@@ -283,10 +283,12 @@ def _layer_of(name: str, fallback: int) -> int:
 
 def _names(drafts: list[dict]) -> list[tuple[str, int]]:
     """(name, layer) per draft, in graph order. Layers: the block index in the level-2
-    parameter's name when it has one, else the order of the structures (attention and FFN
+    parameter's name when every one has one and they read as block indices, else the order of the structures (attention and FFN
     of one block share a number). Names: layer{N}.{kind}, numbered when repeated."""
     layers = [_layer_of(d["projections"][d["level2_node"]].weight, -1) for d in drafts]
-    if any(x < 0 for x in layers):
+    # numbers that are not block indices (an ONNX file's "val_170") are not in graph order or
+    # exceed what the structures can number
+    if any(x < 0 for x in layers) or layers != sorted(layers) or max(layers, default=0) > 2 * len(drafts):
         layer, seen_kinds = -1, set()
         for i, d in enumerate(drafts):
             if d["kind"] in seen_kinds or layer < 0:

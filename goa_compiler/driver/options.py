@@ -248,8 +248,10 @@ class CompileOptions:
 class JobOptions:
     """What `goa compile` needs beside the compile itself (also keys of --config)."""
 
-    model: str | None = option(None, "local HF directory, HF hub id, .gguf file, or alias smollm2-135m "
-                                     "(or `model` in --config)", check=_non_empty, positional=True)
+    model: str | None = option(None, "local HF directory, HF hub id, .gguf file, .onnx file, or alias "
+                                     "smollm2-135m (or `model` in --config)", check=_non_empty, positional=True)
+    tokenizer: str | None = option(None, "with an .onnx model: the model spec (HF directory, hub id, .gguf, "
+                                         "alias) whose tokenizer reads the calibration text", check=_non_empty)
     out: str | None = option(None, "output directory (required): model.onnx, report.json, report.html",
                              check=_non_empty)
     json: bool = option(False, "machine-readable output on stdout")

@@ -33,6 +33,7 @@ from goa_compiler.driver.passes import PassBase, PassManager, PassResult
 from goa_compiler.export.onnx import (ExportError, export_decoder, export_onnx, onnx_param_count,
                                      untranslatable_ops, verify)
 from goa_compiler.frontends.fx import FxFrontend
+from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
 from goa_compiler.prune.criteria import ScoreSettings, removal_costs, score_units
@@ -53,7 +54,7 @@ class CompileError(Exception):
 class CompileState:
     """Everything a compile reads and produces, filled in by the passes in order."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None        # None for an ONNX input (``onnx_source``)
     kind: str
     opts: CompileOptions
     progress: Progress
@@ -63,9 +64,10 @@ class CompileState:
     model_path: str | None = None
     config_path: str | None = None
     resources: ExitStack = field(default_factory=ExitStack)
+    onnx_source: Path | None = None       # an ONNX file compiled directly (frontends/onnx.py)
     # capture, analysis
     captured: Captured | None = None
-    frontend: FxFrontend | None = None
+    frontend: FxFrontend | OnnxFrontend | None = None
     analysis: Analysis | None = None
     shapes: dict = field(default_factory=dict)
     params_before: int = 0
@@ -98,7 +100,7 @@ class CompileState:
 
     @property
     def vocab_size(self) -> int:
-        return vocab_size_of(self.model)
+        return self.frontend.vocab_size if self.onnx_source else vocab_size_of(self.model)
 
     def sections(self) -> dict:
         out: dict = {}
@@ -113,7 +115,7 @@ class Capture(PassBase):
     name = "capture"
 
     def applies(self, state):
-        return state.captured is None
+        return state.captured is None and state.frontend is None
 
     def call(self, state):
         try:
@@ -166,7 +168,8 @@ class CaptureDecoder(PassBase):
     name = "capture decoder"
 
     def applies(self, state):
-        return state.kind == "causal-lm" and state.opts.kv_cache is not False and state.decoder is None
+        return state.kind == "causal-lm" and state.opts.kv_cache is not False and state.decoder is None \
+            and state.model is not None
 
     def call(self, state):
         try:
@@ -198,7 +201,12 @@ class EvalDense(PassBase):
         if state.tokenizer is None:
             raise CompileError("--eval needs the model's tokenizer")
         state.eval_windows = evaluation_windows(state.tokenizer, state.opts)
-        state.ppl_before = perplexity_torch(state.model, state.eval_windows)["ppl"]
+        if state.onnx_source:
+            from goa_compiler.measure.eval import perplexity_onnx
+
+            state.ppl_before = perplexity_onnx(state.onnx_source, state.eval_windows)["ppl"]
+        else:
+            state.ppl_before = perplexity_torch(state.model, state.eval_windows)["ppl"]
         return PassResult(self.name)
 
 
@@ -212,7 +220,13 @@ class LogitReference(PassBase):
         from goa_compiler.measure.eval import dense_outputs, logit_windows
 
         windows, what = logit_windows(state.tokenizer, state.opts, state.eval_windows, state.vocab_size)
-        state.logit_ref = (windows, what, dense_outputs(state.model, state.kind, windows))
+        if state.onnx_source:
+            from goa_compiler.export.onnx import run_onnx
+
+            ids = windows.numpy()
+            state.logit_ref = (windows, what, run_onnx(state.onnx_source, ids, np.ones_like(ids)))
+        else:
+            state.logit_ref = (windows, what, dense_outputs(state.model, state.kind, windows))
         return PassResult(self.name)
 
 
@@ -223,6 +237,9 @@ class ExportDense(PassBase):
         return state.opts.speed_wanted
 
     def call(self, state):
+        if state.onnx_source and state.opts.dtype != "fp16":
+            state.dense_onnx = state.onnx_source          # the input itself
+            return PassResult(self.name)
         d = Path(state.resources.enter_context(tempfile.TemporaryDirectory(prefix="goa-dense-")))
         state.dense_onnx = _export(state, d / "model.onnx", dense=True)
         return PassResult(self.name)
@@ -251,6 +268,14 @@ def _export_dtype(state, path: Path, dense: bool) -> Path:
 
 
 def _export_fp32(state, path: Path, dense: bool) -> Path:
+    if state.onnx_source:
+        if dense:
+            import onnx_ir
+
+            from goa_compiler.frontends.onnx import save_model
+
+            return save_model(onnx_ir.load(str(state.onnx_source)), path)
+        return state.frontend.save(path)
     dec = state.decoder
     if dec is not None:
         rewritten = state.decoder_rewritten
@@ -414,8 +439,20 @@ class Verify(PassBase):
 
     def call(self, state):
         ids = torch.randint(0, state.vocab_size, (2, 12), generator=torch.Generator().manual_seed(state.opts.seed))
-        state.verify_error = verify(state.onnx_path, state.captured.gm, ids)
+        reference = state.captured.gm if state.captured is not None else _onnx_reference(state.frontend)
+        state.verify_error = verify(state.onnx_path, reference, ids)
         return PassResult(self.name)
+
+
+def _onnx_reference(frontend):
+    """The rewritten ONNX graph run by the frontend's own evaluator: (ids, mask) -> logits."""
+    from goa_compiler.frontends.onnx import feed_for
+
+    def run(ids, mask):
+        feed = feed_for(frontend.input_names, frontend.vocab_size, *ids.shape)
+        feed.update({k: v for k, v in (("input_ids", ids), ("attention_mask", mask)) if k in feed})
+        return frontend.stream(feed).output()
+    return run
 
 
 class ServingFiles(PassBase):
@@ -532,8 +569,8 @@ class Latency(PassBase):
     def call(self, state):
         from goa_compiler.measure.speed import SPEED_SEQ, measure_latency
 
-        lat = measure_latency(state.dense_onnx, state.onnx_path, state.vocab_size,
-                              min(SPEED_SEQ, state.captured.max_seq))
+        max_seq = state.captured.max_seq if state.captured is not None else SPEED_SEQ
+        lat = measure_latency(state.dense_onnx, state.onnx_path, state.vocab_size, min(SPEED_SEQ, max_seq))
         state.measured["min-speedup"] = lat["speedup"]
         return PassResult(self.name, report={"latency": lat})
 
@@ -612,6 +649,42 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
     return CompileResult(state.report, state.analysis, state.plan, state.captured.gm)
 
 
+def compile_onnx(path: str | Path, opts: CompileOptions, out: str | Path, progress: Progress | None = None,
+                 tokenizer=None, spec: str | None = None) -> CompileResult:
+    """Compile an ONNX causal LM (inputs among input_ids, attention_mask, position_ids,
+    token_type_ids; first output the logits) into OUT with the same passes: the graph is
+    read with onnx-ir, analysed through the same view, calibrated by running it op by op,
+    rewritten in place (initializers sliced, shape constants patched) and saved."""
+    from goa_compiler.ui.output import check_out
+
+    opts = validate(opts)
+    if opts.effective_eval_data != opts.eval_data:
+        opts = dataclasses.replace(opts, eval_data=opts.effective_eval_data)
+    progress = progress or Progress(False)
+    torch.manual_seed(opts.seed)
+    check_out(out, opts.overwrite)
+    frontend = load_onnx(path)
+    state = CompileState(None, "causal-lm", opts, progress, tokenizer, str(path), spec, onnx_source=Path(path),
+                         frontend=frontend, decoder_refused="an ONNX input is compiled as given (no KV-cache "
+                                                            "inputs)")
+    with state.resources:
+        PIPELINE.run(state, progress)
+        with staged_output(out, opts.overwrite) as tmp:
+            state.staging = tmp
+            OUTPUT.run(state, progress)
+    return CompileResult(state.report, state.analysis, state.plan, None)
+
+
+def load_onnx(path) -> OnnxFrontend:
+    """The ONNX frontend of a file; what it cannot run or follow is a CompileError."""
+    try:
+        fe = OnnxFrontend.load(path)
+        fe.view()
+    except OnnxRefused as e:
+        raise CompileError(f"onnx: {e}") from e
+    return fe
+
+
 def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions, tokenizer,
                    progress: Progress, model: torch.nn.Module | None = None) -> CompileState:
     """The pipeline up to the rewrite on an already captured graph (edited in place): for
@@ -637,4 +710,4 @@ def _analysis_or_empty(frontend, query_heads: bool = False) -> Analysis:
 
 
 __all__ = ["CompileError", "CompileOptions", "CompileResult", "CompileState", "PIPELINE", "OUTPUT",
-           "compile_loaded", "prune_captured", "analyze_model"]
+           "compile_loaded", "compile_onnx", "prune_captured", "analyze_model"]

@@ -60,6 +60,12 @@ def model_inputs(spec: str | None, path: str | None, model=None) -> dict:
     resolved revision (commit hash) when transformers knows it."""
     rec: dict = {"spec": spec}
     local = Path(path) if path else None
+    if spec and spec.lower().endswith(".onnx") and os.path.isfile(spec):
+        rec["onnx_sha256"] = sha256_file(spec)
+        data = [p for p in Path(spec).parent.glob(Path(spec).name + "*.data")]
+        if data:
+            rec["external_data_sha256"] = {p.name: sha256_file(p) for p in sorted(data)}
+        return rec
     if local is not None and local.is_dir():
         rec.update(path=str(local), **hash_tree(local))
     else:

@@ -60,13 +60,28 @@ def _load(spec: str, trust_remote_code: bool):
 
 # ------------------------------------------------------------------------------ analyze
 
-def cmd_analyze(args) -> int:
-    from goa_compiler.driver.pipeline import analysis_summary, analyze_model
+def _is_onnx(spec: str | None) -> bool:
+    return bool(spec) and spec.lower().endswith(".onnx")
 
-    loaded = _load(args.model, args.trust_remote_code)
-    _, analysis = analyze_model(loaded.model, loaded.kind)
+
+def _onnx_input(spec: str) -> str:
+    if not os.path.isfile(spec):
+        raise UserError(f"{spec} does not exist")
+    return spec
+
+
+def cmd_analyze(args) -> int:
+    from goa_compiler.driver.pipeline import _analysis_or_empty, analysis_summary, analyze_model, load_onnx
+
+    if _is_onnx(args.model):
+        analysis = _analysis_or_empty(load_onnx(_onnx_input(args.model)))
+        source = os.path.abspath(args.model)
+    else:
+        loaded = _load(args.model, args.trust_remote_code)
+        _, analysis = analyze_model(loaded.model, loaded.kind)
+        source = loaded.source
     summary = analysis_summary(analysis)
-    summary["model"] = loaded.source
+    summary["model"] = source
     candidates = [r for r in summary["refused"] if r["candidate"]]
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -143,6 +158,10 @@ def cmd_compile(args) -> int:
     opts = compile_options(args)
     check_out(args.out, args.overwrite)   # fail before the slow part
     progress = Progress(enabled=not args.quiet)
+    if _is_onnx(args.model):
+        return _compile_onnx(args, opts, progress)
+    if args.tokenizer is not None:
+        raise UserError("--tokenizer is for an .onnx model (a checkpoint brings its own tokenizer)")
     with progress.phase("load"):
         loaded = _load(args.model, args.trust_remote_code)
     if args.dry_run:
@@ -162,6 +181,32 @@ def cmd_compile(args) -> int:
                             tokenizer=loaded.tokenizer, source=loaded.source,
                             spec=_spec_for_report(args.model), model_path=loaded.path,
                             config_path=config_path).report
+    return _print_compile(args, report)
+
+
+def _compile_onnx(args, opts, progress) -> int:
+    """`goa compile model.onnx --tokenizer SPEC ...`: the ONNX frontend (driver/pipeline.compile_onnx)."""
+    from goa_compiler.driver.pipeline import compile_onnx
+
+    path = _onnx_input(args.model)
+    tokenizer = None
+    if args.tokenizer is not None:
+        if _is_onnx(args.tokenizer):
+            raise UserError("--tokenizer takes a model spec with a tokenizer (HF directory, hub id, .gguf), "
+                            "not an ONNX file")
+        with progress.phase("load tokenizer"):
+            tokenizer = _load(args.tokenizer, args.trust_remote_code).tokenizer
+    elif not opts.data_free:
+        raise UserError("an .onnx model needs --tokenizer SPEC (the model whose tokenizer reads the "
+                        "calibration text), or a data-free criterion")
+    if args.dry_run:
+        print(f"configuration OK: would compile {path} into {args.out} (--dry-run: nothing written)")
+        return EXIT_OK
+    report = compile_onnx(path, opts, args.out, progress, tokenizer=tokenizer, spec=_spec_for_report(path)).report
+    return _print_compile(args, report)
+
+
+def _print_compile(args, report) -> int:
     results = (report.get("gates") or {}).get("results", [])
     failed = [r for r in results if not r["passed"]]
     if args.json:
@@ -261,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, model_optional=False):
         sp.add_argument("model", nargs="?" if model_optional else None,
-                        help="local HF directory, HF hub id, .gguf file, or alias smollm2-135m"
+                        help="local HF directory, HF hub id, .gguf file, .onnx file, or alias smollm2-135m"
                              + (" (or `model` in --config)" if model_optional else ""))
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         sp.add_argument("--trust-remote-code", action="store_true",

@@ -1,0 +1,428 @@
+"""The ONNX frontend: an onnx-ir model behind the interface the passes use (frontends/base.py).
+
+    fe = OnnxFrontend.load("model.onnx")      # lazy: external data stays memory-mapped
+    view = fe.view()                          # the same view analysis reads from torch.fx
+    fe.stream(feed).output()                  # calibration: node by node, in torch
+    fe.slice_param(...); fe.set_ints(...)     # the rewrite, on initializers and constants
+    fe.save("pruned.onnx")
+
+The graph view and its integers: frontends/onnx_view.py; the ops' execution:
+frontends/onnx_ops.py. Edits change the onnx-ir model in place: a constant shared by
+nodes of which only some change is copied first (so is a Concat that builds a shape read
+by several Reshapes), and nodes left without readers are removed by ``finish``.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from goa_compiler.frontends import onnx_ops
+from goa_compiler.frontends.onnx_view import Constants, IntTracer, ViewBuilder, attrs_of, dims_from_runs
+from goa_compiler.ir.graph import Graph
+
+# two sizes of the dynamic axes, for the shapes (onnx_view.dims_from_runs)
+SHAPE_RUNS = ({"batch": 2, "seq": 5}, {"batch": 3, "seq": 7})
+FEEDS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+class OnnxRefused(Exception):
+    """The ONNX model cannot be compiled: one line, naming what."""
+
+
+def feed_for(names, vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    make = {"input_ids": lambda: ids, "attention_mask": lambda: torch.ones_like(ids),
+            "position_ids": lambda: torch.arange(seq).expand(batch, seq).contiguous(),
+            "token_type_ids": lambda: torch.zeros_like(ids)}
+    return {n: make[n]() for n in names}
+
+
+def _name_nodes(graph: ir.Graph) -> None:
+    """Every node a unique name (edits and provenance refer to nodes by name)."""
+    seen: set[str] = set()
+    for k, node in enumerate(graph):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{k}_goa"
+        seen.add(node.name)
+
+
+# --------------------------------------------------------------------------- execution
+
+class Stream:
+    """One batch run through the ONNX graph view node by view node, resumable (the
+    protocol of frontends/base.py). Initializers are read through ``overrides`` at each
+    use; values are freed after their last use unless pinned."""
+
+    def __init__(self, fe: "OnnxFrontend", inputs: dict[str, torch.Tensor], overrides=None, pinned=None):
+        self.fe = fe
+        self.order = list(fe._steps)
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.inputs = inputs
+        self.overrides = overrides if overrides is not None else {}
+        self.pinned = set(pinned or ())
+        self.env: dict[str, object] = {}
+        self.pos = 0
+        self.hooks: dict[str, Callable] = {}
+        self.post: dict[str, Callable] = {}
+
+    def done(self, name: str) -> bool:
+        return self.index[name] < self.pos
+
+    def value(self, name: str):
+        if name not in self.env:
+            raise KeyError(f"value {name} is not available (not reached or already freed)")
+        return self.env[name]
+
+    def unpin(self, names):
+        for name in names:
+            self.pinned.discard(name)
+            if name in self.env and self.fe._last_use.get(name, -1) < self.pos and name in self.index \
+                    and self.index[name] < self.pos:
+                self.env.pop(name, None)
+
+    def _read(self, v: ir.Value | None):
+        if v is None:
+            return None
+        name = v.name
+        if name in self.env:
+            return self.env[name]
+        if name in self.inputs:
+            return self.inputs[name]
+        out = self.overrides.get(name)
+        return self.fe.consts.tensor(name) if out is None else out
+
+    @torch.no_grad()
+    def run_until(self, name: str | None = None):
+        stop = len(self.order) - 1 if name is None else self.index[name]
+        while self.pos <= stop:
+            view_name = self.order[self.pos]
+            nodes = self.fe._steps[view_name]
+            if not nodes:                        # a getitem: its value came with its node
+                self._after(view_name, None, self.env.get(view_name))
+                continue
+            args = None
+            for node in nodes:
+                xs = [self._read(v) for v in node.inputs]
+                args = xs if args is None else args
+                outs = onnx_ops.OPS[node.op_type](xs, self.fe._attrs[id(node)])
+                for v, t in zip(node.outputs, outs):
+                    self.env[v.name] = t
+            out = self.env.get(view_name) if len(nodes[-1].outputs) == 1 else tuple(
+                self.env[v.name] for v in nodes[-1].outputs)
+            self._after(view_name, args, out)
+
+    def _after(self, view_name, args, out):
+        hook = self.hooks.get(view_name)
+        if hook is not None:
+            hook(args, {}, out)
+        fn = self.post.get(view_name)
+        if fn is not None:
+            out = fn(out)
+        if out is not None:
+            self.env[view_name] = out
+        for dead in self.fe._frees.get(self.pos, ()):
+            if dead not in self.pinned:
+                self.env.pop(dead, None)
+        self.pos += 1
+
+    def output(self):
+        self.run_until(None)
+        outs = [self.env[v.name] if v.name in self.env else self._read(v) for v in self.fe.model.graph.outputs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+# --------------------------------------------------------------------------- the frontend
+
+class OnnxFrontend:
+    def __init__(self, model: ir.Model, path: Path | None = None):
+        self.model = model
+        self.path = path
+        self._names = (f"goa_{k}" for k in itertools.count())
+        self._refresh()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "OnnxFrontend":
+        model = ir.load(str(path))
+        _name_nodes(model.graph)
+        unknown = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph
+                          if n.op_type not in onnx_ops.OPS and n.op_type != "Constant"})
+        if unknown:
+            raise OnnxRefused(f"no evaluator for the ONNX op(s) {', '.join(unknown)} (calibration runs the "
+                              f"graph op by op)")
+        if any(n.op_type in ("If", "Loop", "Scan") for n in model.graph):
+            raise OnnxRefused("control flow (If / Loop / Scan) is not followed")
+        bad = [v.name for v in model.graph.inputs if v.name not in FEEDS]
+        if bad:
+            raise OnnxRefused(f"graph input(s) {', '.join(bad)}: only {', '.join(FEEDS)} are fed "
+                              f"(a KV-cache decoder is not an input yet)")
+        return cls(model, Path(path))
+
+    # -- state derived from the model (rebuilt after edits)
+    def _refresh(self):
+        self.model.graph.sort()
+        self.consts = Constants(self.model.graph)
+        self._attrs = {id(n): attrs_of(n) for n in self.model.graph}
+        self._view: Graph | None = None
+        self._steps: dict[str, list[ir.Node]] = {}
+        self._builder: ViewBuilder | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.model.graph.inputs]
+
+    @property
+    def vocab_size(self) -> int:
+        out = self.model.graph.outputs[0].shape
+        if out is not None and len(out) and isinstance(out[-1], int):
+            return int(out[-1])
+        for node in self.model.graph:
+            if node.op_type == "Gather" and self.consts.has(node.inputs[0].name) and node.inputs[1].name == "input_ids":
+                return int(self.consts.tensor(node.inputs[0].name).shape[0])
+        raise OnnxRefused("cannot tell the vocabulary size (no static logits axis, no embedding Gather)")
+
+    def _bare_steps(self):
+        steps = {}
+        for node in self.model.graph:
+            if node.op_type != "Constant":
+                steps[node.outputs[0].name if len(node.outputs) == 1 else f"{node.name}:outputs"] = [node]
+        return steps
+
+    def _ensure_view(self):
+        if self._view is not None:
+            return
+        self._steps = self._bare_steps()
+        self._frees = {}
+        self._last_use = {}
+        runs, shapes_per_run = [], []
+        for k, sizes in enumerate(SHAPE_RUNS):
+            values = self._run_all(feed_for(self.input_names, self.vocab_size, sizes["batch"], sizes["seq"], k))
+            shapes_per_run.append({n: tuple(t.shape) for n, t in values.items() if isinstance(t, torch.Tensor)})
+            runs.append({n: [int(x) for x in t.reshape(-1).tolist()] for n, t in values.items()
+                         if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() <= 1
+                         and t.numel() <= 64})
+        names = set(shapes_per_run[0])
+        shapes = {n: dims_from_runs([s[n] for s in shapes_per_run], list(SHAPE_RUNS), n) for n in names}
+        builder = ViewBuilder(self.model.graph, self.consts, shapes, IntTracer(self.consts, runs))
+        self._view = builder.build()
+        self._builder = builder
+        self._steps = {n: builder.steps.get(n, []) for n, node in self._view.nodes.items()
+                       if n in builder.steps or node.op == "getitem"}
+        self._schedule()
+
+    def _run_all(self, feed) -> dict[str, torch.Tensor]:
+        st = Stream(self, feed)
+        st.pinned = {v for n in self._steps.values() for node in n for v in (o.name for o in node.outputs)}
+        st.run_until(None)
+        return st.env
+
+    def _schedule(self):
+        """When each value can be freed: after the last view step that reads it."""
+        last: dict[str, int] = {}
+        for i, name in enumerate(self._steps):
+            for node in self._steps[name]:
+                for v in node.inputs:
+                    if v is not None:
+                        last[v.name] = i
+        for name, nodes in self._steps.items():       # a multi-output node's tuple
+            if nodes and len(nodes[-1].outputs) > 1:
+                last[name] = max(last.get(v.name, 0) for v in nodes[-1].outputs)
+        for v in self.model.graph.outputs:
+            last[v.name] = len(self._steps)
+        self._last_use = last
+        self._frees = {}
+        for name, i in last.items():
+            self._frees.setdefault(i, []).append(name)
+
+    # -- reading
+    def view(self) -> Graph:
+        self._ensure_view()
+        return self._view
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: self.consts.tensor(n) for n in self.consts.values}
+
+    def param_shapes(self) -> dict[str, tuple]:
+        return {n: tuple(v.shape) for n, v in self.consts.values.items() if v.shape is not None}
+
+    def param_count(self) -> int:
+        """Elements of the floating-point initializers of more than one element that some node reads."""
+        total = 0
+        for n, v in self.consts.values.items():
+            if v.dtype is not None and v.dtype.is_floating_point() and v.shape is not None and \
+                    np.prod(v.shape.numpy()) > 1 and list(v.uses()):
+                total += int(np.prod(v.shape.numpy()))
+        return total
+
+    def stream(self, inputs, overrides=None, pinned=None) -> Stream:
+        self._ensure_view()
+        return Stream(self, inputs, overrides, pinned)
+
+    # -- editing
+    def set_param(self, name: str, value: torch.Tensor) -> None:
+        v = self.consts.values.get(name)
+        arr = value.detach().cpu().contiguous().numpy()
+        if v is None:
+            new = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                           const_value=ir.tensor(arr, name=name))
+            self.model.graph.register_initializer(new)
+            self.consts.values[name] = new
+            return
+        if tuple(v.shape) != tuple(arr.shape):
+            raise ValueError(f"replacement for {name} has shape {tuple(arr.shape)}, expected {tuple(v.shape)}")
+        self._store(v, arr.astype(v.const_value.numpy().dtype))
+
+    def _store(self, v: ir.Value, arr: np.ndarray):
+        v.const_value = ir.tensor(np.ascontiguousarray(arr), name=v.name)
+        v.shape = ir.Shape(arr.shape)
+        self.consts.forget(v.name)
+
+    def slice_param(self, name: str, cuts) -> tuple[tuple, tuple]:
+        v = self.consts.values[name]
+        arr = v.const_value.numpy()
+        old = tuple(arr.shape)
+        for axis, keep in cuts:
+            if len(keep) != arr.shape[axis]:
+                arr = np.take(arr, np.asarray(keep, dtype=np.int64), axis=axis)
+        if tuple(arr.shape) != old:
+            self._store(v, arr)
+        return old, tuple(arr.shape)
+
+    def set_ints(self, node_name: str, attr: str, values: dict) -> None:
+        self._ensure_view()
+        prov = self._builder.provenance.get((node_name, attr))
+        if prov is None:
+            raise ValueError(f"{node_name}: no integers {attr!r} to set")
+        if prov and isinstance(prov[0], tuple) and prov[0][0] == "attr":       # Split(num_outputs)
+            self._split_sizes(node_name, values)
+            return
+        for pos, v in values.items():
+            p = prov[0 if pos is None else pos]
+            if p is None:
+                raise ValueError(f"{node_name}: integer {attr}[{pos}] is computed in the graph, not a constant")
+            self._patch(list(p.hops), int(v))
+
+    def _split_sizes(self, node_name, values):
+        node = self._steps[node_name][0]
+        sizes = np.asarray([values[k] for k in sorted(values)], dtype=np.int64)
+        init = self._new_const(sizes)
+        node.attributes.pop("num_outputs", None)
+        node.resize_inputs(2)
+        node.replace_input_with(1, init)
+
+    def _new_const(self, arr: np.ndarray) -> ir.Value:
+        name = next(self._names)
+        v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                     const_value=ir.tensor(arr, name=name))
+        self.model.graph.register_initializer(v)
+        self.consts.values[name] = v
+        return v
+
+    def _node(self, name: str) -> ir.Node:
+        return next(n for n in self.model.graph if n.name == name)
+
+    def _patch(self, hops, value: int):
+        """Set element ``index`` of the constant at the end of ``hops``, copying every value on
+        the way that has readers besides the path (so only this consumer sees the change)."""
+        node = self._node(hops[0].node)
+        for k, hop in enumerate(hops):
+            v = node.inputs[hop.pos]
+            private = len(list(v.uses())) == 1 and not v.is_graph_output()
+            if k == len(hops) - 1:
+                arr = self.consts.tensor(v.name).numpy().copy()
+                flat = arr.reshape(-1)
+                flat[hop.index] = value
+                if private and v.name in self.consts.values:
+                    self._store(v, flat.reshape(arr.shape))
+                else:
+                    node.replace_input_with(hop.pos, self._new_const(flat.reshape(arr.shape)))
+                return
+            producer = v.producer()
+            if not private:
+                producer = self._clone(producer)
+                node.replace_input_with(hop.pos, producer.outputs[0])
+            node = producer
+
+    def _clone(self, node: ir.Node) -> ir.Node:
+        clone = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()),
+                        name=next(self._names), num_outputs=1)
+        clone.outputs[0].name = clone.name
+        clone.outputs[0].shape, clone.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+        self.model.graph.insert_after(node, clone)
+        self._attrs[id(clone)] = attrs_of(clone)
+        return clone
+
+    def gather(self, node_name: str, pos: int, axis: int, index: list[int]) -> None:
+        node = self._steps[node_name][0]
+        idx = self._new_const(np.asarray(index, dtype=np.int64))
+        g = ir.Node("", "Gather", [node.inputs[pos], idx], attributes=[ir.AttrInt64("axis", axis)],
+                    name=next(self._names))
+        g.outputs[0].name = g.name
+        self.model.graph.insert_before(node, g)
+        node.replace_input_with(pos, g.outputs[0])
+
+    def add_bias(self, node_name: str, param: str) -> None:
+        """A MatMul projection gains an Add of ``param``; the Add's output takes the MatMul
+        output's name, so the view node keeps its name."""
+        node = self._steps[node_name][0]
+        if node.op_type not in ("MatMul", "Gemm"):
+            raise ValueError(f"cannot add a bias to {node.op_type}")
+        out = node.outputs[0]
+        add = ir.Node("", "Add", [out, self.consts.values[param]], name=next(self._names))
+        self.model.graph.insert_after(node, add)
+        for use in list(out.uses()):
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, add.outputs[0])
+        if out.is_graph_output():
+            outs = self.model.graph.outputs
+            outs[list(outs).index(out)] = add.outputs[0]
+        old = out.name
+        out.name = f"{old}_nobias"
+        add.outputs[0].name = old
+        add.outputs[0].shape, add.outputs[0].type = out.shape, out.type
+
+    def slice_port(self, name: str, axis: int, keep) -> None:
+        raise ValueError("the ONNX frontend has no KV-cache ports")
+
+    def finish(self) -> None:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(self.model)
+        outputs = set(self.model.graph.outputs)
+        for node in self.model.graph:              # shapes recorded before the rewrite are stale
+            for v in node.outputs:
+                if v not in outputs:
+                    v.shape = None
+        self._refresh()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model: its weights in ``<name>.data`` beside it when the input kept them
+        outside (or when over 2 GB), else inside the file."""
+        return save_model(self.model, path)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    consts = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    external = any(isinstance(t, ir.ExternalTensor) for t in consts) or \
+        sum(t.nbytes for t in consts) > 1_800_000_000
+    with _quiet_progress():
+        if external:
+            ir.save(model, str(path), external_data=path.name + ".data")
+        else:
+            ir.save(model, str(path))
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """onnx-ir's save draws a progress bar on stderr; the compile has its own progress."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        yield
