@@ -322,3 +322,13 @@ def test_an_unknown_graph_input_is_refused(tmp_path):
                  inputs=inputs)
     with pytest.raises(OnnxRefused, match="graph input.*past"):
         OnnxFrontend.load(path)
+
+
+def test_an_evaluator_that_disagrees_with_onnxruntime_is_refused(tmp_path, monkeypatch):
+    import goa_compiler.frontends.onnx_ops as ops
+
+    fe = OnnxFrontend.load(_mlp(tmp_path))
+    assert fe.check_against_onnxruntime() < 1e-5
+    monkeypatch.setitem(ops.OPS, "Relu", lambda xs, a: [torch.nn.functional.gelu(xs[0])])
+    with pytest.raises(OnnxRefused, match="disagrees with onnxruntime"):
+        OnnxFrontend.load(_mlp(tmp_path)).check_against_onnxruntime()

@@ -160,3 +160,46 @@ def test_cli_refused_onnx_is_one_line(tmp_path, capsys):
     rc = cli.main(["analyze", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "Hardmax" in err[0]
+
+
+# ----------------------------------------------------------------- a KV-cache decoder as input
+
+@pytest.fixture(scope="module")
+def decoder_onnx(tmp_path_factory):
+    """The KV-cache decoder torch.onnx (dynamo) writes for tiny llama-gqa: inputs input_ids,
+    attention_mask, position_ids, past_key_values.N.key/value [batch, 2, past, 16]."""
+    from goa_compiler.capture.decoder import capture_decoder
+    from goa_compiler.export.onnx import export_decoder
+
+    model, vocab, _ = tiny.build("llama-gqa", seed=0)
+    dec = capture_decoder(model)
+    path = tmp_path_factory.mktemp("dec") / "decoder.onnx"
+    export_decoder(dec.gm, dec.example(dec.layers), path, dec.input_names, dec.output_names, len(dec.layers))
+    return model, vocab, path
+
+
+def test_a_kv_cache_decoder_input_is_pruned_with_its_cache(decoder_onnx, tmp_path):
+    """Cache inputs are ports: pruned K/V groups leave the cache; the oracle holds on the
+    prefill and onnxruntime-genai generates from OUT."""
+    import onnxruntime_genai as og
+
+    model, vocab, path = decoder_onnx
+    tok = tiny.byte_tokenizer()
+    report = compile_onnx(path, _opts(ratio=0.5, allocation="uniform"), tmp_path / "out", tokenizer=tok).report
+    layers = report["decoder"]["layers"]
+    assert [lc["kv_heads"] for lc in layers] == [{"dense": 2, "pruned": 1}] * 2
+    assert report["decoder"]["kv_cache_bytes_per_token"]["pruned"] * 2 == \
+        report["decoder"]["kv_cache_bytes_per_token"]["dense"]
+    assert report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4     # prefill + cached step in onnxruntime
+    ids, mask = _ids(vocab)
+    ref = ol.dense_output(ol.zeroed_dense(model, "llama-gqa", report["modules"]), "causal-lm", ids, mask)
+    got = run_onnx(tmp_path / "out" / "model.onnx", ids.numpy(), mask.numpy())
+    assert ol.relative_error(got, ref) < 1e-4
+    m = og.Model(str(tmp_path / "out"))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=12)
+    g = og.Generator(m, params)
+    g.append_tokens(ids[0, :4].numpy().astype(np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    assert len(g.get_sequence(0)) == 12

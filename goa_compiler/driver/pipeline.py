@@ -65,6 +65,7 @@ class CompileState:
     config_path: str | None = None
     resources: ExitStack = field(default_factory=ExitStack)
     onnx_source: Path | None = None       # an ONNX file compiled directly (frontends/onnx.py)
+    onnx_cache: list | None = None        # its cache inputs before the rewrite: (name, heads, features)
     # capture, analysis
     captured: Captured | None = None
     frontend: FxFrontend | OnnxFrontend | None = None
@@ -446,12 +447,11 @@ class Verify(PassBase):
 
 def _onnx_reference(frontend):
     """The rewritten ONNX graph run by the frontend's own evaluator: (ids, mask) -> logits."""
-    from goa_compiler.frontends.onnx import feed_for
-
     def run(ids, mask):
-        feed = feed_for(frontend.input_names, frontend.vocab_size, *ids.shape)
-        feed.update({k: v for k, v in (("input_ids", ids), ("attention_mask", mask)) if k in feed})
-        return frontend.stream(feed).output()
+        feed = {"input_ids": ids, "attention_mask": mask} if "attention_mask" in frontend.input_names \
+            else {"input_ids": ids}
+        out = frontend.stream(feed).output()
+        return out[0] if isinstance(out, tuple) else out
     return run
 
 
@@ -469,6 +469,8 @@ class ServingFiles(PassBase):
         from goa_compiler.serve.genai import genai_config
 
         dec = state.decoder
+        if state.onnx_source is not None and state.frontend.ports:
+            return _onnx_serving(self.name, state)
         if dec is None:
             return PassResult(self.name, False, {"decoder": {"kv_cache": False, "reason": state.decoder_refused
                                                              or "--no-kv-cache"}})
@@ -485,6 +487,54 @@ class ServingFiles(PassBase):
                    "kv_cache_bytes_per_token": {"dense": _kv_bytes(dec.layers, itemsize),
                                                 "pruned": _kv_bytes(pruned, itemsize)}}
         return PassResult(self.name, True, {"decoder": section})
+
+
+def _onnx_layers(geometry) -> tuple | None:
+    """Per-layer cache geometry of an ONNX decoder's cache inputs, when they are named as
+    onnxruntime-genai reads them (past_key_values.N.key / .value), else None."""
+    from goa_compiler.capture.decoder import LayerCache
+    from goa_compiler.serve.feeds import PAST
+
+    found: dict[int, dict] = {}
+    for name, heads, dim in geometry:
+        m = PAST.match(name)
+        if m is None:
+            return None
+        found.setdefault(int(m.group(1)), {})[m.group(2)] = (heads, dim)
+    if sorted(found) != list(range(len(found))) or any(set(v) != {"key", "value"} for v in found.values()):
+        return None
+    return tuple(LayerCache(v["key"][0], v["key"][1], v["value"][1]) for _, v in sorted(found.items()))
+
+
+def _onnx_serving(name: str, state) -> PassResult:
+    """The serving files of an ONNX decoder compiled as given: its cache inputs, pruned with
+    the heads, are the per-layer geometry."""
+    from goa_compiler.serve.genai import DecoderFacts, genai_config
+
+    dense, pruned = _onnx_layers(state.onnx_cache), _onnx_layers(state.frontend.cache_geometry())
+    itemsize = 2 if state.opts.dtype == "fp16" else 4
+    if dense is None or not {"attention_mask", "position_ids"} <= set(state.frontend.input_names):
+        return PassResult(name, False, {"decoder": {
+            "kv_cache": True, "genai": "no genai_config.json: the cache inputs are not named past_key_values.N.key "
+                                       "/ .value beside attention_mask and position_ids"}})
+    tok = state.tokenizer
+    limit = getattr(tok, "model_max_length", None)
+    heads = [s.heads for s in state.analysis.structures if s.heads]
+    facts = DecoderFacts(
+        layers=len(pruned), kv_heads=max(lc.kv_heads for lc in pruned), head_size=pruned[0].key_dim,
+        hidden_size=state.frontend.hidden_size, attention_heads=max(heads, default=0), vocab_size=state.vocab_size,
+        context_length=int(limit) if limit and limit < 1_000_000 else 4096,
+        bos_token_id=getattr(tok, "bos_token_id", None), eos_token_id=getattr(tok, "eos_token_id", None),
+        pad_token_id=getattr(tok, "pad_token_id", None))
+    write_json(state.staging / "genai_config.json", genai_config(facts))
+    files = ["genai_config.json"]
+    if tok is not None and hasattr(tok, "save_pretrained"):
+        files += [Path(f).name for f in tok.save_pretrained(str(state.staging))]
+    section = {"kv_cache": True, "dtype": "float16" if itemsize == 2 else "float32", "files": sorted(set(files)),
+               "layers": [{"layer": i, "kv_heads": {"dense": d.kv_heads, "pruned": p.kv_heads},
+                           "key_dim": p.key_dim, "value_dim": p.value_dim} for i, (d, p) in enumerate(zip(dense, pruned))],
+               "kv_cache_bytes_per_token": {"dense": _kv_bytes(dense, itemsize), "pruned": _kv_bytes(pruned, itemsize)}}
+    return PassResult(name, True, {"decoder": section})
 
 
 def _kv_bytes(layers, itemsize: int = 4) -> int:
@@ -665,8 +715,8 @@ def compile_onnx(path: str | Path, opts: CompileOptions, out: str | Path, progre
     check_out(out, opts.overwrite)
     frontend = load_onnx(path)
     state = CompileState(None, "causal-lm", opts, progress, tokenizer, str(path), spec, onnx_source=Path(path),
-                         frontend=frontend, decoder_refused="an ONNX input is compiled as given (no KV-cache "
-                                                            "inputs)")
+                         frontend=frontend, onnx_cache=frontend.cache_geometry(),
+                         decoder_refused="the ONNX input has no KV-cache inputs (it is compiled as given)")
     with state.resources:
         PIPELINE.run(state, progress)
         with staged_output(out, opts.overwrite) as tmp:
@@ -680,6 +730,7 @@ def load_onnx(path) -> OnnxFrontend:
     try:
         fe = OnnxFrontend.load(path)
         fe.view()
+        fe.check_against_onnxruntime()
     except OnnxRefused as e:
         raise CompileError(f"onnx: {e}") from e
     return fe

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,11 +26,43 @@ import torch
 
 from goa_compiler.frontends import onnx_ops
 from goa_compiler.frontends.onnx_view import Constants, IntTracer, ViewBuilder, attrs_of, dims_from_runs
-from goa_compiler.ir.graph import Graph
+from goa_compiler.ir.graph import Graph, Port
 
 # two sizes of the dynamic axes, for the shapes (onnx_view.dims_from_runs)
-SHAPE_RUNS = ({"batch": 2, "seq": 5}, {"batch": 3, "seq": 7})
+SHAPE_RUNS = ({"batch": 2, "seq": 5, "past": 3}, {"batch": 3, "seq": 7, "past": 4})
 FEEDS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class CachePort:
+    """A KV-cache input joined to the new keys or values by a Concat that is a graph output:
+    ``axis`` holds the heads (the one static axis besides the features), ``seq`` the
+    sequence (the Concat's axis)."""
+
+    input: str
+    output: str
+    axis: int
+    seq: int
+
+
+def cache_ports(graph: ir.Graph) -> dict[str, CachePort] | str:
+    """Every graph input outside FEEDS as a cache port, or the reason one is not."""
+    ports = {}
+    for v in graph.inputs:
+        if v.name in FEEDS:
+            continue
+        cat = next((u.node for u in v.uses() if u.node.op_type == "Concat" and u.idx == 0
+                    and u.node.outputs[0].is_graph_output()), None)
+        if cat is None or v.shape is None:
+            return (f"graph input {v.name}: only {', '.join(FEEDS)} and KV-cache inputs (joined to the new "
+                    f"keys or values by a Concat that is a graph output) are fed")
+        rank = len(v.shape)
+        seq = cat.attributes["axis"].value % rank
+        static = [a for a in range(rank - 1) if a != seq and isinstance(v.shape[a], int)]
+        if len(static) != 1:
+            return f"cache input {v.name} {v.shape}: cannot tell its heads axis (one static axis besides the last)"
+        ports[v.name] = CachePort(v.name, cat.outputs[0].name, static[0], seq)
+    return ports
 
 
 class OnnxRefused(Exception):
@@ -37,12 +70,35 @@ class OnnxRefused(Exception):
 
 
 def feed_for(names, vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token inputs of a plain graph (no cache)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    make = {"input_ids": lambda: ids, "attention_mask": lambda: torch.ones_like(ids),
-            "position_ids": lambda: torch.arange(seq).expand(batch, seq).contiguous(),
-            "token_type_ids": lambda: torch.zeros_like(ids)}
-    return {n: make[n]() for n in names}
+    return complete({"input_ids": ids}, names, {})
+
+
+def complete(feed: dict[str, torch.Tensor], names, ports: dict[str, "CachePort"], shapes=None,
+             past: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``feed`` (input_ids, maybe attention_mask) with every other input the graph takes: a
+    mask of ones over past and new tokens, positions counted by the mask, token types 0, and
+    cache inputs of ``past`` entries (zeros when empty, small random values otherwise)."""
+    ids = feed["input_ids"]
+    batch, seq = ids.shape
+    out = dict(feed)
+    if "attention_mask" in names and "attention_mask" not in out:
+        out["attention_mask"] = torch.ones(batch, past + seq, dtype=torch.int64)
+    if "position_ids" in names and "position_ids" not in out:
+        mask = out.get("attention_mask", torch.ones(batch, past + seq, dtype=torch.int64))
+        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -seq:].contiguous()
+    if "token_type_ids" in names and "token_type_ids" not in out:
+        out["token_type_ids"] = torch.zeros_like(ids)
+    g = torch.Generator().manual_seed(seed)
+    for name, port in ports.items():
+        if name in out:
+            continue
+        dims = [d if isinstance(d, int) else (past if a == port.seq else batch)
+                for a, d in enumerate(shapes[name])]
+        out[name] = 0.1 * torch.randn(dims, generator=g) if past else torch.zeros(dims)
+    return {n: out[n] for n in names}
 
 
 def _name_nodes(graph: ir.Graph) -> None:
@@ -146,6 +202,8 @@ class OnnxFrontend:
         self.model = model
         self.path = path
         self._names = (f"goa_{k}" for k in itertools.count())
+        found = cache_ports(model.graph)
+        self.ports: dict[str, CachePort] = found if isinstance(found, dict) else {}
         self._refresh()
 
     @classmethod
@@ -159,10 +217,11 @@ class OnnxFrontend:
                               f"graph op by op)")
         if any(n.op_type in ("If", "Loop", "Scan") for n in model.graph):
             raise OnnxRefused("control flow (If / Loop / Scan) is not followed")
-        bad = [v.name for v in model.graph.inputs if v.name not in FEEDS]
-        if bad:
-            raise OnnxRefused(f"graph input(s) {', '.join(bad)}: only {', '.join(FEEDS)} are fed "
-                              f"(a KV-cache decoder is not an input yet)")
+        ports = cache_ports(model.graph)
+        if isinstance(ports, str):
+            raise OnnxRefused(ports)
+        if "input_ids" not in [v.name for v in model.graph.inputs]:
+            raise OnnxRefused("the graph has no input_ids input")
         return cls(model, Path(path))
 
     # -- state derived from the model (rebuilt after edits)
@@ -177,6 +236,28 @@ class OnnxFrontend:
     @property
     def input_names(self) -> list[str]:
         return [v.name for v in self.model.graph.inputs]
+
+    def input_shapes(self) -> dict[str, tuple]:
+        return {v.name: tuple(d if isinstance(d, int) else None for d in v.shape) if v.shape is not None else None
+                for v in self.model.graph.inputs}
+
+    def feed(self, batch: int, seq: int, past: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Inputs of every kind the graph takes, random token ids."""
+        ids = torch.randint(0, self.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+        return complete({"input_ids": ids}, self.input_names, self.ports, self.input_shapes(), past, seed)
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the token embedding (the initializer a Gather of input_ids reads)."""
+        for node in self.model.graph:
+            if node.op_type == "Gather" and node.inputs[1].name == "input_ids" and self.consts.has(node.inputs[0].name):
+                return int(self.consts.tensor(node.inputs[0].name).shape[-1])
+        return 0
+
+    def cache_geometry(self) -> list[tuple[str, int, int]]:
+        """(cache input, heads, features) of every cache port, in input order."""
+        shapes = self.input_shapes()
+        return [(n, shapes[n][p.axis], shapes[n][-1]) for n, p in self.ports.items()]
 
     @property
     def vocab_size(self) -> int:
@@ -203,14 +284,17 @@ class OnnxFrontend:
         self._last_use = {}
         runs, shapes_per_run = [], []
         for k, sizes in enumerate(SHAPE_RUNS):
-            values = self._run_all(feed_for(self.input_names, self.vocab_size, sizes["batch"], sizes["seq"], k))
+            values = self._run_all(self.feed(sizes["batch"], sizes["seq"], sizes["past"] if self.ports else 0, k))
             shapes_per_run.append({n: tuple(t.shape) for n, t in values.items() if isinstance(t, torch.Tensor)})
             runs.append({n: [int(x) for x in t.reshape(-1).tolist()] for n, t in values.items()
                          if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() <= 1
                          and t.numel() <= 64})
         names = set(shapes_per_run[0])
-        shapes = {n: dims_from_runs([s[n] for s in shapes_per_run], list(SHAPE_RUNS), n) for n in names}
-        builder = ViewBuilder(self.model.graph, self.consts, shapes, IntTracer(self.consts, runs))
+        runs_sizes = [s if self.ports else {k: v for k, v in s.items() if k != "past"} for s in SHAPE_RUNS]
+        shapes = {n: dims_from_runs([s[n] for s in shapes_per_run], runs_sizes, n) for n in names}
+        ports = {**{p.input: Port(p.input, p.axis) for p in self.ports.values()},
+                 **{p.output: Port(p.output, p.axis) for p in self.ports.values()}}
+        builder = ViewBuilder(self.model.graph, self.consts, shapes, IntTracer(self.consts, runs), ports)
         self._view = builder.build()
         self._builder = builder
         self._steps = {n: builder.steps.get(n, []) for n, node in self._view.nodes.items()
@@ -241,6 +325,25 @@ class OnnxFrontend:
         for name, i in last.items():
             self._frees.setdefault(i, []).append(name)
 
+    def check_against_onnxruntime(self, tolerance: float = 1e-3) -> float:
+        """Run one batch in onnxruntime and in the evaluator; refuse when they disagree (an
+        op whose semantics the evaluator misses). Returns the relative difference."""
+        import onnxruntime as ort
+
+        feed = self.feed(2, 7, past=3 if self.ports else 0, seed=3)
+        ours = self.stream(feed).output()
+        ours = ours[0] if isinstance(ours, tuple) else ours
+        with _quiet_progress():
+            data = self.path if self.path is not None else None
+            sess = ort.InferenceSession(str(data), providers=["CPUExecutionProvider"])
+        ref = sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+        ref_t = torch.from_numpy(ref).to(ours.dtype)
+        err = float((ours - ref_t).abs().max() / max(float(ref_t.abs().max()), 1e-12))
+        if not err <= tolerance:
+            raise OnnxRefused(f"the op-by-op evaluator disagrees with onnxruntime on this graph (relative "
+                              f"difference {err:.3g}); calibration would measure another model")
+        return err
+
     # -- reading
     def view(self) -> Graph:
         self._ensure_view()
@@ -262,8 +365,11 @@ class OnnxFrontend:
         return total
 
     def stream(self, inputs, overrides=None, pinned=None) -> Stream:
+        """``inputs``: input_ids (and attention_mask); the other inputs are completed (an
+        empty cache, positions from the mask)."""
         self._ensure_view()
-        return Stream(self, inputs, overrides, pinned)
+        full = complete(inputs, self.input_names, self.ports, self.input_shapes())
+        return Stream(self, full, overrides, pinned)
 
     # -- editing
     def set_param(self, name: str, value: torch.Tensor) -> None:
@@ -389,7 +495,14 @@ class OnnxFrontend:
         add.outputs[0].shape, add.outputs[0].type = out.shape, out.type
 
     def slice_port(self, name: str, axis: int, keep) -> None:
-        raise ValueError("the ONNX frontend has no KV-cache ports")
+        """A cache port keeps ``keep`` heads: its input declares the new number (the present
+        output, the past joined to the pruned projection, follows by itself)."""
+        ends = {e for p in self.ports.values() if name in (p.input, p.output) for e in (p.input, p.output)}
+        for v in [*self.model.graph.inputs, *self.model.graph.outputs]:
+            if v.name in ends and v.shape is not None:
+                dims = list(v.shape)
+                dims[axis] = len(keep)
+                v.shape = ir.Shape(dims)
 
     def finish(self) -> None:
         from onnx_ir.passes.common import RemoveUnusedNodesPass

@@ -199,6 +199,7 @@ def _fit(ds, sizes):
     names = sorted(sizes[0])
     candidates = [sympy.Symbol(n) for n in names]
     candidates += [sympy.Symbol(a) * sympy.Symbol(b) for i, a in enumerate(names) for b in names[i:]]
+    candidates += [sympy.Symbol(a) + sympy.Symbol(b) for i, a in enumerate(names) for b in names[i + 1:]]
     for c in candidates:
         if all(int(c.subs({sympy.Symbol(k): v for k, v in s.items()})) == d for s, d in zip(sizes, ds)):
             return c
@@ -212,8 +213,10 @@ class ViewBuilder:
     multi-output node, its outputs' are the getitem nodes'). The result's ``steps`` say
     which ONNX nodes each view node runs (a fused MatMul + Add is one view node)."""
 
-    def __init__(self, graph: ir.Graph, consts: Constants, shapes: dict[str, tuple], tracer: IntTracer):
+    def __init__(self, graph: ir.Graph, consts: Constants, shapes: dict[str, tuple], tracer: IntTracer,
+                 ports: dict | None = None):
         self.graph, self.consts, self.shapes, self.tracer = graph, consts, shapes, tracer
+        self.ports = dict(ports or {})
         self.nodes: dict[str, Node] = {}
         self.params: dict[str, str] = {}
         self.steps: dict[str, list[ir.Node]] = {}        # view node -> the ONNX nodes it runs
@@ -230,7 +233,7 @@ class ViewBuilder:
         outputs = [v.name for v in self.graph.outputs]
         self.nodes["output"] = Node("output", "output", [Ref(o) for o in outputs], None, target="output")
         shapes = {name: tuple(self.consts.tensor(name).shape) for name in self.consts.values}
-        return Graph(self.nodes, self.params, shapes, outputs)
+        return Graph(self.nodes, self.params, shapes, outputs, self.ports)
 
     # -- operands
     def _param(self, name: str) -> Ref:
