@@ -62,6 +62,11 @@ class DType(StrEnum):
     FP16 = "fp16"
 
 
+class ExportMethod(StrEnum):
+    REWRITE = "rewrite"        # the compile's plan and weights applied to a dense ONNX exported once
+    REEXPORT = "reexport"      # the pruned graph exported by torch.onnx
+
+
 class HeadCriterion(StrEnum):
     MOMENT = "moment"
     SIMILARITY = "similarity"
@@ -210,6 +215,11 @@ class CompileOptions:
     dtype: str = option(DType.FP32, "model.onnx's weights, activations and KV cache: float32, or float16 "
                         "(norms normalise in float32; for onnxruntime's CUDA provider; OUT/hf stays float32)",
                         choices=DType)
+    export: str = option(ExportMethod.REWRITE, "how model.onnx is made from a PyTorch model: rewrite the dense "
+                         "ONNX, exported once per model and cached, with the compile's plan and weights (the "
+                         "ONNX input's rewrite), or re-export the pruned graph; a model whose ONNX analysis "
+                         "differs from its PyTorch one is re-exported, with the reason in the report",
+                         choices=ExportMethod)
     overwrite: bool = option(False, "replace a non-empty OUT")
     max_ppl_increase: float | None = option(
         None, "largest allowed relative increase of held-out perplexity, pruned vs dense (0.15 = 15%%); "

@@ -90,6 +90,10 @@ class CompileState:
     new_weights: dict = field(default_factory=dict)
     new_biases: dict = field(default_factory=dict)
     rewritten: RewriteResult | None = None
+    template: Path | None = None          # the dense ONNX the export rewrites (export/template.py)
+    decoder_biases: dict = field(default_factory=dict)
+    export_method: str = "re-export"      # how model.onnx was made: rewrite / re-export / onnx input
+    export_note: str | None = None
     # output
     staging: Path | None = None
     onnx_path: Path | None = None
@@ -269,7 +273,20 @@ def _export_dtype(state, path: Path, dense: bool) -> Path:
 
 
 def _export_fp32(state, path: Path, dense: bool) -> Path:
+    if not dense and state.template is not None:
+        from goa_compiler.export.template import rewrite_template
+
+        dec = state.decoder
+        res = rewrite_template(state.template, state.decoder_analysis if dec else state.analysis, state.plan,
+                               state.new_weights, state.decoder_biases if dec else state.new_biases, path,
+                               _query_heads(state.opts))
+        state.export_note = res.reason
+        if res.path is not None:
+            state.export_method = "rewrite"
+            return res.path
+        state.progress.log(f"export: {res.reason}; exporting the pruned graph")
     if state.onnx_source:
+        state.export_method = "onnx input"
         if dense:
             import onnx_ir
 
@@ -370,6 +387,35 @@ class GreedyReconstruction(PassBase):
                                             "refit_prior": opts.refit_prior, "ridge_folds": opts.ridge_folds})
 
 
+class DenseTemplate(PassBase):
+    """The dense model's ONNX, unoptimised, exported once and cached (export/template.py):
+    what Export rewrites with the compile's plan and weights instead of exporting anew."""
+
+    name = "dense template"
+
+    def applies(self, state):
+        return state.opts.export == "rewrite" and state.onnx_source is None and state.captured is not None
+
+    def call(self, state):
+        from goa_compiler.capture.sources import cache_root
+        from goa_compiler.export.template import cached_template, template_key
+
+        dec = state.decoder
+        if dec is not None:
+            gm, form = dec.gm, f"decoder|{dec.layers}|{dec.input_names}|{dec.output_names}"
+            export = lambda p: export_decoder(dec.gm, dec.example(dec.layers), p, dec.input_names,  # noqa: E731
+                                              dec.output_names, len(dec.layers), optimize=False)
+        else:
+            c = state.captured
+            gm, form = c.gm, f"plain|{c.output_name}|{c.max_seq}"
+            export = lambda p: export_onnx(c.gm, c.example, p, c.output_name, c.max_seq, optimize=False)  # noqa: E731
+        try:
+            state.template = cached_template(cache_root() / "onnx-templates", template_key(gm, form), export)
+        except ExportError as e:
+            raise CompileError(f"export: {e}") from e
+        return PassResult(self.name)
+
+
 class Rewrite(PassBase):
     name = "rewrite"
 
@@ -412,6 +458,7 @@ class RewriteDecoder(PassBase):
     def call(self, state):
         biases = (serving.translate_biases(state.frontend.view(), state.decoder_frontend.view(), state.new_biases)
                   if state.new_biases else {})
+        state.decoder_biases = dict(biases)
         state.decoder_rewritten = rewrite(state.decoder_frontend, state.decoder_analysis, state.plan,
                                           state.new_weights, biases)
         return PassResult(self.name, state.decoder_rewritten.modified)
@@ -432,7 +479,7 @@ class Export(PassBase):
     def call(self, state):
         state.onnx_path = _export(state, state.staging / "model.onnx")
         state.onnx_params = onnx_param_count(state.onnx_path)
-        return PassResult(self.name)
+        return PassResult(self.name, report={"export": {"method": state.export_method, "note": state.export_note}})
 
 
 class Verify(PassBase):
@@ -655,7 +702,7 @@ class Report(PassBase):
 
 
 PIPELINE = PassManager([Capture(), Analyze(), CaptureDecoder(), EvalDense(), LogitReference(), ExportDense(),
-                        Select(), GreedyReconstruction(), Rewrite(), RewriteDecoder()])
+                        Select(), GreedyReconstruction(), DenseTemplate(), Rewrite(), RewriteDecoder()])
 OUTPUT = PassManager([Export(), Verify(), ServingFiles(), Checkpoint(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
 
 

@@ -34,7 +34,7 @@ def export_onnx(gm: torch.nn.Module, example, path: str | os.PathLike, output_na
 
 
 def export_decoder(gm: torch.nn.Module, example, path: str | os.PathLike, input_names, output_names,
-                   layers: int, opset: int | None = None) -> Path:
+                   layers: int, opset: int | None = None, optimize: bool = True) -> Path:
     """Write the KV-cache decoder (capture/decoder.py) at the cache geometry of ``example``:
     every layer's K/V head count and head size static, batch and lengths dynamic and named
     as onnxruntime-genai and Optimum name them."""
@@ -42,7 +42,7 @@ def export_decoder(gm: torch.nn.Module, example, path: str | os.PathLike, input_
 
     shapes = decoder_dynamic_shapes(layers)
     ep = recapture(gm, example, shapes=shapes)
-    return _translate(ep, example, path, list(input_names), list(output_names), shapes, opset, True,
+    return _translate(ep, example, path, list(input_names), list(output_names), shapes, opset, optimize,
                       _name_decoder_dims)
 
 

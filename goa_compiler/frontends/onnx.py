@@ -101,6 +101,14 @@ def complete(feed: dict[str, torch.Tensor], names, ports: dict[str, "CachePort"]
     return {n: out[n] for n in names}
 
 
+def _same_form(a: tuple, b: tuple) -> bool:
+    """Two runs' shapes of a value: the same rank (a sequence: as many tensors, each of one rank)."""
+    if a and isinstance(a[0], tuple) or b and isinstance(b[0], tuple):
+        return len(a) == len(b) and all(isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y)
+                                        for x, y in zip(a, b))
+    return len(a) == len(b)
+
+
 def _name_nodes(graph: ir.Graph) -> None:
     """Every node a unique name (edits and provenance refer to nodes by name)."""
     seen: set[str] = set()
@@ -261,13 +269,15 @@ class OnnxFrontend:
 
     @property
     def vocab_size(self) -> int:
-        out = self.model.graph.outputs[0].shape
-        if out is not None and len(out) and isinstance(out[-1], int):
-            return int(out[-1])
+        """Rows of the token embedding (the initializer a Gather of input_ids reads), else the
+        static last axis of the first output (the logits)."""
         for node in self.model.graph:
             if node.op_type == "Gather" and self.consts.has(node.inputs[0].name) and node.inputs[1].name == "input_ids":
                 return int(self.consts.tensor(node.inputs[0].name).shape[0])
-        raise OnnxRefused("cannot tell the vocabulary size (no static logits axis, no embedding Gather)")
+        out = self.model.graph.outputs[0].shape
+        if out is not None and len(out) and isinstance(out[-1], int):
+            return int(out[-1])
+        raise OnnxRefused("cannot tell the vocabulary size (no embedding Gather, no static logits axis)")
 
     def _bare_steps(self):
         steps = {}
@@ -285,11 +295,15 @@ class OnnxFrontend:
         runs, shapes_per_run = [], []
         for k, sizes in enumerate(SHAPE_RUNS):
             values = self._run_all(self.feed(sizes["batch"], sizes["seq"], sizes["past"] if self.ports else 0, k))
-            shapes_per_run.append({n: tuple(t.shape) for n, t in values.items() if isinstance(t, torch.Tensor)})
+            shapes_per_run.append({n: tuple(t.shape) if isinstance(t, torch.Tensor) else
+                                   tuple(tuple(x.shape) for x in t) for n, t in values.items()
+                                   if isinstance(t, torch.Tensor) or (isinstance(t, (list, tuple)) and t and
+                                                                      all(isinstance(x, torch.Tensor) for x in t))})
             runs.append({n: [int(x) for x in t.reshape(-1).tolist()] for n, t in values.items()
                          if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() <= 1
                          and t.numel() <= 64})
-        names = set(shapes_per_run[0])
+        names = {n for n in shapes_per_run[0] if n in shapes_per_run[1]
+                 and _same_form(shapes_per_run[0][n], shapes_per_run[1][n])}
         runs_sizes = [s if self.ports else {k: v for k, v in s.items() if k != "past"} for s in SHAPE_RUNS]
         shapes = {n: dims_from_runs([s[n] for s in shapes_per_run], runs_sizes, n) for n in names}
         ports = {**{p.input: Port(p.input, p.axis) for p in self.ports.values()},
@@ -514,6 +528,28 @@ class OnnxFrontend:
                 if v not in outputs:
                     v.shape = None
         self._refresh()
+
+    def drop_identity_reshapes(self) -> int:
+        """Remove every Reshape, Expand or Slice (step 1) whose output has its input's shape at
+        every size of the dynamic axes (what a rewrite leaves where a dimension became 1 or
+        equal: a K/V expansion by one, a head reshape of a tensor of that shape, a slice of a
+        whole axis; re-exporting would not trace them); returns how many."""
+        self._ensure_view()
+        shapes, n = self._builder.shapes, 0        # as run (the view reads some idioms as other shapes)
+        for node in list(self.model.graph):
+            out = node.outputs[0] if node.op_type in ("Reshape", "Expand", "Slice") and node.domain == "" else None
+            if out is not None and node.op_type == "Slice" and len(node.inputs) > 4 and node.inputs[4] is not None \
+                    and self.consts.ints(node.inputs[4].name) != [1] * len(self.consts.ints(node.inputs[4].name) or [0]):
+                continue                                  # a step other than 1 reorders even at full length
+            if out is None or out.is_graph_output() or out.name not in shapes:
+                continue
+            src = node.inputs[0]
+            if shapes.get(src.name) is not None and tuple(shapes[src.name]) == tuple(shapes[out.name]):
+                out.replace_all_uses_with(src)
+                n += 1
+        if n:
+            self.finish()
+        return n
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model: its weights in ``<name>.data`` beside it when the input kept them

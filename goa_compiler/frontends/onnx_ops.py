@@ -213,6 +213,22 @@ def _split(xs, a):
     return list(torch.split(x, sizes, dim=axis))
 
 
+@op("SplitToSequence")
+def _split_to_sequence(xs, a):
+    x, axis = xs[0], a.get("axis", 0) % xs[0].dim()
+    split = xs[1] if len(xs) > 1 and xs[1] is not None else None
+    if split is None:
+        parts = torch.split(x, 1, dim=axis)
+        return [list(parts) if a.get("keepdims", 1) else [p.squeeze(axis) for p in parts]]
+    sizes = int(split) if split.dim() == 0 else _ints(split)
+    return [list(torch.split(x, sizes, dim=axis))]
+
+
+@op("SequenceAt")
+def _sequence_at(xs, a):
+    return [xs[0][int(xs[1])]]
+
+
 @op("Slice")
 def _slice(xs, a):
     x = xs[0]

@@ -186,6 +186,8 @@ def _sole_reader(v: ir.Value) -> ir.Node | None:
 def dims_from_runs(shapes: list[tuple], sizes: list[dict[str, int]], name: str) -> tuple:
     """One view shape from the shapes of a value in runs at different sizes of the dynamic
     axes (``sizes``: symbol name -> its size in that run)."""
+    if shapes and shapes[0] and isinstance(shapes[0][0], tuple):        # a sequence of tensors
+        return tuple(dims_from_runs([s[k] for s in shapes], sizes, f"{name}[{k}]") for k in range(len(shapes[0])))
     out = []
     for axis, ds in enumerate(zip(*shapes)):
         if len(set(ds)) == 1:
@@ -396,6 +398,14 @@ class ViewBuilder:
             return self._slice(node, x, out, mk)
         if op == "Split":
             return self._split(node, a, x, out, mk)
+        if op == "SplitToSequence":
+            return self._split_to_sequence(node, a, x, out, mk)
+        if op == "SequenceAt":
+            index = self.consts.ints(ins[1].name) if self.consts.has(ins[1].name) else None
+            parts = self.shapes.get(ins[0].name)
+            if index is None or parts is None:
+                return None
+            return mk("getitem", [self._operand(ins[0])], index=index[0] % len(parts))
         if op == "Gather":
             return self._gather(node, a, x, mk)
         if op == "Concat":
@@ -484,6 +494,22 @@ class ViewBuilder:
             sizes = [s[dim] for s in shapes]
             self.provenance[(out, "sizes")] = [("attr", k) for k in range(len(sizes))]
         return mk("split", [x], dim=dim, sizes=sizes, form="Split") if sizes is not None else None
+
+    def _split_to_sequence(self, node, a, x, out, mk):
+        parts = self.shapes.get(out)
+        if parts is None:
+            return None
+        dim = a.get("axis", 0) % self._rank(node.inputs[0])
+        has_sizes = len(node.inputs) > 1 and node.inputs[1] is not None
+        if not has_sizes and not a.get("keepdims", 1):
+            return mk("unbind", [x], dim=dim)
+        els = self.tracer.elements(node, 1) if has_sizes else None
+        if els is not None and len(els) == len(parts):
+            sizes = self._ints_attr(node, out, "sizes", 1)
+        else:                                   # one size for all, or none: pieces of the output shapes
+            sizes = [p[dim] for p in parts]
+            self.provenance[(out, "sizes")] = [("attr", k) for k in range(len(sizes))]
+        return mk("split", [x], dim=dim, sizes=sizes, form="SplitToSequence")
 
     def _gather(self, node, a, x, mk):
         data, idx = node.inputs

@@ -1,0 +1,99 @@
+"""model.onnx by rewriting a dense ONNX template instead of exporting the pruned graph.
+
+The dense model is exported once, unoptimised (its initializers keep the parameters' names),
+and cached under a hash of its weights, its graph and the export's settings. Each compile
+then loads that template with the ONNX frontend, checks that the frontend's analysis finds
+the structures the PyTorch analysis found (same names, units and sliced parameters), applies
+the compile's plan, reconstructed weights and compensation biases with the same rewrite as
+an ONNX input, and folds the result as the exporter's optimiser would (export/onnx.py
+``fold_graph``). A template whose analysis differs is not used: the reason goes to the
+report and the pruned graph is exported as before.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from goa_compiler.ir.structure import Analysis, Plan
+
+VERSION = "1"          # bump when the template's form changes
+
+
+@dataclass(frozen=True)
+class TemplateResult:
+    path: Path | None              # the written model.onnx, or None when the template was not used
+    reason: str                    # why not, or how
+
+
+def template_key(gm: torch.nn.Module, form: str) -> str:
+    """sha256 of the graph's code, every parameter and buffer (name, dtype, shape, bytes), the
+    export's form (plain / decoder geometry) and the versions of what translates it."""
+    import onnx
+    import onnxscript
+
+    h = hashlib.sha256()
+    h.update(f"{VERSION}|{form}|{torch.__version__}|{onnx.__version__}|{onnxscript.__version__}|".encode())
+    h.update(gm.code.encode() if hasattr(gm, "code") else b"")
+    for name, t in sorted(gm.state_dict(keep_vars=False).items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:24]
+
+
+def cached_template(root: Path, key: str, export) -> Path:
+    """``root/key/model.onnx``, made by ``export(path)`` when absent; written into a temporary
+    sibling and renamed, so a crash or a concurrent compile never leaves half a template."""
+    final = root / key
+    if (final / "model.onnx").is_file():
+        return final / "model.onnx"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        export(tmp / "model.onnx")
+        try:
+            os.rename(tmp, final)
+        except OSError:          # another compile wrote it first
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "model.onnx"
+
+
+def _signature(analysis: Analysis) -> list:
+    return [(s.name, s.kind, s.units, sorted({(sl.param, sl.axis, sl.per_unit) for sl in s.slices}))
+            for s in analysis.structures]
+
+
+def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights: dict, new_biases: dict,
+                     path: Path, query_heads: bool) -> TemplateResult:
+    """Apply a compile to the dense template and write ``path``; TemplateResult(None, reason)
+    when the template's structures are not the PyTorch analysis's."""
+    from goa_compiler.analysis import analyze_graph
+    from goa_compiler.export.onnx import fold_graph
+    from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
+    from goa_compiler.transform.rewrite import rewrite
+
+    try:
+        fe = OnnxFrontend.load(template)
+        mine = analyze_graph(fe.view(), query_heads)
+    except (OnnxRefused, ValueError, KeyError) as e:
+        return TemplateResult(None, f"the dense ONNX could not be read back ({e})")
+    if _signature(mine) != _signature(analysis):
+        return TemplateResult(None, "the dense ONNX's analysis finds other structures than the PyTorch graph's")
+    nodes = {s.level2_node: m.level2_node for s, m in zip(analysis.structures, mine.structures)}
+    if any(n not in nodes for n in new_biases) or any(w not in fe.consts.values and w not in
+                                                      set(new_biases.values()) for w in new_weights):
+        return TemplateResult(None, "a reconstructed weight has no initializer of its name in the dense ONNX")
+    rewrite(fe, mine, plan, new_weights, {nodes[n]: p for n, p in new_biases.items()})
+    fe.drop_identity_reshapes()
+    fold_graph(fe.model)
+    fe.save(path)
+    return TemplateResult(path, "the compile applied to the dense ONNX (exported once, cached)")
