@@ -65,17 +65,20 @@ def test_bad_ratio_exits_2_and_writes_nothing(llama_dir, tmp_path, ratio, capsys
     assert not out.exists()
 
 
-def test_failure_mid_compile_leaves_nothing(llama_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("export", ["rewrite", "reexport"])
+def test_failure_mid_compile_leaves_nothing(llama_dir, tmp_path, monkeypatch, capsys, export):
     import goa_compiler.driver.pipeline as pipeline
+    import goa_compiler.export.template as template
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(pipeline, "export_onnx", boom)
     monkeypatch.setattr(pipeline, "export_decoder", boom)
+    monkeypatch.setattr(template, "rewrite_template", boom)     # the template may be cached already
     out = tmp_path / "o"
     rc = cli.main(["compile", llama_dir, "--ratio", "0.3", "--criterion", "magnitude",
-                   "--reconstruct", "none", "--out", str(out), "--quiet"])
+                   "--reconstruct", "none", "--out", str(out), "--quiet", "--export", export])
     assert rc == 1
     assert "disk full" in capsys.readouterr().err
     assert not out.exists()

@@ -779,15 +779,15 @@ def load_onnx(path) -> OnnxFrontend:
         fe.view()
         fe.check_against_onnxruntime()
     except OnnxRefused as e:
-        raise CompileError(f"onnx: {e}") from e
+        raise CompileError(f"{path}: {e}") from e
     return fe
 
 
 def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions, tokenizer,
                    progress: Progress, model: torch.nn.Module | None = None) -> CompileState:
     """The pipeline up to the rewrite on an already captured graph (edited in place): for
-    callers that capture once and prune many times (tools/bench.py)."""
-    opts = validate(opts)
+    callers that capture once and prune many times (tools/bench.py), and export themselves."""
+    opts = dataclasses.replace(validate(opts), export="reexport")
     frontend = FxFrontend(captured.gm)
     state = CompileState(model, "", opts, progress, tokenizer, captured=captured, frontend=frontend,
                          analysis=analysis, shapes=frontend.param_shapes(),

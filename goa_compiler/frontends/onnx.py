@@ -216,7 +216,11 @@ class OnnxFrontend:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "OnnxFrontend":
-        model = ir.load(str(path))
+        try:
+            model = ir.load(str(path))
+        except Exception as e:  # noqa: BLE001 - whatever the parser says means unreadable
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise OnnxRefused(f"corrupt or unreadable ONNX file ({first})") from None
         _name_nodes(model.graph)
         unknown = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph
                           if n.op_type not in onnx_ops.OPS and n.op_type != "Constant"})
