@@ -136,6 +136,8 @@ def test_cli_analyze_and_compile_an_onnx_file(exported, tmp_path, capsys):
     assert report["decoder"]["kv_cache"] is False and "ONNX input" in report["decoder"]["reason"]
     assert {"model.onnx", "report.json", "report.html"} <= {p.name for p in out.iterdir()}
     assert report["inputs"]["model"]["onnx_sha256"]
+    # torch.onnx kept the weights beside the file: so does OUT (the external-data layout is kept)
+    assert path.with_name(path.name + ".data").is_file() and (out / "model.onnx.data").is_file()
 
 
 def test_cli_onnx_without_tokenizer_is_one_line(exported, tmp_path, capsys):

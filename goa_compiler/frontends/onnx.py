@@ -409,15 +409,29 @@ class OnnxFrontend:
         self.consts.forget(v.name)
 
     def slice_param(self, name: str, cuts) -> tuple[tuple, tuple]:
+        """Keep ``keep`` along each axis. The slice is lazy (ir.LazyTensor): it is taken when
+        the tensor is read or saved, one tensor at a time, so a rewrite does not hold a
+        sliced copy of every weight beside the memory-mapped originals."""
         v = self.consts.values[name]
-        arr = v.const_value.numpy()
-        old = tuple(arr.shape)
+        src = v.const_value
+        old = tuple(int(d) for d in src.shape)
+        cuts = [(axis, np.asarray(keep, dtype=np.int64)) for axis, keep in cuts if len(keep) != old[axis]]
+        new = list(old)
         for axis, keep in cuts:
-            if len(keep) != arr.shape[axis]:
-                arr = np.take(arr, np.asarray(keep, dtype=np.int64), axis=axis)
-        if tuple(arr.shape) != old:
-            self._store(v, arr)
-        return old, tuple(arr.shape)
+            new[axis] = len(keep)
+        if not cuts:
+            return old, old
+
+        def take():
+            arr = src.numpy()
+            for axis, keep in cuts:
+                arr = np.take(arr, keep, axis=axis)
+            return ir.tensor(np.ascontiguousarray(arr), name=name)
+
+        v.const_value = ir.LazyTensor(take, dtype=src.dtype, shape=ir.Shape(new), name=name)
+        v.shape = ir.Shape(new)
+        self.consts.forget(name)
+        return old, tuple(new)
 
     def set_ints(self, node_name: str, attr: str, values: dict) -> None:
         self._ensure_view()
