@@ -313,9 +313,9 @@ class ViewBuilder:
         out = node.outputs[0].name if len(node.outputs) == 1 else f"{node.name}:outputs"
         if out in self.steps and self.steps[out][-1] is node:   # the Add of a fused linear
             mm = self.steps[out][0]
-            w, t = self._weight(mm.inputs[1])
+            _, t = self._weight(mm.inputs[1])
             bias = next(i for i in node.inputs if i.name not in self.fused)
-            self.nodes[out] = Node(out, "linear", [self._operand(mm.inputs[0]), self._weight_ref(mm.inputs[1]),
+            self.nodes[out] = Node(out, "linear", [self._operand(mm.inputs[0]), self._operand(mm.inputs[1]),
                                                    self._param(bias.name)], self.shapes.get(out),
                                    {"w_out_axis": 0 if t else 1}, "MatMul+Add")
             return
@@ -338,9 +338,6 @@ class ViewBuilder:
             for k, v in enumerate(node.outputs):
                 self.nodes[v.name] = Node(v.name, "getitem", [Ref(out)], self.shapes.get(v.name), {"index": k},
                                           "getitem")
-
-    def _weight_ref(self, v: ir.Value):
-        return self._operand(v)
 
     def _mk(self, node, out, op, inputs, **attrs) -> Node:
         shape = self.shapes.get(out)
