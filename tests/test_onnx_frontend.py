@@ -332,3 +332,16 @@ def test_an_evaluator_that_disagrees_with_onnxruntime_is_refused(tmp_path, monke
     monkeypatch.setitem(ops.OPS, "Relu", lambda xs, a: [torch.nn.functional.gelu(xs[0])])
     with pytest.raises(OnnxRefused, match="disagrees with onnxruntime"):
         OnnxFrontend.load(_mlp(tmp_path)).check_against_onnxruntime()
+
+
+def test_an_op_the_evaluator_cannot_run_as_used_is_refused_naming_the_node(tmp_path):
+    """GatherND with batch_dims: in the table, not implemented for that attribute."""
+    emb, emb_init = _embed()
+    nodes = [emb, helper.make_node("GatherND", ["h", "idx"], ["g"], batch_dims=1),
+             helper.make_node("MatMul", ["g", "w"], ["logits"])]
+    inits = [emb_init, _init("idx", np.zeros((2, 5, 1), np.int64)), _init("w", np.ones((WIDTH, VOCAB), np.float32))]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [2, 5])]
+    path = _save(tmp_path, nodes, inits, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, VOCAB])],
+                 inputs=inputs)
+    with pytest.raises(OnnxRefused, match="cannot run GatherND node .*batch_dims"):
+        OnnxFrontend.load(path).view()

@@ -21,34 +21,11 @@ from goa_compiler.export.onnx import run_onnx
 from goa_compiler.ui import cli
 from models import tiny
 import oracle_layout as ol  # tests/oracle_layout.py
+from tools.onnx_input import export_logits_onnx  # the export a user runs (the repository root is on sys.path)
 
 # the exporter's forms of: fused QKV + Conv1D (gpt2), grouped K/V (llama-gqa), fused gate/up
 # (phi3), partial rotary + parallel attention (gptj), Q/K norms (gemma3)
 FAMILIES = ["gpt2", "llama-gqa", "phi3", "gptj", "gemma3"]
-
-
-def export_user_onnx(model, path, optimize=True):
-    """The model as a user would export it: torch.onnx.export(dynamo=True) of the Hugging Face
-    model called with (input_ids, attention_mask) and returning the logits, batch and
-    sequence length dynamic."""
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    ids = torch.randint(0, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=256)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(model), (ids, torch.ones_like(ids)), str(path), dynamo=True, optimize=optimize,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"], verbose=False,
-                          dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +37,7 @@ def exported(tmp_path_factory):
         if key not in cache:
             model, vocab, kind = tiny.build(family, seed=0)
             path = tmp_path_factory.mktemp("onnx") / f"{family}.onnx"
-            cache[key] = (model, vocab, export_user_onnx(model, path, optimize))
+            cache[key] = (model, vocab, export_logits_onnx(model, path, vocab, max_seq=256, optimize=optimize))
         return cache[key]
     return get
 

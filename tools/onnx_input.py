@@ -36,7 +36,10 @@ from goa_compiler.export.onnx import run_onnx  # noqa: E402
 from goa_compiler.measure.eval import perplexity_onnx  # noqa: E402
 
 
-def export_logits_onnx(model, path: Path, vocab: int) -> Path:
+def export_logits_onnx(model, path: Path, vocab: int, max_seq: int = 2048, optimize: bool = True) -> Path:
+    """The model as a user would export it: torch.onnx.export(dynamo=True) of the Hugging Face
+    model called with (input_ids, attention_mask) and returning the logits, batch and sequence
+    length dynamic (also what tests/test_onnx_input.py compiles)."""
     class Logits(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
@@ -46,10 +49,11 @@ def export_logits_onnx(model, path: Path, vocab: int) -> Path:
             return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=2048)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max_seq)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Logits(model), (ids, torch.ones_like(ids)), str(path), dynamo=True, verbose=False,
+                          optimize=optimize,
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
     return path

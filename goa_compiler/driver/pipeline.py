@@ -729,21 +729,32 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
     does not stop the compile: OUT is written and ``report["gates"]["passed"]`` is false.
     ``model_path`` (the directory the weights were read from) and ``config_path`` are hashed
     into ``report["inputs"]``."""
+    opts, progress = _prepare(opts, out, progress)
+    state = _run(CompileState(model, kind, opts, progress, tokenizer, source, spec, model_path, config_path), out)
+    return CompileResult(state.report, state.analysis, state.plan, state.captured.gm)
+
+
+def _prepare(opts: CompileOptions, out, progress: Progress | None) -> tuple[CompileOptions, Progress]:
+    """Options validated (--max-ppl-increase's default evaluation set filled in), the seed
+    set, OUT checked: everything before the slow part."""
     from goa_compiler.ui.output import check_out
 
     opts = validate(opts)
     if opts.effective_eval_data != opts.eval_data:
         opts = dataclasses.replace(opts, eval_data=opts.effective_eval_data)
-    progress = progress or Progress(False)
     torch.manual_seed(opts.seed)
     check_out(out, opts.overwrite)
-    state = CompileState(model, kind, opts, progress, tokenizer, source, spec, model_path, config_path)
+    return opts, progress or Progress(False)
+
+
+def _run(state: CompileState, out) -> CompileState:
+    """The pipeline, then the output passes into a staged OUT renamed into place."""
     with state.resources:
-        PIPELINE.run(state, progress)
-        with staged_output(out, opts.overwrite) as tmp:
+        PIPELINE.run(state, state.progress)
+        with staged_output(out, state.opts.overwrite) as tmp:
             state.staging = tmp
-            OUTPUT.run(state, progress)
-    return CompileResult(state.report, state.analysis, state.plan, state.captured.gm)
+            OUTPUT.run(state, state.progress)
+    return state
 
 
 def compile_onnx(path: str | Path, opts: CompileOptions, out: str | Path, progress: Progress | None = None,
@@ -752,23 +763,12 @@ def compile_onnx(path: str | Path, opts: CompileOptions, out: str | Path, progre
     token_type_ids; first output the logits) into OUT with the same passes: the graph is
     read with onnx-ir, analysed through the same view, calibrated by running it op by op,
     rewritten in place (initializers sliced, shape constants patched) and saved."""
-    from goa_compiler.ui.output import check_out
-
-    opts = validate(opts)
-    if opts.effective_eval_data != opts.eval_data:
-        opts = dataclasses.replace(opts, eval_data=opts.effective_eval_data)
-    progress = progress or Progress(False)
-    torch.manual_seed(opts.seed)
-    check_out(out, opts.overwrite)
+    opts, progress = _prepare(opts, out, progress)
     frontend = load_onnx(path)
     state = CompileState(None, "causal-lm", opts, progress, tokenizer, str(path), spec, onnx_source=Path(path),
                          frontend=frontend, onnx_cache=frontend.cache_geometry(),
                          decoder_refused="the ONNX input has no KV-cache inputs (it is compiled as given)")
-    with state.resources:
-        PIPELINE.run(state, progress)
-        with staged_output(out, opts.overwrite) as tmp:
-            state.staging = tmp
-            OUTPUT.run(state, progress)
+    state = _run(state, out)
     return CompileResult(state.report, state.analysis, state.plan, None)
 
 

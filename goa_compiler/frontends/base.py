@@ -26,6 +26,35 @@ class Stream(Protocol):
     def output(self) -> Any: ...
 
 
+class StreamPositions:
+    """What both frontends' streams share: ``done`` / ``value`` / ``unpin`` over ``index``
+    (node -> position), ``pos`` (the next position), ``env`` (live values) and ``pinned``.
+    A stream says when the last reader of a value has run (``_last_use_passed``)."""
+
+    index: dict[str, int]
+    pos: int
+    env: dict[str, Any]
+    pinned: set[str]
+
+    def done(self, name: str) -> bool:
+        return self.index[name] < self.pos
+
+    def value(self, name: str):
+        if name not in self.env:
+            raise KeyError(f"value {name} is not available (not reached or already freed)")
+        return self.env[name]
+
+    def unpin(self, names) -> None:
+        for name in names:
+            self.pinned.discard(name)
+            i = self.index.get(name)
+            if i is not None and i < self.pos and self._last_use_passed(name):
+                self.env.pop(name, None)
+
+    def _last_use_passed(self, name: str) -> bool:
+        raise NotImplementedError
+
+
 class Frontend(Protocol):
     # -- reading
     def view(self) -> Graph:

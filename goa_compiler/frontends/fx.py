@@ -10,6 +10,7 @@ import sympy
 import torch
 import torch.fx
 
+from goa_compiler.frontends.base import StreamPositions
 from goa_compiler.ir.graph import Graph, Node, Port, Ref
 
 
@@ -305,7 +306,7 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
 
 # --------------------------------------------------------------------------- execution
 
-class Stream:
+class Stream(StreamPositions):
     """One batch executed through the GraphModule node by node, resumable: ``run_until(node)``
     continues from where it stopped. Parameters are read through an override table (the
     pruned stream's current weights) at each use; every value is freed after its last use
@@ -331,21 +332,6 @@ class Stream:
         self.frees: dict[int, list[str]] = {}
         for name, i in last.items():
             self.frees.setdefault(i, []).append(name)
-
-    def done(self, name: str) -> bool:
-        return self.index[name] < self.pos
-
-    def value(self, name: str):
-        if name not in self.env:
-            raise KeyError(f"value {name} is not available (not reached or already freed)")
-        return self.env[name]
-
-    def unpin(self, names):
-        for name in names:
-            self.pinned.discard(name)
-            i = self.index.get(name)
-            if i is not None and i < self.pos and self._last_use_passed(name):
-                self.env.pop(name, None)
 
     def _last_use_passed(self, name: str) -> bool:
         users = self.nodes[self.index[name]].users

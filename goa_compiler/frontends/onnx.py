@@ -25,6 +25,7 @@ import onnx_ir as ir
 import torch
 
 from goa_compiler.frontends import onnx_ops
+from goa_compiler.frontends.base import StreamPositions
 from goa_compiler.frontends.onnx_view import Constants, IntTracer, ViewBuilder, attrs_of, dims_from_runs
 from goa_compiler.ir.graph import Graph, Port
 
@@ -67,13 +68,6 @@ def cache_ports(graph: ir.Graph) -> dict[str, CachePort] | str:
 
 class OnnxRefused(Exception):
     """The ONNX model cannot be compiled: one line, naming what."""
-
-
-def feed_for(names, vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Token inputs of a plain graph (no cache)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
-    return complete({"input_ids": ids}, names, {})
 
 
 def complete(feed: dict[str, torch.Tensor], names, ports: dict[str, "CachePort"], shapes=None,
@@ -120,7 +114,7 @@ def _name_nodes(graph: ir.Graph) -> None:
 
 # --------------------------------------------------------------------------- execution
 
-class Stream:
+class Stream(StreamPositions):
     """One batch run through the ONNX graph view node by view node, resumable (the
     protocol of frontends/base.py). Initializers are read through ``overrides`` at each
     use; values are freed after their last use unless pinned."""
@@ -137,20 +131,8 @@ class Stream:
         self.hooks: dict[str, Callable] = {}
         self.post: dict[str, Callable] = {}
 
-    def done(self, name: str) -> bool:
-        return self.index[name] < self.pos
-
-    def value(self, name: str):
-        if name not in self.env:
-            raise KeyError(f"value {name} is not available (not reached or already freed)")
-        return self.env[name]
-
-    def unpin(self, names):
-        for name in names:
-            self.pinned.discard(name)
-            if name in self.env and self.fe._last_use.get(name, -1) < self.pos and name in self.index \
-                    and self.index[name] < self.pos:
-                self.env.pop(name, None)
+    def _last_use_passed(self, name: str) -> bool:
+        return self.fe._last_use.get(name, -1) < self.pos
 
     def _read(self, v: ir.Value | None):
         if v is None:
@@ -321,9 +303,19 @@ class OnnxFrontend:
         self._schedule()
 
     def _run_all(self, feed) -> dict[str, torch.Tensor]:
+        """Every value of one run (the shape runs). An op the evaluator cannot run as this
+        graph uses it (an attribute it does not implement, inputs it cannot take) is a
+        refusal naming the node, not an internal error."""
         st = Stream(self, feed)
         st.pinned = {v for n in self._steps.values() for node in n for v in (o.name for o in node.outputs)}
-        st.run_until(None)
+        try:
+            st.run_until(None)
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, NotImplementedError) as e:
+            node = self._steps[st.order[st.pos]][0] if st.pos < len(st.order) and self._steps[st.order[st.pos]] \
+                else None
+            what = f"{node.op_type} node {node.name}" if node is not None else "a node"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise OnnxRefused(f"the op-by-op evaluator cannot run {what} ({first})") from None
         return st.env
 
     def _schedule(self):
