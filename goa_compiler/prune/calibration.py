@@ -16,6 +16,7 @@ import torch
 from goa_compiler.data import load_texts, token_windows
 from goa_compiler.ir.structure import Structure
 from goa_compiler.prune.criteria import ModuleStats
+from goa_compiler.prune.distributed import SINGLE, Ranks, reduce_stats
 from goa_compiler.prune.stats import HeadSimilarity, Moments
 
 
@@ -49,8 +50,9 @@ def attention_probs(args, kwargs) -> torch.Tensor:
 
 
 def dense_stats(frontend, structures: list[Structure], feeds, needs_heads: bool,
-                progress) -> dict[str, ModuleStats]:
-    """One dense pass collecting every structure's statistics (for global allocation)."""
+                progress, ranks: Ranks = SINGLE) -> dict[str, ModuleStats]:
+    """One dense pass collecting every structure's statistics (for global allocation),
+    summed over the ranks."""
     stats = {s.name: ModuleStats(Moments(True), Moments(True),
                                  HeadSimilarity() if needs_heads and s.kind == "attention" else None)
              for s in structures}
@@ -67,4 +69,6 @@ def dense_stats(frontend, structures: list[Structure], feeds, needs_heads: bool,
         for node, fns in taps.items():
             st.hooks[node] = lambda a, k, out, fns=fns: [f(a, k, out) for f in fns]
         st.output()
+    for m in stats.values():
+        reduce_stats(ranks, m.x, m.h, m.heads)
     return stats

@@ -32,6 +32,7 @@ from goa_compiler.ir.structure import Structure
 from goa_compiler.prune.allocation import drop_lowest
 from goa_compiler.prune.calibration import attention_probs
 from goa_compiler.prune.criteria import REGISTRY, ModuleStats, ScoreSettings, flap_bias_compensation, score_units
+from goa_compiler.prune.distributed import SINGLE, Ranks, reduce_stats
 from goa_compiler.prune.lstsq import output_error, refit_linear, restrict, validated_ridge
 from goa_compiler.prune.stats import FoldedCross, HeadSimilarity, Moments
 
@@ -78,6 +79,8 @@ class GreedyState:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     records: dict[str, dict] = field(default_factory=dict)
     new_biases: dict[str, str] = field(default_factory=dict)
+    ranks: Ranks = SINGLE                        # statistics are summed over them (data parallel)
+    first_window: int = 0                        # the number of this rank's first window
 
     def current(self, name: str) -> torch.Tensor:
         return self.overrides.get(name, self.orig[name])
@@ -107,13 +110,16 @@ class Level2Weights:
 # ------------------------------------------------------------------------------ the loop
 
 def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, settings: GreedySettings,
-        rng: np.random.Generator, progress) -> GreedyState:
+        rng: np.random.Generator, progress, ranks: Ranks = SINGLE, first_window: int = 0) -> GreedyState:
     """Every structure through steps 1-7; returns the final state (its ``overrides`` are
-    the new full-size weights, ``kept`` the units kept where any were dropped)."""
+    the new full-size weights, ``kept`` the units kept where any were dropped). With
+    several ``ranks``, ``feeds`` are this rank's batches (its first window is number
+    ``first_window``), statistics are summed over the ranks and rank 0's result of each
+    module is every rank's."""
     pins: set[str] = set()
     for s in structures:
         pins |= _pins(s)
-    state = GreedyState(orig=frontend.weights(), dense=[], pruned=[])
+    state = GreedyState(orig=frontend.weights(), dense=[], pruned=[], ranks=ranks, first_window=first_window)
     # the dense stream gives the targets of the refits: not needed without reconstruction
     if settings.reconstruct in ("paper", "refit"):
         state.dense = [frontend.stream(f, None, pins) for f in feeds]
@@ -124,6 +130,7 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
     state.pruned = [frontend.stream(f, seen, pins) for f in feeds]
     for s in progress.iter(structures, "modules"):
         prune_module(state, s, counts.get(s.name, 0), settings, rng)
+        share_module(state, s)
         for st in (*state.dense, *state.pruned):
             st.unpin(_pins(s))
     return state
@@ -137,9 +144,11 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
     # nothing there needs no reconstruction (so ratio 0 compiles to the dense model)
     recon = settings.reconstruct if (state.diverged or n_drop > 0) else "none"
     rec: dict = {}
-    refit_l1 = recon in ("paper", "refit") and not any(state.pruned[0].done(n) for n in s.level1_nodes)
-    l1 = collect_level1(state, s, refit_l1, settings.folds)
-    if l1.joint is not None:
+    # the joint statistics are collected whether or not this module is refit, so that they
+    # do not depend on the ratio (a --save-stats of one ratio serves another)
+    joint_l1 = settings.reconstruct in ("paper", "refit") and not any(state.pruned[0].done(n) for n in s.level1_nodes)
+    l1 = collect_level1(state, s, joint_l1, settings.folds)
+    if l1.joint is not None and recon in ("paper", "refit"):
         rec["level1_error"] = refit_level1(state, s, l1.joint, settings)
     l2 = collect_level2(state, s, settings.needs_heads, settings.folds)
     w = refit_level2_all(state, s, l2, recon, settings, rec)
@@ -168,7 +177,7 @@ def collect_level1(state: GreedyState, s: Structure, refit: bool, folds: int = 1
     in ``folds`` folds of the windows."""
     for p in state.pruned:
         p.run_until(s.probes.level1_input)
-    joint = FoldedCross(folds) if refit else None
+    joint = FoldedCross(folds, state.first_window) if refit else None
     xm = Moments(full=True)
     for k, p in enumerate(state.pruned):
         x = p.value(s.probes.level1_input)
@@ -179,6 +188,7 @@ def collect_level1(state: GreedyState, s: Structure, refit: bool, folds: int = 1
             joint.update(x, y)
         else:
             xm.update(x)
+    reduce_stats(state.ranks, joint if joint is not None else xm)
     if joint is not None:
         t = joint.total()
         xm.n, xm.s, xm.gram = t.n, t.sx, t.xtx
@@ -220,7 +230,7 @@ def collect_level2(state: GreedyState, s: Structure, needs_heads: bool, folds: i
     level-2 output when there is a dense stream (in ``folds`` folds of the windows);
     attention-map similarity when asked."""
     heads = HeadSimilarity() if needs_heads and s.kind == "attention" else None
-    cross = FoldedCross(folds) if state.dense else None
+    cross = FoldedCross(folds, state.first_window) if state.dense else None
     hm = Moments(full=True)
     for k, p in enumerate(state.pruned):
         if heads is not None and s.probes.attention:
@@ -235,6 +245,7 @@ def collect_level2(state: GreedyState, s: Structure, needs_heads: bool, folds: i
             cross.update(h, y)
         else:
             hm.update(h)
+    reduce_stats(state.ranks, cross if cross is not None else hm, heads)
     if cross is not None:
         t = cross.total()
         hm.n, hm.s, hm.gram = t.n, t.sx, t.xtx
@@ -335,7 +346,43 @@ def commit(state: GreedyState, s: Structure, W2f: torch.Tensor, b2f: torch.Tenso
         st.post[s.level2_node] = (lambda bb: lambda out: out + bb)(state.overrides[name])
 
 
+def share_module(state: GreedyState, s: Structure) -> None:
+    """Rank 0's result of module ``s`` on every rank: its weights (in place), kept units,
+    scores, records and new bias (identical sums give identical solutions; this makes sure)."""
+    if not state.ranks.active:
+        return
+    names = sorted(_module_params(s, state) & set(state.overrides))
+    facts = state.ranks.share_object({
+        "weights": {n: (tuple(state.overrides[n].shape), state.overrides[n].dtype) for n in names},
+        "kept": state.kept.get(s.name), "scores": state.scores.get(s.name), "records": state.records.get(s.name),
+        "new_bias": state.new_biases.get(s.level2_node), "diverged": state.diverged})
+    for n in _module_params(s, state) - set(facts["weights"]):
+        state.overrides.pop(n, None)
+    for n, (shape, dtype) in sorted(facts["weights"].items()):
+        t = state.overrides.get(n)
+        if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+            t = state.overrides[n] = torch.empty(shape, dtype=dtype)
+        state.ranks.share([t])
+    for table, value in ((state.kept, facts["kept"]), (state.scores, facts["scores"]),
+                         (state.records, facts["records"])):
+        if value is None:
+            table.pop(s.name, None)
+        else:
+            table[s.name] = value
+    if facts["new_bias"] is not None:
+        state.new_biases[s.level2_node] = facts["new_bias"]
+    state.diverged = facts["diverged"]
+
+
 # ------------------------------------------------------------------------------ helpers
+
+def _module_params(s: Structure, state: GreedyState) -> set[str]:
+    """The parameters a module's steps may set: its projections' weights and biases, and a
+    bias its level-2 projection gains."""
+    names = {p.weight for p in s.projections.values()} | {p.bias for p in s.projections.values() if p.bias}
+    names.add(_new_bias_name(s.projections[s.level2_node].weight))
+    return names
+
 
 def _pins(s: Structure) -> set[str]:
     names = {s.probes.level1_input, s.probes.level2_input, s.level2_node, *s.level1_nodes}

@@ -157,13 +157,15 @@ class FoldedCross:
     """CrossMoments split into ``k`` folds by calibration window, for choosing a ridge by
     held-out error (lstsq.validated_ridge): window w (counted over every update, along the
     first axis of x) falls in fold w mod k. ``total()`` is their sum, the statistics of all
-    windows; with k = 1 it is the one accumulator itself."""
+    windows; with k = 1 it is the one accumulator itself. ``start``: the number of the first
+    window this accumulator sees (a data-parallel rank's first window), so that the folds
+    are the same however the windows are split."""
 
-    def __init__(self, k: int = 1):
+    def __init__(self, k: int = 1, start: int = 0):
         if k < 1:
             raise ValueError(f"folds must be at least 1, got {k}")
         self.folds = [CrossMoments() for _ in range(k)]
-        self.windows = 0
+        self.windows = start
         self._total: CrossMoments | None = None
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -186,6 +188,24 @@ class FoldedCross:
     def usable_folds(self) -> list[CrossMoments]:
         """The folds that saw any window (fewer windows than folds leave some empty)."""
         return [f for f in self.folds if f.n is not None]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every fold's sum tensors, for an in-place all_reduce(SUM). A fold this
+        accumulator saw no window of is first filled with zeros of the others' shapes (on
+        another rank it may have windows); ``drop_empty`` afterwards empties the folds no
+        rank saw."""
+        seen = self.usable_folds()
+        if not seen:
+            raise ValueError("FoldedCross: no samples")
+        for i, f in enumerate(self.folds):
+            if f.n is None:
+                self.folds[i]._add([torch.zeros_like(t) for t in seen[0].tensors()])
+        self._total = None
+        return [t for f in self.folds for t in f.tensors()]
+
+    def drop_empty(self) -> None:
+        self.folds = [f if f.n is not None and f.n.item() > 0 else CrossMoments() for f in self.folds]
+        self._total = None
 
     def total(self) -> CrossMoments:
         if self.k == 1:

@@ -157,7 +157,7 @@ def cmd_compile(args) -> int:
     args = resolve_compile_args(args)
     opts = compile_options(args)
     check_out(args.out, args.overwrite)   # fail before the slow part
-    progress = Progress(enabled=not args.quiet)
+    progress = Progress(enabled=not args.quiet and os.environ.get("RANK", "0") == "0")   # torchrun: rank 0 speaks
     if _is_onnx(args.model):
         return _compile_onnx(args, opts, progress)
     if args.tokenizer is not None:
@@ -207,6 +207,8 @@ def _compile_onnx(args, opts, progress) -> int:
 
 
 def _print_compile(args, report) -> int:
+    if report is None:        # a torchrun rank other than 0: rank 0 reports
+        return EXIT_OK
     results = (report.get("gates") or {}).get("results", [])
     failed = [r for r in results if not r["passed"]]
     if args.json:
