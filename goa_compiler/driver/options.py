@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -221,6 +222,16 @@ class CompileOptions:
                          "differs from its PyTorch one is re-exported, with the reason in the report",
                          choices=ExportMethod)
     overwrite: bool = option(False, "replace a non-empty OUT")
+    save_stats: str | None = option(
+        None, "keep the calibration statistics in DIR for compiles of the same model and calibration at other "
+        "ratios (--load-stats): the allocation pass's always, each module's when they do not depend on the "
+        "pruning (--module-inputs dense, no reconstruction that adds biases)", metavar="DIR", check=_non_empty)
+    load_stats: str | None = option(
+        None, "use the statistics an earlier compile kept in DIR (--save-stats) instead of measuring them; "
+        "refused when DIR was measured on another model or calibration", metavar="DIR", check=_non_empty)
+    resume: bool = option(False, "continue an interrupted compile of the same model, calibration and options "
+                          "from its last finished module (its journal, .OUT.work beside OUT); without it, what "
+                          "an interrupted compile left beside OUT is cleared")
     max_ppl_increase: float | None = option(
         None, "largest allowed relative increase of held-out perplexity, pruned vs dense (0.15 = 15%%); "
         "evaluates on --eval DATA, or on the KJV held-out split", check=_non_negative, metavar="X",
@@ -365,6 +376,9 @@ def validate(opts: CompileOptions) -> CompileOptions:
         if opts.goa_score != GoaScore.EMPIRICAL:
             raise OptionError(f"--goa-score {opts.goa_score} is a goa score: it needs --criterion goa, "
                               f"not {opts.criterion}")
+    if opts.save_stats and opts.load_stats and \
+            os.path.abspath(opts.save_stats) == os.path.abspath(opts.load_stats):
+        raise OptionError("--save-stats and --load-stats name the same directory (saving replaces what is loaded)")
     allocation = opts.allocation or default_allocation(opts)
     if allocation == Allocation.BLOCK and not scores_are_errors(opts):
         raise OptionError(f"--allocation block weighs units by the output error their removal costs: it needs "

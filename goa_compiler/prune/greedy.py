@@ -33,6 +33,8 @@ from goa_compiler.prune.allocation import drop_lowest
 from goa_compiler.prune.calibration import attention_probs
 from goa_compiler.prune.criteria import REGISTRY, ModuleStats, ScoreSettings, flap_bias_compensation, score_units
 from goa_compiler.prune.distributed import SINGLE, Ranks, reduce_stats
+from goa_compiler.prune.journal import Journal, ModuleResult
+from goa_compiler.prune.stats_store import StatsStore
 from goa_compiler.prune.lstsq import output_error, refit_linear, restrict, validated_ridge
 from goa_compiler.prune.stats import FoldedCross, HeadSimilarity, Moments
 
@@ -80,6 +82,8 @@ class GreedyState:
     records: dict[str, dict] = field(default_factory=dict)
     new_biases: dict[str, str] = field(default_factory=dict)
     ranks: Ranks = SINGLE                        # statistics are summed over them (data parallel)
+    stored: StatsStore | None = None             # every module's statistics, measured before (--load-stats)
+    save: StatsStore | None = None               # where each module's statistics go (--save-stats)
     first_window: int = 0                        # the number of this rank's first window
 
     def current(self, name: str) -> torch.Tensor:
@@ -110,27 +114,44 @@ class Level2Weights:
 # ------------------------------------------------------------------------------ the loop
 
 def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, settings: GreedySettings,
-        rng: np.random.Generator, progress, ranks: Ranks = SINGLE, first_window: int = 0) -> GreedyState:
+        rng: np.random.Generator, progress, ranks: Ranks = SINGLE, first_window: int = 0,
+        journal: Journal | None = None, stored: StatsStore | None = None,
+        save: StatsStore | None = None) -> GreedyState:
     """Every structure through steps 1-7; returns the final state (its ``overrides`` are
     the new full-size weights, ``kept`` the units kept where any were dropped). With
     several ``ranks``, ``feeds`` are this rank's batches (its first window is number
     ``first_window``), statistics are summed over the ranks and rank 0's result of each
-    module is every rank's."""
+    module is every rank's. With a ``journal`` (rank 0's), each module's result is written
+    to it, and the modules it already holds are read back instead of computed. ``stored``
+    (rank 0's): every module's statistics, measured by an earlier compile: no calibration
+    pass runs. ``save``: where each module's statistics are written."""
     pins: set[str] = set()
     for s in structures:
         pins |= _pins(s)
-    state = GreedyState(orig=frontend.weights(), dense=[], pruned=[], ranks=ranks, first_window=first_window)
+    state = GreedyState(orig=frontend.weights(), dense=[], pruned=[], ranks=ranks, first_window=first_window,
+                        stored=stored if ranks.lead else None, save=save)
+    measure = not ranks.share_object(stored is not None)
     # the dense stream gives the targets of the refits: not needed without reconstruction
-    if settings.reconstruct in ("paper", "refit"):
+    if measure and settings.reconstruct in ("paper", "refit"):
         state.dense = [frontend.stream(f, None, pins) for f in feeds]
     # module_inputs "pruned": the second stream reads the weights greedy installs (errors of
     # upstream modules reach the next ones); "dense": it never does, so every module is
     # scored and refit on the dense model's inputs (only a bias a module gains is applied)
     seen = state.overrides if settings.module_inputs == "pruned" else {}
-    state.pruned = [frontend.stream(f, seen, pins) for f in feeds]
-    for s in progress.iter(structures, "modules"):
-        prune_module(state, s, counts.get(s.name, 0), settings, rng)
-        share_module(state, s)
+    if measure:
+        state.pruned = [frontend.stream(f, seen, pins) for f in feeds]
+    finished = ranks.share_object(journal.finished() if journal is not None else 0)
+    for i, s in enumerate(progress.iter(structures, "modules")):
+        if i < finished:
+            resume_module(state, s, journal.read(i) if journal is not None else None, rng)
+        elif not measure and not ranks.lead:      # rank 0 solves from the stored statistics
+            share_module(state, s)
+            _apply_new_bias(state, s)
+        else:
+            prune_module(state, s, counts.get(s.name, 0), settings, rng)
+            share_module(state, s)
+            if journal is not None:
+                journal.write(i, module_result(state, s, rng))
         for st in (*state.dense, *state.pruned):
             st.unpin(_pins(s))
     return state
@@ -138,19 +159,26 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
 
 def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: GreedySettings,
                  rng: np.random.Generator) -> None:
-    for d in state.dense:
-        d.run_until(s.level2_node)
     # until something upstream is pruned the two streams agree: a module that loses
     # nothing there needs no reconstruction (so ratio 0 compiles to the dense model)
     recon = settings.reconstruct if (state.diverged or n_drop > 0) else "none"
     rec: dict = {}
-    # the joint statistics are collected whether or not this module is refit, so that they
-    # do not depend on the ratio (a --save-stats of one ratio serves another)
-    joint_l1 = settings.reconstruct in ("paper", "refit") and not any(state.pruned[0].done(n) for n in s.level1_nodes)
-    l1 = collect_level1(state, s, joint_l1, settings.folds)
+    stored = state.stored.read_module(s.name) if state.stored is not None else None
+    if stored is not None:
+        l1 = Level1(stored[0], stored[1])
+    else:
+        for d in state.dense:
+            d.run_until(s.level2_node)
+        # the joint statistics are collected whether or not this module is refit, so that
+        # they do not depend on the ratio (a --save-stats of one ratio serves another)
+        joint_l1 = settings.reconstruct in ("paper", "refit") and \
+            not any(state.pruned[0].done(n) for n in s.level1_nodes)
+        l1 = collect_level1(state, s, joint_l1, settings.folds)
     if l1.joint is not None and recon in ("paper", "refit"):
         rec["level1_error"] = refit_level1(state, s, l1.joint, settings)
-    l2 = collect_level2(state, s, settings.needs_heads, settings.folds)
+    l2 = Level2(*stored[2:]) if stored is not None else collect_level2(state, s, settings.needs_heads, settings.folds)
+    if state.save is not None and state.ranks.lead:
+        state.save.write_module(s.name, l1.x, l1.joint, l2.h, l2.cross, l2.heads)
     w = refit_level2_all(state, s, l2, recon, settings, rec)
     weights = {k: state.current(k) for k in {sl.param for sl in s.slices}}
     stats = ModuleStats(l1.x, l2.h, l2.heads)
@@ -342,8 +370,42 @@ def commit(state: GreedyState, s: Structure, W2f: torch.Tensor, b2f: torch.Tenso
     name = _new_bias_name(p.weight)
     state.new_biases[s.level2_node] = name
     state.overrides[name] = b2f.to(state.orig[p.weight].dtype)
-    for st in state.pruned:
-        st.post[s.level2_node] = (lambda bb: lambda out: out + bb)(state.overrides[name])
+    _apply_new_bias(state, s)
+
+
+def _apply_new_bias(state: GreedyState, s: Structure) -> None:
+    """The pruned stream adds the bias module ``s``'s level-2 projection gained."""
+    name = state.new_biases.get(s.level2_node)
+    if name is not None:
+        for st in state.pruned:
+            st.post[s.level2_node] = (lambda bb: lambda out: out + bb)(state.overrides[name])
+
+
+def module_result(state: GreedyState, s: Structure, rng: np.random.Generator) -> ModuleResult:
+    """Module ``s``'s result in the state, for the journal."""
+    names = sorted(_module_params(s, state) & set(state.overrides))
+    return ModuleResult(s.name, {n: state.overrides[n] for n in names}, state.kept.get(s.name),
+                        state.scores[s.name], state.records[s.name], state.new_biases.get(s.level2_node),
+                        state.diverged, rng.bit_generator.state)
+
+
+def resume_module(state: GreedyState, s: Structure, result: ModuleResult | None, rng: np.random.Generator) -> None:
+    """Module ``s`` as the journal holds it (rank 0 reads it; the others receive it), the
+    random generator where it was after the module; the streams pass it unchanged."""
+    if result is not None:
+        if result.name != s.name:
+            raise ValueError(f"journal: module {s.name} expected, found {result.name}")
+        state.overrides.update(result.weights)
+        if result.kept is not None:
+            state.kept[s.name] = result.kept
+        state.scores[s.name], state.records[s.name] = result.scores, result.record
+        if result.new_bias is not None:
+            state.new_biases[s.level2_node] = result.new_bias
+        state.diverged = result.diverged
+        rng.bit_generator.state = result.rng_state
+    share_module(state, s)
+    rng.bit_generator.state = state.ranks.share_object(rng.bit_generator.state)
+    _apply_new_bias(state, s)
 
 
 def share_module(state: GreedyState, s: Structure) -> None:

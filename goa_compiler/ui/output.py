@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,7 +42,7 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False):
     created = missing_parents(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())     # mkdtemp's 0700 would make OUT private
     except OSError as e:
         remove_empty(created)
@@ -70,6 +72,43 @@ def staged_output(out: str | os.PathLike, overwrite: bool = False):
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def clear_stale(out: str | os.PathLike) -> list[str]:
+    """Remove what compiles into ``out`` that were killed left beside it (the staging
+    directory ``.OUT.tmp-PID-*`` and the previous OUT ``.OUT.old-PID`` of a process that is
+    no longer running; a previous OUT whose replacement never arrived is put back); returns
+    what was done, a line each. A living process's are left alone."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:tmp-(\d+)-.*|tmp-.*|old-(\d+))", p.name)
+        if m is None or not p.is_dir():
+            continue
+        pid = m.group(1) or m.group(2)
+        if pid is not None and _running(int(pid)):
+            continue
+        if p.name.startswith(f".{out.name}.old-") and not out.exists():
+            os.rename(p, out)       # killed between its two renames: the previous OUT comes back
+            removed.append(f"restored {out} from {p.name}, left by a compile that was killed while replacing it")
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(f"cleared {p}, left by a compile that was killed")
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

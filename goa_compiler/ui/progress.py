@@ -41,7 +41,16 @@ class Progress:
             yield from tqdm(items, desc=desc, total=total, file=self.stream, leave=False)
             return
         step = max(1, (total or 10) // 10)
+        start = time.perf_counter()
         for i, x in enumerate(items):
             if i % step == 0 or (total and i == total - 1):
-                self.log(f"{desc}: {i + 1}/{total if total else '?'}")
+                self.log(f"{desc}: {i + 1}/{total if total else '?'}{_time_left(start, i, total)}")
             yield x
+
+
+def _time_left(start: float, done: int, total: int | None) -> str:
+    """", about N s left" from the rate of the ``done`` items so far ("" before the first)."""
+    if not done or not total:
+        return ""
+    left = (time.perf_counter() - start) / done * (total - done)
+    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
