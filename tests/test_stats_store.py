@@ -50,7 +50,7 @@ def test_statistics_that_depend_on_the_pruning_are_measured_again(setup, tmp_pat
     stats = tmp_path / "stats"
     args = ("--module-inputs", "pruned")
     assert _compile(setup, tmp_path / "a", "0.2", *args, "--save-stats", str(stats)) == 0
-    assert not any((stats / "modules").iterdir()) and (stats / "allocation.pt").is_file()
+    assert not any((stats / "modules").iterdir()) and any((stats / "allocation").iterdir())
     assert _compile(setup, tmp_path / "measured", "0.5", *args) == 0
     capsys.readouterr()
     out = tmp_path / "loaded"

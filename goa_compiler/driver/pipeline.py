@@ -387,19 +387,7 @@ class GreedyReconstruction(PassBase):
         if saved is not None:
             counts, rng = saved["counts"], _generator(saved["rng"])
         elif opts.allocation in ("global", "block"):
-            st = load.read_allocation() if load is not None else None
-            if not ranks.share_object(st is not None):
-                st = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, progress, ranks)
-            if save is not None:
-                save.write_allocation(st)
-            weights = state.frontend.weights()
-            pre = {s.name: score_units(opts.criterion, s, weights, st[s.name], rng, settings.score)
-                   for s in chosen}
-            if opts.allocation == "global":
-                counts = allocation.global_counts(chosen, pre, ratio, state.shapes)
-            else:
-                costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, pre[s.name]) for s in chosen}
-                counts = allocation.block_counts(chosen, costs, ratio, state.shapes)
+            counts = _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save)
         if state.journal is not None and saved is None:
             state.journal.write_counts({"counts": counts, "rng": rng.bit_generator.state})
         run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress, ranks, shard.start,
@@ -415,6 +403,35 @@ class GreedyReconstruction(PassBase):
         return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
                                             "new_biases": run.new_biases, "module_inputs": opts.module_inputs,
                                             "refit_prior": opts.refit_prior, "ridge_folds": opts.ridge_folds})
+
+
+def _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save) -> dict[str, int]:
+    """Units to drop per structure by --allocation global or block, from every structure's
+    score on the dense model's statistics (measured one structure at a time, or read from
+    --load-stats); rank 0's counts and random generator are every rank's."""
+    opts, ranks = state.opts, state.ranks
+    stored = ranks.share_object(load is not None and load.has_allocation([s.name for s in chosen]))
+    if stored and not ranks.lead:
+        counts = ranks.share_object(None)
+        rng.bit_generator.state = ranks.share_object(None)
+        return counts
+    source = ((s, load.read_allocation(s.name)) for s in chosen) if stored else \
+        calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, state.progress, ranks)
+    weights = state.frontend.weights()
+    pre = {}
+    for s, m in source:
+        if save is not None:
+            save.write_allocation(s.name, m)
+        pre[s.name] = score_units(opts.criterion, s, weights, m, rng, settings.score)
+    if opts.allocation == "global":
+        counts = allocation.global_counts(chosen, pre, ratio, state.shapes)
+    else:
+        costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, pre[s.name]) for s in chosen}
+        counts = allocation.block_counts(chosen, costs, ratio, state.shapes)
+    if stored:      # rank 0 read them: the others wait for the result
+        ranks.share_object(counts)
+        ranks.share_object(rng.bit_generator.state)
+    return counts
 
 
 def _stats_stores(opts, keys, ranks: Ranks, progress):

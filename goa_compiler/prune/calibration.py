@@ -50,25 +50,26 @@ def attention_probs(args, kwargs) -> torch.Tensor:
 
 
 def dense_stats(frontend, structures: list[Structure], feeds, needs_heads: bool,
-                progress, ranks: Ranks = SINGLE) -> dict[str, ModuleStats]:
-    """One dense pass collecting every structure's statistics (for global allocation),
-    summed over the ranks."""
-    stats = {s.name: ModuleStats(Moments(True), Moments(True),
-                                 HeadSimilarity() if needs_heads and s.kind == "attention" else None)
-             for s in structures}
-    for feed in progress.iter(feeds, "allocation pass"):
-        st = frontend.stream(feed)
-        taps: dict[str, list] = {}
-        for s in structures:
-            m = stats[s.name]
-            taps.setdefault(s.probes.level1_input, []).append(lambda a, k, out, m=m: m.x.update(out))
-            taps.setdefault(s.probes.level2_input, []).append(lambda a, k, out, m=m: m.h.update(out))
+                progress, ranks: Ranks = SINGLE):
+    """The dense model's statistics of each structure (for allocation), yielded as
+    ``(structure, ModuleStats)`` in graph order, summed over the ranks. The batches advance
+    through the graph in lockstep, one structure at a time, so only one structure's sums
+    are alive at once (each is a full Gram of the level-1 and level-2 inputs: together
+    they would grow with the depth of the model)."""
+    pins = {n for s in structures for n in (s.probes.level1_input, s.probes.level2_input)}
+    streams = [frontend.stream(f, None, pins) for f in feeds]
+    for s in progress.iter(structures, "allocation pass"):
+        m = ModuleStats(Moments(True), Moments(True),
+                        HeadSimilarity() if needs_heads and s.kind == "attention" else None)
+        for st in streams:
+            st.run_until(s.probes.level1_input)
+            m.x.update(st.value(s.probes.level1_input))
             if m.heads is not None and s.probes.attention:
-                taps.setdefault(s.probes.attention, []).append(
-                    lambda a, k, out, m=m: m.heads.update(attention_probs(a, k)))
-        for node, fns in taps.items():
-            st.hooks[node] = lambda a, k, out, fns=fns: [f(a, k, out) for f in fns]
-        st.output()
-    for m in stats.values():
+                st.hooks[s.probes.attention] = lambda a, k, out, m=m: m.heads.update(attention_probs(a, k))
+            st.run_until(s.probes.level2_input)
+            st.hooks.pop(s.probes.attention, None)
+            m.h.update(st.value(s.probes.level2_input))
         reduce_stats(ranks, m.x, m.h, m.heads)
-    return stats
+        yield s, m
+        for st in streams:
+            st.unpin((s.probes.level1_input, s.probes.level2_input))

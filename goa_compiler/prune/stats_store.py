@@ -3,8 +3,8 @@
 What a compile measures on the calibration text is sums (prune/stats.py). Two kinds can be
 reused by a compile of the same model and calibration at another ratio:
 
-* the allocation pass's statistics of every structure on the dense model (``allocation.pt``),
-  always;
+* the allocation pass's statistics of every structure on the dense model
+  (``allocation/<name>.pt``), always;
 * each module's statistics of the greedy reconstruction (``modules/<name>.pt``), when they do
   not depend on what was pruned: the modules are measured on the dense model's inputs
   (--module-inputs dense, the default) and no module gains a bias that the stream then
@@ -90,17 +90,17 @@ class StatsStore:
     @classmethod
     def create(cls, path, keys: StatsKeys) -> "StatsStore":
         path = Path(path)
-        (path / "modules").mkdir(parents=True, exist_ok=True)
-        for old in (path / "modules").glob("*.pt"):
-            old.unlink()
-        (path / "allocation.pt").unlink(missing_ok=True)
+        for part in ("modules", "allocation"):
+            (path / part).mkdir(parents=True, exist_ok=True)
+            for old in (path / part).glob("*.pt"):
+                old.unlink()
         _atomic(path / "meta.json", lambda f: f.write(json.dumps(
             {"allocation_key": keys.allocation, "modules_key": keys.modules}, indent=1).encode()))
         return cls(path, keys)
 
-    def write_allocation(self, stats: dict[str, ModuleStats]) -> None:
-        data = {name: {"x": _moments(m.x), "h": _moments(m.h), "heads": _heads(m.heads)} for name, m in stats.items()}
-        _atomic(self.path / "allocation.pt", lambda f: torch.save(data, f))
+    def write_allocation(self, name: str, m: ModuleStats) -> None:
+        data = {"x": _moments(m.x), "h": _moments(m.h), "heads": _heads(m.heads)}
+        _atomic(self.path / "allocation" / f"{name}.pt", lambda f: torch.save(data, f))
 
     def write_module(self, name: str, x: Moments, joint: FoldedCross | None, h: Moments,
                      cross: FoldedCross | None, heads: HeadSimilarity | None) -> None:
@@ -137,13 +137,12 @@ class StatsStore:
         missing = [n for n in names if not (self.path / "modules" / f"{n}.pt").is_file()]
         return f"no statistics of {', '.join(missing[:3])}" if missing else None
 
-    def read_allocation(self) -> dict[str, ModuleStats] | None:
-        p = self.path / "allocation.pt"
-        if not p.is_file():
-            return None
-        data = torch.load(p, weights_only=True)
-        return {name: ModuleStats(_to_moments(d["x"]), _to_moments(d["h"]), _to_heads(d["heads"]))
-                for name, d in data.items()}
+    def has_allocation(self, names: list[str]) -> bool:
+        return all((self.path / "allocation" / f"{n}.pt").is_file() for n in names)
+
+    def read_allocation(self, name: str) -> ModuleStats:
+        d = torch.load(self.path / "allocation" / f"{name}.pt", weights_only=True)
+        return ModuleStats(_to_moments(d["x"]), _to_moments(d["h"]), _to_heads(d["heads"]))
 
     def read_module(self, name: str) -> tuple[Moments, FoldedCross | None, Moments, FoldedCross | None,
                                               HeadSimilarity | None]:
