@@ -91,7 +91,7 @@ class Journal:
         elif resume:
             log(f"--resume: nothing to resume in {path}; compiling from the start")
         path.mkdir(parents=True)
-        _atomic_write(path / "key.json", json.dumps({"key": key}).encode())
+        atomic_write(path / "key.json", lambda f: f.write(json.dumps({"key": key}).encode()))
         return cls(path, key)
 
     def finished(self) -> int:
@@ -106,12 +106,7 @@ class Journal:
                 "kept": result.kept, "scores": torch.from_numpy(np.asarray(result.scores, dtype=np.float64)),
                 "record": json.dumps(result.record, default=_number), "new_bias": result.new_bias, "diverged": result.diverged,
                 "rng_state": json.dumps(result.rng_state)}
-        tmp = self.path / f"{index}.pt.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / f"{index}.pt")
+        atomic_write(self.path / f"{index}.pt", lambda f: torch.save(data, f))
 
     def read(self, index: int) -> ModuleResult:
         d = torch.load(self.path / f"{index}.pt", weights_only=True)
@@ -119,7 +114,7 @@ class Journal:
                             d["new_bias"], d["diverged"], json.loads(d["rng_state"]))
 
     def write_counts(self, counts: dict[str, int]) -> None:
-        _atomic_write(self.path / "counts.json", json.dumps(counts, default=_number).encode())
+        atomic_write(self.path / "counts.json", lambda f: f.write(json.dumps(counts, default=_number).encode()))
 
     def read_counts(self) -> dict[str, int] | None:
         p = self.path / "counts.json"
@@ -142,10 +137,12 @@ def _read_key(path: Path) -> str | None:
         return None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, synced, then renamed onto it:
+    a reader sees the whole file or none."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

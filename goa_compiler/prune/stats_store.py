@@ -17,13 +17,13 @@ the options they depend on); a load under another key is refused with the reason
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from goa_compiler.prune.criteria import ModuleStats
+from goa_compiler.prune.journal import atomic_write, key_of
 from goa_compiler.prune.stats import FoldedCross, HeadSimilarity, Moments
 
 
@@ -94,13 +94,13 @@ class StatsStore:
             (path / part).mkdir(parents=True, exist_ok=True)
             for old in (path / part).glob("*.pt"):
                 old.unlink()
-        _atomic(path / "meta.json", lambda f: f.write(json.dumps(
+        atomic_write(path / "meta.json", lambda f: f.write(json.dumps(
             {"allocation_key": keys.allocation, "modules_key": keys.modules}, indent=1).encode()))
         return cls(path, keys)
 
     def write_allocation(self, name: str, m: ModuleStats) -> None:
         data = {"x": _moments(m.x), "h": _moments(m.h), "heads": _heads(m.heads)}
-        _atomic(self.path / "allocation" / f"{name}.pt", lambda f: torch.save(data, f))
+        atomic_write(self.path / "allocation" / f"{name}.pt", lambda f: torch.save(data, f))
 
     def write_module(self, name: str, x: Moments, joint: FoldedCross | None, h: Moments,
                      cross: FoldedCross | None, heads: HeadSimilarity | None) -> None:
@@ -108,7 +108,7 @@ class StatsStore:
             return
         data = {"x": _moments(x), "joint": _folded(joint), "h": _moments(h), "cross": _folded(cross),
                 "heads": _heads(heads)}
-        _atomic(self.path / "modules" / f"{name}.pt", lambda f: torch.save(data, f))
+        atomic_write(self.path / "modules" / f"{name}.pt", lambda f: torch.save(data, f))
 
     # -- reading
     @classmethod
@@ -151,18 +151,9 @@ class StatsStore:
                 _to_heads(d["heads"]))
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def stats_keys(opts, needs_heads: bool, structures: list[str], digest: str) -> StatsKeys:
     """The keys of a compile's statistics (``digest``: of its weights and windows,
     journal.inputs_digest)."""
-    from goa_compiler.prune.journal import key_of
-
     alloc = {"needs_heads": needs_heads, "batch_size": opts.batch_size}
     allocation = key_of(alloc, structures, digest)
     adds_bias = opts.reconstruct == "mean" or (opts.criterion == "flap" and opts.reconstruct != "refit")
