@@ -71,5 +71,20 @@ def test_a_failed_template_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="crashed"):
         template.cached_template(root, "k", broken)
     assert list(root.iterdir()) == []
-    made = template.cached_template(root, "k", lambda p: p.write_bytes(b"model"))
-    assert made.read_bytes() == b"model" and [p.name for p in root.iterdir()] == ["k"]
+    made = template.cached_template(root, "k", _tiny_onnx)
+    weight = onnx.load(str(made), load_external_data=False).graph.initializer[0]
+    assert weight.data_location == onnx.TensorProto.EXTERNAL
+    assert [p.name for p in root.iterdir()] == ["k"] and sorted(p.name for p in (root / "k").iterdir()) == \
+        ["model.onnx", "model.onnx.data"]
+
+
+def _tiny_onnx(path):
+    """A one-node model with a weight, as an exporter writes it (the weight inside the file)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 256), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])], [w])
+    onnx.save(helper.make_model(graph), str(path))

@@ -536,6 +536,7 @@ class RewriteDecoder(PassBase):
         state.decoder_biases = dict(biases)
         state.decoder_rewritten = rewrite(state.decoder_frontend, state.decoder_analysis, state.plan,
                                           state.new_weights, biases)
+        serving.share_parameters(state.decoder.gm, state.captured.gm)
         return PassResult(self.name, state.decoder_rewritten.modified)
 
     def ensures(self, state, result):

@@ -22,7 +22,7 @@ import torch
 
 from goa_compiler.ir.structure import Analysis, Plan
 
-VERSION = "1"          # bump when the template's form changes
+VERSION = "2"          # bump when the template's form changes (2: weights in model.onnx.data)
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ def cached_template(root: Path, key: str, export) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
         export(tmp / "model.onnx")
+        _weights_outside(tmp / "model.onnx")
         try:
             os.rename(tmp, final)
         except OSError:          # another compile wrote it first
@@ -65,6 +66,16 @@ def cached_template(root: Path, key: str, export) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final / "model.onnx"
+
+
+def _weights_outside(path: Path) -> None:
+    """Re-save ``path`` with its weights in ``model.onnx.data``: reading the template back
+    then maps them from the file instead of holding a second copy of the model in memory."""
+    import onnx_ir
+
+    from goa_compiler.frontends.onnx import save_model
+
+    save_model(onnx_ir.load(str(path)), path, external=True)
 
 
 def _signature(analysis: Analysis) -> list:
@@ -78,7 +89,7 @@ def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights
     when the template's structures are not the PyTorch analysis's."""
     from goa_compiler.analysis import analyze_graph
     from goa_compiler.export.onnx import fold_graph
-    from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
+    from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused, save_model
     from goa_compiler.transform.rewrite import rewrite
 
     try:
@@ -95,5 +106,12 @@ def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights
     rewrite(fe, mine, plan, new_weights, {nodes[n]: p for n, p in new_biases.items()})
     fe.drop_identity_reshapes()
     fold_graph(fe.model)
-    fe.save(path)
+    if sum(v.const_value.nbytes for v in fe.model.graph.initializers.values() if v.const_value is not None) \
+            <= 1_800_000_000:
+        # OUT's layout is the re-export's: one file under 2 GB (the template's weights the
+        # compile left as they were are still read from its .data)
+        import onnx_ir
+
+        onnx_ir.external_data.load_to_model(fe.model)
+    save_model(fe.model, path, external=False)
     return TemplateResult(path, "the compile applied to the dense ONNX (exported once, cached)")

@@ -48,3 +48,22 @@ def translate_biases(plain: Graph, serving: Graph, new_biases: dict[str, str]) -
         if n.op == "linear" and len(n.inputs) > 1 and isinstance(n.inputs[1], Ref) and n.inputs[1].name in serving.params:
             node_of[serving.params[n.inputs[1].name]] = n.name
     return {node_of[weight_of(plain, node)]: bias for node, bias in new_biases.items()}
+
+
+def share_parameters(serving, plain) -> int:
+    """Let every parameter of the ``serving`` module that equals the ``plain`` module's of
+    the same name (same shape, bit for bit) be that very tensor: both graphs are rewritten
+    alike, each slicing its own copy, and one copy of the pruned weights is enough. Returns
+    the number of parameters shared."""
+    import torch
+
+    mine = dict(plain.named_parameters(remove_duplicate=False))
+    shared = 0
+    for name, t in list(serving.named_parameters(remove_duplicate=False)):
+        p = mine.get(name)
+        if p is None or p is t or p.shape != t.shape or p.dtype != t.dtype or not torch.equal(p, t):
+            continue
+        mod, _, leaf = name.rpartition(".")
+        setattr(serving.get_submodule(mod) if mod else serving, leaf, p)
+        shared += 1
+    return shared
