@@ -6,8 +6,9 @@ one width with few and with many layers, each compiled in a fresh process.
         [-- extra goa compile options]
 
 Each model is written as a Hugging Face directory (safetensors, float32, the 256-id byte
-tokenizer of models/tiny.py); `python -m goa_compiler compile` runs on it as a child, and
-its peak RSS is the child's ru_maxrss (os.wait4). Recorded per depth: the weights' bytes, one
+tokenizer of models/tiny.py); `python -m goa_compiler compile` runs on it as a child with a
+cache of its own (a first compile: the dense ONNX template is exported too), and its peak
+RSS is the child's ru_maxrss (os.wait4). Recorded per depth: the weights' bytes, one
 block's bytes, the peak, the wall time; and across depths the growth of the peak against
 the growth of the weights, in blocks (the issue's check: the peaks of 8 and 32 layers
 should differ by less than 2 blocks; the weights alone differ by 24).
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
             facts = build(model, a.width, a.heads, a.kv_heads, a.ffn, layers)
             cmd = [sys.executable, "-m", "goa_compiler", "compile", str(model), "--ratio", a.ratio, "--quiet",
                    "--out", str(Path(d) / f"out-{layers}"), *a.extra]
-            peak, seconds, status, tail = peak_rss(cmd, env)
+            # a cache of its own: the first compile of the model, dense ONNX template included
+            peak, seconds, status, tail = peak_rss(cmd, {**env, "GOA_CACHE": str(Path(d) / f"cache-{layers}")})
             runs.append({"layers": layers, **facts, "peak_rss_mib": peak, "seconds": seconds, "exit_status": status,
                          **({"stderr": tail} if status else {})})
             print(json.dumps(runs[-1]), file=sys.stderr)
