@@ -20,6 +20,12 @@ and the model pruned so far. For each structure in graph order, named steps over
 
 A compile therefore costs one forward pass of each stream (plus one dense pass for global
 allocation), whatever the number of modules.
+
+Around the steps: under torchrun every statistic is summed over the ranks and rank 0's
+result of each module is broadcast (``share_module``, prune/distributed.py); each module's
+result goes to the journal as it finishes, and a resumed compile reads the finished ones back
+(``resume_module``, prune/journal.py); statistics measured by an earlier compile replace the
+collection steps (--load-stats, prune/stats_store.py).
 """
 from __future__ import annotations
 
