@@ -132,7 +132,9 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
     (rank 0's): every module's statistics, measured by an earlier compile: no calibration
     pass runs. ``save``: where each module's statistics are written."""
     pins: set[str] = set()
-    for s in structures:
+    still_needed: list[set[str]] = []       # probes of the structures after each one
+    for s in reversed(structures):
+        still_needed.insert(0, set(pins))
         pins |= _pins(s)
     state = GreedyState(orig=frontend.weights(), dense=[], pruned=[], ranks=ranks, first_window=first_window,
                         stored=stored if ranks.lead else None, save=save)
@@ -144,7 +146,9 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
     # upstream modules reach the next ones); "dense": it never does, so every module is
     # scored and refit on the dense model's inputs (only a bias a module gains is applied)
     seen = state.overrides if settings.module_inputs == "pruned" else {}
-    if measure:
+    if measure and state.dense and _same_streams(settings):
+        state.pruned = state.dense      # they would compute the same values: run the model once
+    elif measure:
         state.pruned = [frontend.stream(f, seen, pins) for f in feeds]
     finished = ranks.share_object(journal.finished() if journal is not None else 0)
     for i, s in enumerate(progress.iter(structures, "modules")):
@@ -159,7 +163,7 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
             if journal is not None:
                 journal.write(i, module_result(state, s, rng))
         for st in (*state.dense, *state.pruned):
-            st.unpin(_pins(s))
+            st.unpin(_pins(s) - still_needed[i])
     return state
 
 
@@ -173,12 +177,13 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
     if stored is not None:
         l1 = Level1(stored[0], stored[1])
     else:
-        for d in state.dense:
-            d.run_until(s.level2_node)
         # the joint statistics are collected whether or not this module is refit, so that
-        # they do not depend on the ratio (a --save-stats of one ratio serves another)
+        # they do not depend on the ratio (a --save-stats of one ratio serves another);
+        # asked before the dense stream runs on (it may be the second stream too)
         joint_l1 = settings.reconstruct in ("paper", "refit") and \
             not any(state.pruned[0].done(n) for n in s.level1_nodes)
+        for d in state.dense:
+            d.run_until(s.level2_node)
         l1 = collect_level1(state, s, joint_l1, settings.folds)
     if l1.joint is not None and recon in ("paper", "refit"):
         rec["level1_error"] = refit_level1(state, s, l1.joint, settings)
@@ -412,6 +417,15 @@ def resume_module(state: GreedyState, s: Structure, result: ModuleResult | None,
     share_module(state, s)
     rng.bit_generator.state = state.ranks.share_object(rng.bit_generator.state)
     _apply_new_bias(state, s)
+
+
+def _same_streams(settings: GreedySettings) -> bool:
+    """The second stream computes what the dense one does: it reads no installed weights
+    (dense module inputs) and gains no bias (FLAP's compensation without the kept-channel
+    refit). Attention-map similarity is left out: its hook must see the attention op before
+    the dense stream has run past it."""
+    adds_bias = settings.criterion == "flap" and settings.reconstruct != "refit"
+    return settings.module_inputs == "dense" and not adds_bias and not settings.needs_heads
 
 
 def share_module(state: GreedyState, s: Structure) -> None:
