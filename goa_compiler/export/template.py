@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from goa_compiler.ir.structure import Analysis, Plan
+from goa_compiler.prune.journal import hash_tensors
 
 VERSION = "2"          # bump when the template's form changes (2: weights in model.onnx.data)
 
@@ -40,10 +41,7 @@ def template_key(gm: torch.nn.Module, form: str) -> str:
     h = hashlib.sha256()
     h.update(f"{VERSION}|{form}|{torch.__version__}|{onnx.__version__}|{onnxscript.__version__}|".encode())
     h.update(gm.code.encode() if hasattr(gm, "code") else b"")
-    for name, t in sorted(gm.state_dict(keep_vars=False).items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    hash_tensors(h, gm.state_dict(keep_vars=False))
     return h.hexdigest()[:24]
 
 

@@ -322,6 +322,13 @@ def standardize(scores: np.ndarray, ddof: int = 1) -> np.ndarray:
     return c / sd if sd > 0 else np.zeros_like(s)
 
 
+def gains_bias(criterion: str, reconstruct: str) -> bool:
+    """Whether the reconstruction adds FLAP's compensation bias to the level-2 output: with
+    ``mean`` for every criterion, and with ``flap`` unless the kept channels are refit (the
+    refit and the compensation together double-count, docs/method.md)."""
+    return reconstruct == "mean" or (criterion == "flap" and reconstruct != "refit")
+
+
 def flap_bias_compensation(structure: Structure, weights: dict[str, torch.Tensor],
                            stats: ModuleStats, kept_units) -> torch.Tensor:
     """FLAP's bias compensation for the level-2 projection (docs/method.md §4, FLAP):

@@ -77,6 +77,12 @@ class Ranks:
 SINGLE = Ranks()
 
 
+def launched_lead() -> bool:
+    """Whether this process is rank 0 of its torchrun launch (or not launched by torchrun),
+    read from the environment without joining the process group."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def from_environment() -> Ranks:
     """The ranks torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...),
     joining its process group (gloo for CPU tensors, NCCL for CUDA ones) once; SINGLE

@@ -37,7 +37,8 @@ import torch
 from goa_compiler.ir.structure import Structure
 from goa_compiler.prune.allocation import drop_lowest
 from goa_compiler.prune.calibration import attention_probs
-from goa_compiler.prune.criteria import REGISTRY, ModuleStats, ScoreSettings, flap_bias_compensation, score_units
+from goa_compiler.prune.criteria import (REGISTRY, ModuleStats, ScoreSettings, flap_bias_compensation, gains_bias,
+                                        score_units)
 from goa_compiler.prune.distributed import SINGLE, Ranks, reduce_stats
 from goa_compiler.prune.journal import Journal, ModuleResult
 from goa_compiler.prune.stats_store import StatsStore
@@ -338,7 +339,7 @@ def refit_level2_kept(s: Structure, w: Level2Weights, folded: FoldedCross | None
         W2f = w.W.to(F64).clone()
         W2f[:, dc] = 0.0
         b2f = w.b.to(F64) if w.b is not None else None
-    if len(drop_cols) and (recon == "mean" or (settings.criterion == "flap" and recon != "refit")):
+    if len(drop_cols) and gains_bias(settings.criterion, recon):
         full = {p.weight: _layout(w.W.to(F64), p.out_axis)}
         delta = flap_bias_compensation(s, full, stats, kept)
         b2f = delta if b2f is None else b2f + delta
@@ -394,7 +395,7 @@ def _apply_new_bias(state: GreedyState, s: Structure) -> None:
 
 def module_result(state: GreedyState, s: Structure, rng: np.random.Generator) -> ModuleResult:
     """Module ``s``'s result in the state, for the journal."""
-    names = sorted(_module_params(s, state) & set(state.overrides))
+    names = _module_overrides(s, state)
     return ModuleResult(s.name, {n: state.overrides[n] for n in names}, state.kept.get(s.name),
                         state.scores[s.name], state.records[s.name], state.new_biases.get(s.level2_node),
                         state.diverged, rng.bit_generator.state)
@@ -424,8 +425,8 @@ def _same_streams(settings: GreedySettings) -> bool:
     (dense module inputs) and gains no bias (FLAP's compensation without the kept-channel
     refit). Attention-map similarity is left out: its hook must see the attention op before
     the dense stream has run past it."""
-    adds_bias = settings.criterion == "flap" and settings.reconstruct != "refit"
-    return settings.module_inputs == "dense" and not adds_bias and not settings.needs_heads
+    return settings.module_inputs == "dense" and not gains_bias(settings.criterion, settings.reconstruct) \
+        and not settings.needs_heads
 
 
 def share_module(state: GreedyState, s: Structure) -> None:
@@ -433,7 +434,7 @@ def share_module(state: GreedyState, s: Structure) -> None:
     scores, records and new bias (identical sums give identical solutions; this makes sure)."""
     if not state.ranks.active:
         return
-    names = sorted(_module_params(s, state) & set(state.overrides))
+    names = _module_overrides(s, state)
     facts = state.ranks.share_object({
         "weights": {n: (tuple(state.overrides[n].shape), state.overrides[n].dtype) for n in names},
         "kept": state.kept.get(s.name), "scores": state.scores.get(s.name), "records": state.records.get(s.name),
@@ -457,6 +458,11 @@ def share_module(state: GreedyState, s: Structure) -> None:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+def _module_overrides(s: Structure, state: GreedyState) -> list[str]:
+    """The names of the weights module ``s`` has set in the overrides, sorted."""
+    return sorted(_module_params(s, state) & set(state.overrides))
+
 
 def _module_params(s: Structure, state: GreedyState) -> set[str]:
     """The parameters a module's steps may set: its projections' weights and biases, and a

@@ -30,13 +30,19 @@ def work_dir(out: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def inputs_digest(weights: dict, windows: torch.Tensor) -> str:
-    """A hash of every weight (name, dtype, shape, bytes) and of the calibration windows."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        t = weights[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+def hash_tensors(h, tensors: dict) -> None:
+    """Feed every tensor (name, dtype, shape, bytes; in name order) into the hash ``h``,
+    without copying them."""
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+
+
+def inputs_digest(weights: dict, windows: torch.Tensor) -> str:
+    """A hash of every weight and of the calibration windows."""
+    h = hashlib.sha256()
+    hash_tensors(h, weights)
     h.update(windows.contiguous().numpy().tobytes())
     return h.hexdigest()
 

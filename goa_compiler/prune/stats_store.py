@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from goa_compiler.prune.criteria import ModuleStats
+from goa_compiler.prune.criteria import ModuleStats, gains_bias
 from goa_compiler.prune.journal import atomic_write, key_of
 from goa_compiler.prune.stats import FoldedCross, HeadSimilarity, Moments
 
@@ -156,8 +156,7 @@ def stats_keys(opts, needs_heads: bool, structures: list[str], digest: str) -> S
     journal.inputs_digest)."""
     alloc = {"needs_heads": needs_heads, "batch_size": opts.batch_size}
     allocation = key_of(alloc, structures, digest)
-    adds_bias = opts.reconstruct == "mean" or (opts.criterion == "flap" and opts.reconstruct != "refit")
-    if opts.module_inputs != "dense" or adds_bias:
+    if opts.module_inputs != "dense" or gains_bias(opts.criterion, opts.reconstruct):
         return StatsKeys(allocation, None)
     module = {**alloc, "dense_stream": opts.reconstruct in ("paper", "refit"), "folds": opts.ridge_folds}
     return StatsKeys(allocation, key_of(module, structures, digest))

@@ -151,13 +151,14 @@ def compile_options(args) -> CompileOptions:
 
 def cmd_compile(args) -> int:
     from goa_compiler.driver.pipeline import compile_loaded
+    from goa_compiler.prune.distributed import launched_lead
     from goa_compiler.ui.progress import Progress
     from goa_compiler.ui.output import check_out
 
     args = resolve_compile_args(args)
     opts = compile_options(args)
     check_out(args.out, args.overwrite)   # fail before the slow part
-    progress = Progress(enabled=not args.quiet and os.environ.get("RANK", "0") == "0")   # torchrun: rank 0 speaks
+    progress = Progress(enabled=not args.quiet and launched_lead())   # torchrun: rank 0 speaks
     if _is_onnx(args.model):
         return _compile_onnx(args, opts, progress)
     if args.tokenizer is not None:
