@@ -30,6 +30,7 @@ from transformers import (
     OPTConfig,
     Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
 )
 
 VOCAB = 256
@@ -124,15 +125,21 @@ def _config(family: str):
     if family == "mixtral":
         # experts as 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]) and a router
         return _llama_like(MixtralConfig, heads=4, kv_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES + list(PARTIAL))}")
+    if family == "qwen2-moe":
+        # experts beside a shared expert whose output a sigmoid gate scales
+        return _llama_like(Qwen2MoeConfig, heads=4, kv_heads=2, num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=64, shared_expert_intermediate_size=96)
+    raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES + EXPERTS + list(PARTIAL))}")
 
 
 FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox", "phi3", "gemma3", "bert",
             "falcon", "falcon-mqa", "gptj", "gpt-bigcode", "llama-mqa"]
 ENCODERS = {"bert"}
+# mixture-of-experts families: attention, every expert's FFN (and a shared expert) pruned
+EXPERTS = ["mixtral", "qwen2-moe"]
 # families whose graphs have a structure analysis refuses (the kind named), with its reason
 # in the report: the other kind is pruned
-PARTIAL = {"mpt": "attention", "bloom": "attention", "mixtral": "ffn", "gpt-oss": "ffn"}
+PARTIAL = {"mpt": "attention", "bloom": "attention", "gpt-oss": "ffn"}
 
 
 @torch.no_grad()

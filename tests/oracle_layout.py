@@ -34,7 +34,7 @@ class Block:
 @dataclass(frozen=True)
 class Family:
     attention: Block
-    ffn: Block
+    ffn: Block | None            # None: the FFNs are experts only (EXPERTS)
 
 
 def _llama(prefix: str = "model.layers.{L}") -> Family:
@@ -70,10 +70,21 @@ LAYOUT: dict[str, Family] = {
                    Block(("transformer.h.{L}.mlp.fc_in",), "transformer.h.{L}.mlp.fc_out")),
     "gpt-bigcode": Family(Block(("transformer.h.{L}.attn.c_attn",), "transformer.h.{L}.attn.c_proj"),
                           Block(("transformer.h.{L}.mlp.c_fc",), "transformer.h.{L}.mlp.c_proj")),
+    "mixtral": Family(_llama().attention, None),        # experts only: EXPERTS
+    "qwen2-moe": Family(_llama().attention, Block(tuple(f"model.layers.{{L}}.mlp.shared_expert.{p}_proj"
+                                                        for p in ("gate", "up")),
+                                                  "model.layers.{L}.mlp.shared_expert.down_proj")),
     "bert": Family(
         Block(tuple(f"encoder.layer.{{L}}.attention.self.{p}" for p in ("query", "key", "value")),
               "encoder.layer.{L}.attention.output.dense"),
         Block(("encoder.layer.{L}.intermediate.dense",), "encoder.layer.{L}.output.dense")),
+}
+
+# mixture-of-experts layers, experts kept as 3-D parameters ([E, out, in]): an FFN record with
+# an ``expert`` is that expert's share of them (``down_proj[expert]``)
+EXPERTS: dict[str, Block] = {
+    family: Block(("model.layers.{L}.mlp.experts.gate_up_proj",), "model.layers.{L}.mlp.experts.down_proj")
+    for family in ("mixtral", "qwen2-moe")
 }
 
 
@@ -81,8 +92,6 @@ LAYOUT: dict[str, Family] = {
 PARTIAL: dict[str, tuple[str, Block]] = {
     "mpt": ("ffn", Block(("transformer.blocks.{L}.ffn.up_proj",), "transformer.blocks.{L}.ffn.down_proj")),
     "bloom": ("ffn", Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
-    "mixtral": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
-                                   "model.layers.{L}.self_attn.o_proj")),
     "gpt-oss": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
                                    "model.layers.{L}.self_attn.o_proj")),
 }
@@ -130,8 +139,10 @@ def out_axis(module: torch.nn.Module) -> int:
     return 1 - in_axis(module)
 
 
-def block(family: str, kind: str, layer: int) -> Block:
-    if family in PARTIAL:
+def block(family: str, kind: str, layer: int, expert: int | None = None) -> Block:
+    if expert is not None:
+        b = EXPERTS[family]
+    elif family in PARTIAL:
         assert PARTIAL[family][0] == kind, (family, kind)
         b = PARTIAL[family][1]
     else:
@@ -139,10 +150,10 @@ def block(family: str, kind: str, layer: int) -> Block:
     return Block(tuple(n.format(L=layer) for n in b.level1), b.level2.format(L=layer))
 
 
-def input_width(model, family: str, kind: str, layer: int) -> int:
+def input_width(model, family: str, kind: str, layer: int, expert: int | None = None) -> int:
     """Input features of the level-2 projection (heads * head_dim, or the FFN width)."""
-    m = dict(model.named_modules())[block(family, kind, layer).level2]
-    return int(m.weight.shape[in_axis(m)])
+    weight, axis = level2_weight(model, block(family, kind, layer, expert).level2, expert)
+    return int(weight.shape[axis])
 
 
 def removed(rec: dict) -> list[int]:
@@ -169,17 +180,27 @@ def zeroed_dense(model: torch.nn.Module, family: str, modules: list[dict]) -> to
     record names its layer and kind; where its columns live comes from ``LAYOUT`` and the
     config only."""
     dense = copy.deepcopy(model)
-    mods = dict(dense.named_modules())
     cfg = dense.config
     for rec in modules:
         kind, layer = rec["kind"], rec["layer"]
-        lin = mods[block(family, kind, layer).level2]
-        axis = in_axis(lin)
+        weight, axis = level2_weight(dense, block(family, kind, layer, rec.get("expert")).level2, rec.get("expert"))
         cols = owned_columns(cfg, kind, removed(rec))
-        assert all(0 <= c < lin.weight.shape[axis] for c in cols), (rec["name"], cols)
+        assert all(0 <= c < weight.shape[axis] for c in cols), (rec["name"], cols)
         with torch.no_grad():
-            lin.weight.index_fill_(axis, torch.as_tensor(cols, dtype=torch.long), 0.0)
+            weight.index_fill_(axis, torch.as_tensor(cols, dtype=torch.long), 0.0)
     return dense
+
+
+def level2_weight(model: torch.nn.Module, name: str, expert: int | None = None) -> tuple[torch.Tensor, int]:
+    """(the level-2 weight, its input axis): a module's ``weight``, or for an expert record
+    ``expert``'s share of the 3-D parameter ``name`` ([E, out, in]; [E, in, out] where the
+    experts module says ``is_transposed``)."""
+    if expert is None:
+        lin = model.get_submodule(name)
+        return lin.weight, in_axis(lin)
+    owner, _, leaf = name.rpartition(".")
+    transposed = bool(getattr(model.get_submodule(owner), "is_transposed", False))
+    return getattr(model.get_submodule(owner), leaf)[expert], 0 if transposed else 1
 
 
 def dense_output(model: torch.nn.Module, kind: str, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

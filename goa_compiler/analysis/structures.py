@@ -260,6 +260,7 @@ def _draft(st: _State, roots: list[str], l2s: list[str], ports: list[str]) -> di
     if is_attention and kv_heads is None and heads and u.n < heads:
         kv_heads = u.n       # eager grouped attention (K/V repeated before the products)
     x_inputs = {st.projs[r].x for r in u.root_index}
+    expert = None if is_attention else st.graph.experts.get(lp.weight)
     projections = {n: Projection(n, st.projs[n].weight, st.projs[n].w_out_axis, st.projs[n].bias,
                                  st.projs[n].width) for n in [*u.root_index, u.level2]}
     return dict(
@@ -269,7 +270,7 @@ def _draft(st: _State, roots: list[str], l2s: list[str], ports: list[str]) -> di
         level2_node=u.level2, projections=projections, root_index=u.root_index,
         constants=tuple(c for c in st.constants if c.root in u.root_index or (kv and c.root in kv.roots)),
         ports=_port_slices(st, u, ports),
-        heads=heads, kv_heads=kv_heads, head_dim=facts.get("head_dim"), kv=kv)
+        heads=heads, kv_heads=kv_heads, head_dim=facts.get("head_dim"), kv=kv, expert=expert)
 
 
 def _overlap(ranges) -> bool:
@@ -284,7 +285,9 @@ def _layer_of(name: str, fallback: int) -> int:
 def _names(drafts: list[dict]) -> list[tuple[str, int]]:
     """(name, layer) per draft, in graph order. Layers: the block index in the level-2
     parameter's name when every one has one and they read as block indices, else the order of the structures (attention and FFN
-    of one block share a number). Names: layer{N}.{kind}, numbered when repeated."""
+    of one block share a number). Names: layer{N}.{kind}, numbered when repeated among the
+    block's structures of that kind; layer{N}.expert{e} for one expert of a
+    mixture-of-experts layer."""
     layers = [_layer_of(d["projections"][d["level2_node"]].weight, -1) for d in drafts]
     # numbers that are not block indices (an ONNX file's "val_170") are not in graph order or
     # exceed what the structures can number
@@ -296,11 +299,12 @@ def _names(drafts: list[dict]) -> list[tuple[str, int]]:
                 seen_kinds = set()
             seen_kinds.add(d["kind"])
             layers[i] = layer
-    names = [f"layer{layer}.{d['kind']}" for layer, d in zip(layers, drafts)]
+    names = [f"layer{layer}.{d['kind']}" if d.get("expert") is None else f"layer{layer}.expert{d['expert']}"
+             for layer, d in zip(layers, drafts)]
     counts = {n: names.count(n) for n in names}
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
-        if counts[n] > 1:
+        if counts[n] > 1 and drafts[i].get("expert") is None:
             seen[n] = seen.get(n, -1) + 1
             names[i] = f"{n}{seen[n]}"
     return list(zip(names, layers))

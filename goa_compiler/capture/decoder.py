@@ -16,11 +16,12 @@ per layer, which is how onnxruntime-genai reads each layer's width after pruning
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from goa_compiler.capture.torch_export import exportable_experts, max_positions, vocab_size_of
+from goa_compiler.capture.experts import experts_as_ffns
+from goa_compiler.capture.torch_export import WRAPPER_PREFIX, exportable_experts, max_positions, vocab_size_of
 
 # the graph's interface, by position: three token inputs, then past K/V per layer
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -87,6 +88,7 @@ class CapturedDecoder:
     layers: tuple[LayerCache, ...]
     max_seq: int
     vocab_size: int
+    experts: dict[str, int] = field(default_factory=dict)   # parameter -> expert (capture/experts.py)
 
     @property
     def input_names(self) -> list[str]:
@@ -182,7 +184,7 @@ def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     geo = cache_geometry(model)
     dec = CapturedDecoder(None, geo, max_positions(model), vocab_size_of(model))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), experts_as_ffns(model) as pieces:
             ep = torch.export.export(wrapper, dec.example(), dynamic_shapes=dec.dynamic_shapes(), strict=False)
     except DecoderRefused:
         raise
@@ -198,5 +200,6 @@ def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     dec.gm = gm
+    dec.experts = {WRAPPER_PREFIX + name: piece.expert for name, piece in pieces.items()}
     return dec
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from goa_compiler.capture.experts import ExpertPiece, experts_as_ffns
 
 
 class CaptureError(Exception):
@@ -37,6 +39,9 @@ def positions_from_mask(model: torch.nn.Module, example, output: str) -> bool:
     scale = float(finite.abs().max()) if finite.numel() else 1.0
     # non-finite outputs (a poisoned weight) are calibration's to report, by module
     return bool(torch.allclose(own, ours, rtol=1e-4, atol=1e-5 * scale, equal_nan=True))
+
+
+WRAPPER_PREFIX = "model."      # the wrappers hold the model as ``model``: its parameters are model.<name>
 
 
 class LogitsOnly(torch.nn.Module):
@@ -70,6 +75,13 @@ class Captured:
     max_seq: int
     input_names: tuple[str, str]
     output_name: str
+    # graph parameters that are one expert's share of a 3-D experts parameter (capture/experts.py)
+    experts: dict[str, ExpertPiece] = field(default_factory=dict)
+
+    @property
+    def expert_of(self) -> dict[str, int]:
+        """Graph parameter -> the expert it belongs to (the analysis's ``experts``)."""
+        return {name: piece.expert for name, piece in self.experts.items()}
 
 
 def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0):
@@ -144,7 +156,7 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     while True:
         tried.append(max_seq)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), experts_as_ffns(model) as pieces:
                 ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)
             break
         except Exception as e:  # noqa: BLE001 - torch.export raises many kinds; the text says which
@@ -157,7 +169,8 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     # exported
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name)
+    return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name,
+                    {WRAPPER_PREFIX + name: piece for name, piece in pieces.items()})
 
 
 def _narrower_range(message: str, max_seq: int) -> int | None:

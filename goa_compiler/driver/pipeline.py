@@ -137,7 +137,7 @@ class Capture(PassBase):
         if ops:
             raise CompileError(f"export: the ONNX exporter has no translation for {', '.join(ops)} "
                                f"(found after capture, before calibration)")
-        state.frontend = FxFrontend(state.captured.gm)
+        state.frontend = FxFrontend(state.captured.gm, experts=state.captured.expert_of)
         return PassResult(self.name)
 
 
@@ -185,7 +185,7 @@ class CaptureDecoder(PassBase):
     def call(self, state):
         try:
             dec = capture_decoder(state.model)
-            fe = FxFrontend(dec.gm, dec.port_inputs(), dec.port_outputs())
+            fe = FxFrontend(dec.gm, dec.port_inputs(), dec.port_outputs(), dec.experts)
             an = _analysis_or_empty(fe, _query_heads(state.opts))
             problem = serving.mismatch(state.analysis, an)
             if problem:
@@ -885,7 +885,7 @@ def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions,
     """The pipeline up to the rewrite on an already captured graph (edited in place): for
     callers that capture once and prune many times (tools/bench.py), and export themselves."""
     opts = dataclasses.replace(validate(opts), export="reexport")
-    frontend = FxFrontend(captured.gm)
+    frontend = FxFrontend(captured.gm, experts=captured.expert_of)
     state = CompileState(model, "", opts, progress, tokenizer, captured=captured, frontend=frontend,
                          analysis=analysis, shapes=frontend.param_shapes(),
                          params_before=frontend.param_count())
@@ -895,7 +895,7 @@ def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions,
 
 def analyze_model(model: torch.nn.Module, kind: str) -> tuple[Captured, Analysis]:
     captured = capture(model, kind)
-    return captured, _analysis_or_empty(FxFrontend(captured.gm))
+    return captured, _analysis_or_empty(FxFrontend(captured.gm, experts=captured.expert_of))
 
 
 def _analysis_or_empty(frontend, query_heads: bool = False) -> Analysis:

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from goa_compiler.capture.torch_export import WRAPPER_PREFIX
 from goa_compiler.ir.structure import Analysis, Kind, Plan, Structure, Unit
 from goa_compiler.prune.allocation import structure_params, unit_params
-
-WRAPPER_PREFIX = "model."
 
 
 def display_name(param: str) -> str:
@@ -37,6 +36,8 @@ def analysis_summary(analysis: Analysis) -> dict:
         }
         if s.kind == Kind.ATTENTION:
             rec.update(heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
+        if s.expert is not None:
+            rec["expert"] = s.expert
         mods.append(rec)
     refused = [{"node": r.node, "param": display_name(r.param) if r.param else None,
                 "reason": r.reason, "candidate": r.candidate} for r in analysis.refused]
@@ -47,6 +48,8 @@ def module_record(s: Structure, kept) -> dict:
     """One report record: original indices kept (query heads for attention, neurons for an
     FFN), and K/V heads for a K/V-group unit."""
     rec = {"name": s.name, "layer": s.layer, "kind": s.kind}
+    if s.expert is not None:
+        rec["expert"] = s.expert
     if s.kind == Kind.ATTENTION and s.heads:
         rep = s.query_heads_per_unit
         rec.update(total=s.heads, kept=sorted(h for g in kept for h in range(g * rep, (g + 1) * rep)))

@@ -30,15 +30,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from goa_compiler.capture.decoder import cache_of
-from goa_compiler.capture.torch_export import vocab_size_of
+from goa_compiler.capture.torch_export import WRAPPER_PREFIX, vocab_size_of
 
 WIDTHS_FILE = "goa_pruned.json"
+# experts' widths in the checkpoint are multiples of this: transformers' default grouped
+# expert product (torch._grouped_mm) needs rows of 16 bytes (8 half-precision numbers)
+EXPERT_ALIGN = 8
 FORMAT = "goa-pruned/1"
 RELOAD_TOLERANCE = 1e-5
-WRAPPER_PREFIX = "model."        # capture wraps the model: its parameters are model.<name>
 
 
 class Form(StrEnum):
@@ -57,16 +60,70 @@ class Checkpoint:
                 "reload_max_rel_error": self.reload_error}
 
 
-def pruned_state(dense: torch.nn.Module, graph: torch.nn.Module) -> dict[str, torch.Tensor]:
+def pruned_state(dense: torch.nn.Module, graph: torch.nn.Module, analysis=None, plan=None) -> dict[str, torch.Tensor]:
     """The dense model's parameters and persistent buffers, under its module names, with every
-    tensor the pruned graph holds in its place."""
+    tensor the pruned graph holds in its place (a mixture-of-experts parameter stacked again
+    from its experts' shares: ``stacked_experts``)."""
     mine = {**dict(graph.named_buffers()), **dict(graph.named_parameters(remove_duplicate=False))}
+    if analysis is not None:
+        mine.update(stacked_experts(mine, analysis, plan))
     out = {name: t for name, t in dense.named_parameters(remove_duplicate=False)}
     for mod_name, mod in dense.named_modules():
         for leaf, buf in mod._buffers.items():
             if buf is not None and leaf not in mod._non_persistent_buffers_set:
                 out[f"{mod_name}.{leaf}" if mod_name else leaf] = buf
     return {name: mine.get(WRAPPER_PREFIX + name, t).detach() for name, t in out.items()}
+
+
+def stacked_experts(mine: dict[str, torch.Tensor], analysis, plan) -> dict[str, torch.Tensor]:
+    """The 3-D experts parameters, stacked from the pruned graph's per-expert ones (``F.e``:
+    expert e's share of ``F``, capture/experts.py). The experts of a layer can keep different
+    numbers of neurons; each is padded to the most any of them kept (rounded up to
+    ``EXPERT_ALIGN``) with neurons it removed, whose weights are zero. A zero level-2 column
+    adds nothing, so the stacked layer computes what the pruned graph does."""
+    groups: dict[str, list] = {}
+    for s in analysis.structures:
+        if s.expert is not None:
+            fused = s.projections[s.level2_node].weight.rsplit(".", 1)[0]
+            groups.setdefault(fused, []).append(s)
+    out: dict[str, torch.Tensor] = {}
+    for members in groups.values():
+        kept = {s.name: list(plan.modules[s.name].kept) if s.name in plan.modules else list(range(s.units))
+                for s in members}
+        units = members[0].units
+        most = min(units, -(-max(len(k) for k in kept.values()) // EXPERT_ALIGN) * EXPERT_ALIGN)
+        pieces: dict[str, dict[int, torch.Tensor]] = {}
+        for s in members:
+            have = kept[s.name]
+            padded = sorted(have + [u for u in range(s.units) if u not in have][:most - len(have)])
+            for param, t in _padded_pieces(s, mine, have, padded).items():
+                pieces.setdefault(param.rsplit(".", 1)[0], {})[s.expert] = t
+        for fused, by_expert in pieces.items():
+            if sorted(by_expert) == list(range(len(by_expert))):
+                out[fused] = torch.stack([by_expert[e] for e in range(len(by_expert))])
+    return out
+
+
+def _padded_pieces(s, mine: dict[str, torch.Tensor], kept: list[int], padded: list[int]) -> dict[str, torch.Tensor]:
+    """Structure ``s``'s parameters at the units ``padded`` (a superset of ``kept``): the
+    kept units' entries where the pruned graph holds them, zeros for the others."""
+    from goa_compiler.transform.rewrite import removed_indices
+
+    now, wider = removed_indices(s, kept), removed_indices(s, padded)
+    out = {}
+    for (param, axis), gone in now.items():
+        t = mine[param]
+        full = t.shape[axis] + len(gone)
+        keep_now = np.setdiff1d(np.arange(full), gone)
+        keep_wide = np.setdiff1d(np.arange(full), wider.get((param, axis), np.array([], dtype=np.int64)))
+        shape = list(t.shape)
+        shape[axis] = len(keep_wide)
+        wide = torch.zeros(shape, dtype=t.dtype)
+        wide.index_copy_(axis, torch.as_tensor(np.searchsorted(keep_wide, keep_now)), t.detach())
+        out[param] = wide
+    for sl in s.slices:
+        out.setdefault(sl.param, mine[sl.param].detach())    # a piece the plan did not cut
+    return out
 
 
 def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -261,7 +318,7 @@ def probe_error(model: torch.nn.Module, graph: torch.nn.Module, vocab: int, seed
 def save_checkpoint(dense: torch.nn.Module, graph: torch.nn.Module, analysis, plan, out: Path,
                     tokenizer=None) -> Checkpoint:
     """Write OUT/hf in the first form that reloads to the pruned graph's logits."""
-    state = pruned_state(dense, graph)
+    state = pruned_state(dense, graph, analysis, plan)
     shapes = shapes_of(state)
     vocab = vocab_size_of(dense)
     attempts, failed = [], []

@@ -78,10 +78,11 @@ def _op_name(target) -> str:
 
 
 def from_fx(gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
-            output_ports: dict[int, int] | None = None) -> Graph:
+            output_ports: dict[int, int] | None = None, experts: dict[str, int] | None = None) -> Graph:
     """Build the common view from a torch.fx GraphModule (unlifted: parameters are get_attr).
     ``input_ports`` / ``output_ports`` map the position of a graph input / output to the
-    axis along which it carries channels (a decoder's past and present keys and values)."""
+    axis along which it carries channels (a decoder's past and present keys and values);
+    ``experts``: parameters that are one expert's share of a mixture-of-experts layer."""
     nodes: dict[str, Node] = {}
     ports: dict[str, Port] = {}
     placeholders = 0
@@ -125,7 +126,7 @@ def from_fx(gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
                                  target=str(n.target))
         if nodes[n.name].op == "param":          # a transposed view of a parameter
             params[n.name] = nodes[n.name].attrs["name"]
-    return Graph(nodes, params, param_shapes, outputs, ports)
+    return Graph(nodes, params, param_shapes, outputs, ports, dict(experts or {}))
 
 
 def _constant_ints(a) -> list[int] | None:
@@ -395,16 +396,18 @@ class FxFrontend:
     """A torch.export GraphModule (unlifted: parameters are get_attr) behind the interface
     the passes use: the graph view, parameters by name, calibration streams, and the edits
     of rewrite (parameters, integer attributes, a new bias). Edits happen in place;
-    ``finish`` recompiles the module. ``input_ports`` / ``output_ports``: as in ``from_fx``."""
+    ``finish`` recompiles the module. ``input_ports`` / ``output_ports`` / ``experts``: as in
+    ``from_fx``."""
 
     def __init__(self, gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
-                 output_ports: dict[int, int] | None = None):
+                 output_ports: dict[int, int] | None = None, experts: dict[str, int] | None = None):
         self.gm = gm
         self.input_ports, self.output_ports = dict(input_ports or {}), dict(output_ports or {})
+        self.experts = dict(experts or {})
 
     # -- reading
     def view(self) -> Graph:
-        return from_fx(self.gm, self.input_ports, self.output_ports)
+        return from_fx(self.gm, self.input_ports, self.output_ports, self.experts)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(self.gm.state_dict())

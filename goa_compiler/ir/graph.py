@@ -82,6 +82,8 @@ class Graph:
     param_shapes: dict[str, tuple]
     outputs: list[str]
     ports: dict[str, Port] = field(default_factory=dict)
+    # parameters that are one expert's share of a mixture-of-experts layer -> that expert
+    experts: dict[str, int] = field(default_factory=dict)
 
     def users(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {n: [] for n in self.nodes}

@@ -203,6 +203,9 @@ class Structure:
     kv_heads: int | None = None  # key/value heads (attention)
     head_dim: int | None = None
     kv: KVGroups | None = None   # query-head units reading grouped K/V
+    # one expert of a mixture-of-experts layer (capture/experts.py): its output is scaled per
+    # token by the routing weight, so a constant bias cannot be added to it
+    expert: int | None = None
 
     @property
     def units(self) -> int:

@@ -339,7 +339,8 @@ def refit_level2_kept(s: Structure, w: Level2Weights, folded: FoldedCross | None
         W2f = w.W.to(F64).clone()
         W2f[:, dc] = 0.0
         b2f = w.b.to(F64) if w.b is not None else None
-    if len(drop_cols) and gains_bias(settings.criterion, recon):
+    # (an expert's output is scaled per token by its routing weight: no constant bias fits it)
+    if len(drop_cols) and gains_bias(settings.criterion, recon) and s.expert is None:
         full = {p.weight: _layout(w.W.to(F64), p.out_axis)}
         delta = flap_bias_compensation(s, full, stats, kept)
         b2f = delta if b2f is None else b2f + delta
