@@ -133,13 +133,13 @@ def _config(family: str):
 
 
 FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox", "phi3", "gemma3", "bert",
-            "falcon", "falcon-mqa", "gptj", "gpt-bigcode", "llama-mqa"]
+            "falcon", "falcon-mqa", "gptj", "gpt-bigcode", "llama-mqa", "mpt"]
 ENCODERS = {"bert"}
 # mixture-of-experts families: attention, every expert's FFN (and a shared expert) pruned
 EXPERTS = ["mixtral", "qwen2-moe"]
 # families whose graphs have a structure analysis refuses (the kind named), with its reason
 # in the report: the other kind is pruned
-PARTIAL = {"mpt": "attention", "bloom": "attention", "gpt-oss": "ffn"}
+PARTIAL = {"bloom": "attention", "gpt-oss": "ffn"}
 
 
 @torch.no_grad()

@@ -70,6 +70,9 @@ LAYOUT: dict[str, Family] = {
                    Block(("transformer.h.{L}.mlp.fc_in",), "transformer.h.{L}.mlp.fc_out")),
     "gpt-bigcode": Family(Block(("transformer.h.{L}.attn.c_attn",), "transformer.h.{L}.attn.c_proj"),
                           Block(("transformer.h.{L}.mlp.c_fc",), "transformer.h.{L}.mlp.c_proj")),
+    # ALiBi attention: per-head biases computed in the graph, gathered with the kept heads
+    "mpt": Family(Block(("transformer.blocks.{L}.attn.Wqkv",), "transformer.blocks.{L}.attn.out_proj"),
+                  Block(("transformer.blocks.{L}.ffn.up_proj",), "transformer.blocks.{L}.ffn.down_proj")),
     "mixtral": Family(_llama().attention, None),        # experts only: EXPERTS
     "qwen2-moe": Family(_llama().attention, Block(tuple(f"model.layers.{{L}}.mlp.shared_expert.{p}_proj"
                                                         for p in ("gate", "up")),
@@ -90,7 +93,6 @@ EXPERTS: dict[str, Block] = {
 
 # the families models/tiny.py lists in PARTIAL: the one kind analysis prunes there
 PARTIAL: dict[str, tuple[str, Block]] = {
-    "mpt": ("ffn", Block(("transformer.blocks.{L}.ffn.up_proj",), "transformer.blocks.{L}.ffn.down_proj")),
     "bloom": ("ffn", Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
     "gpt-oss": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
                                    "model.layers.{L}.self_attn.o_proj")),
@@ -244,6 +246,15 @@ def unit_params(model, family: str, kind: str, layer: int) -> tuple[int, int]:
         total += m.weight.numel() + (m.bias.numel() if getattr(m, "bias", None) is not None else 0)
     assert total % units == 0, (family, kind, layer, total, units)
     return units, total // units
+
+
+def folded_constants(model, family: str) -> int:
+    """Elements of float tensors that the model computes from constants and that the ONNX
+    exporter folds into initializers: MPT's ALiBi biases, one row of ``max_seq_len``
+    positions per head (kept whole in a pruned model, which gathers the kept heads' rows)."""
+    if family == "mpt":
+        return model.config.n_heads * model.config.max_seq_len
+    return 0
 
 
 def onnx_float_initializers(path) -> int:

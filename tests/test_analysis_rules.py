@@ -219,6 +219,27 @@ def test_reduce_over_another_axis_keeps_the_structure():
     assert (s.kind, s.units) == ("ffn", 24)
 
 
+def test_a_tensor_computed_from_constants_is_gathered_with_the_channels():
+    """A full-size tensor computed without the input's values (ALiBi's per-head biases)
+    meeting the channels is read through a gather of the kept entries; one computed from
+    the input's values refuses the structure (the residual stream, for flat channels)."""
+    def constant(g, up):
+        table = g._add("other", [], (24,), name="table")        # e.g. arange / pow of constants
+        return g.binary(up, g.unary(table))
+
+    (s,) = analyze_graph(_ffn(constant)).structures
+    (o,) = s.operands
+    assert (o.node, o.operand, o.axis) == ("binary_5", 1, 0)
+    np.testing.assert_array_equal(o.index, np.arange(24).reshape(24, 1))
+
+    def from_input(g, up):
+        return g.binary(up, g._add("other", [g.x], (B, S, 24), name="mixed"))
+
+    a = analyze_graph(_ffn(from_input))
+    assert a.structures == ()
+    assert "channels meet a tensor that is not part of the structure" in a.refused[0].reason
+
+
 def test_projection_into_the_graph_output_is_no_candidate():
     g = View()
     a = analyze_graph(g.graph(g.linear(g.x, "lm_head.weight", 32, "lm_head")))

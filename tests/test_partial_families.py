@@ -2,7 +2,6 @@
 an internal error), the refused kind is named with its reason, and what was pruned passes
 the zeroing oracle in onnxruntime (tests/oracle_layout.py, independent of the analysis).
 
-    mpt          ALiBi attention; capture narrows the sequence range to the model's guard
     bloom        ALiBi attention with heads merged into the batch axis
     gpt-oss      experts as 3-D parameters with gate and up interleaved (a strided slice analysis
                  does not follow): attention pruned, with its sinks (a learned logit per head,

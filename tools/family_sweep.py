@@ -33,6 +33,14 @@ SHRINK = dict(vocab_size=256, hidden_size=64, n_embd=64, d_model=64, num_hidden_
               first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def _weight(params: dict, name: str, expert: int | None):
+    """A parameter of the dense model; for an expert, its share ``F[e]`` of the 3-D ``F``
+    (the graph names it ``F.e``, capture/experts.py)."""
+    if expert is None:
+        return params[name]
+    return params[name.rsplit(".", 1)[0]][expert]
+
+
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
@@ -97,7 +105,7 @@ def one(model_type: str, ratio: float, queue):
                         name = sl.param[len("model."):] if sl.param.startswith("model.") else sl.param
                         cols = torch.as_tensor(sl.index[drop].reshape(-1), dtype=torch.long)
                         if cols.numel():
-                            params[name].index_fill_(sl.axis, cols, 0.0)
+                            _weight(params, name, s.expert).index_fill_(sl.axis, cols, 0.0)
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(0, int(cfg.get_text_config().vocab_size), (2, 13), generator=g)
             mask = torch.ones_like(ids)

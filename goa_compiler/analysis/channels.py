@@ -96,6 +96,7 @@ class _State:
     activated: set[str] = field(default_factory=set)
     attention: dict[str, dict] = field(default_factory=dict)        # root -> attention facts
     attached: list[tuple[str, int, Tag, int]] = field(default_factory=list)
+    gathered: list[tuple[str, int, int, Tag, int]] = field(default_factory=list)  # (node, operand, axis, tag, length)
     data_dependent: dict[str, bool] = field(default_factory=dict)
     terminal: set = field(default_factory=set)
     param_uses: dict[str, int] = field(default_factory=dict)   # parameter -> number of readers
@@ -228,7 +229,8 @@ def interpret(graph: Graph, query_heads: bool = False) -> _State:
                 param_uses[graph.params[r]] = param_uses.get(graph.params[r], 0) + 1
 
     for node in graph.nodes.values():
-        deps = [st.data_dependent.get(r, False) for r in node.refs()]
+        # a shape query's integer depends on the input's shape, not on its values
+        deps = [st.data_dependent.get(r, False) for r in node.refs()] if node.op != "ignore" else []
         st.data_dependent[node.name] = node.op == "input" or any(deps)
         try:
             _transfer(st, node)
@@ -639,6 +641,10 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
                                  first, length)
             elif src.op == "param":
                 raise _Reject("a parameter broadcast along channels with an unusual layout")
+            elif not st.data_dependent.get(r.name) and r in node.inputs:
+                # computed from constants and shapes alone (ALiBi's per-head slopes times the
+                # positions): read through a gather of the kept channels' entries
+                st.gathered.append((node.name, node.inputs.index(r), k, first, length))
             else:
                 # projection outputs (flat channels) added to the data stream: the residual
                 residual = bool(st.data_dependent.get(r.name)) and all(

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from goa_compiler.analysis.channels import Tag, _Reject, _State
-from goa_compiler.ir.structure import (Analysis, Kind, KVGroups, ParamSlice, PortSlice, Probes, Projection,
-                                       Refusal, Role, Structure)
+from goa_compiler.ir.structure import (Analysis, Kind, KVGroups, OperandSlice, ParamSlice, PortSlice, Probes,
+                                       Projection, Refusal, Role, Structure)
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,12 @@ def _attached_slices(st: _State, u: _Units) -> list[ParamSlice]:
             for pname, axis, t, length in st.attached if t.root in u.root_index]
 
 
+def _operand_slices(st: _State, u: _Units) -> tuple[OperandSlice, ...]:
+    """Tensors computed from constants alone that meet the channels (gathered with them)."""
+    return tuple(OperandSlice(node, pos, axis, _entries_per_unit(st, u, t, length, f"the operand of {node}"))
+                 for node, pos, axis, t, length in st.gathered if t.root in u.root_index)
+
+
 def _port_slices(st: _State, u: _Units, ports: list[str]) -> tuple[PortSlice, ...]:
     out = []
     for name in ports:
@@ -269,7 +275,7 @@ def _draft(st: _State, roots: list[str], l2s: list[str], ports: list[str]) -> di
                       level2_input=st.graph.nodes[u.level2].inputs[0].name, attention=facts.get("node")),
         level2_node=u.level2, projections=projections, root_index=u.root_index,
         constants=tuple(c for c in st.constants if c.root in u.root_index or (kv and c.root in kv.roots)),
-        ports=_port_slices(st, u, ports),
+        ports=_port_slices(st, u, ports), operands=_operand_slices(st, u),
         heads=heads, kv_heads=kv_heads, head_dim=facts.get("head_dim"), kv=kv, expert=expert)
 
 

@@ -88,6 +88,19 @@ class PortSlice:
     shared: tuple[int, ...] = ()      # entries no unit owns (a K/V head every query head reads)
 
 
+@dataclass(frozen=True, eq=False)
+class OperandSlice:
+    """A tensor the graph computes from constants and shapes alone (ALiBi's per-head biases)
+    that meets a structure's channels: along ``axis`` of input ``operand`` of node ``node``,
+    unit ``u`` owns entries ``index[u]``. The rewrite reads the kept units' entries through
+    a gather there, so the tensor is computed as before and never for a new head count."""
+
+    node: str
+    operand: int
+    axis: int
+    index: np.ndarray
+
+
 @dataclass(frozen=True)
 class IntHandle:
     """Where an integer lives in the graph view: attribute ``attr`` of node ``node`` (its
@@ -203,6 +216,7 @@ class Structure:
     kv_heads: int | None = None  # key/value heads (attention)
     head_dim: int | None = None
     kv: KVGroups | None = None   # query-head units reading grouped K/V
+    operands: tuple[OperandSlice, ...] = ()   # constant tensors gathered with the kept units
     # one expert of a mixture-of-experts layer (capture/experts.py): its output is scaled per
     # token by the routing weight, so a constant bias cannot be added to it
     expert: int | None = None

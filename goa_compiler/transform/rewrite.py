@@ -89,6 +89,7 @@ def rewrite(frontend, analysis: Analysis, plan: Plan, new_weights: dict | None =
     patched = _set_constants(frontend, pruned, root_removed)
     ports = _slice_ports(frontend, pruned, plan)
     _gather_kv(frontend, pruned, plan)
+    _gather_operands(frontend, pruned, plan)
     frontend.finish()
     return RewriteResult(before, frontend.param_count(), sliced, tuple(patched), ports)
 
@@ -103,6 +104,17 @@ def _gather_kv(frontend, structures: list[Structure], plan: Plan) -> None:
         if index is not None:
             for pos in s.kv.operands:
                 frontend.gather(s.kv.attention, pos, s.kv.axis, index)
+
+
+def _gather_operands(frontend, structures: list[Structure], plan: Plan) -> None:
+    """Tensors computed from constants that meet a structure's channels (ALiBi's per-head
+    biases) are read through a gather of the kept units' entries."""
+    for s in structures:
+        kept = list(plan.modules[s.name].kept)
+        if len(kept) == s.units:
+            continue
+        for o in s.operands:
+            frontend.gather(o.node, o.operand, o.axis, np.sort(o.index[kept].reshape(-1)).tolist())
 
 
 def _slice_ports(frontend, structures: list[Structure], plan: Plan) -> dict[str, int]:
