@@ -135,11 +135,12 @@ def _config(family: str):
 FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox", "phi3", "gemma3", "bert",
             "falcon", "falcon-mqa", "gptj", "gpt-bigcode", "llama-mqa", "mpt"]
 ENCODERS = {"bert"}
-# mixture-of-experts families: attention, every expert's FFN (and a shared expert) pruned
-EXPERTS = ["mixtral", "qwen2-moe"]
+# mixture-of-experts families: attention, every expert's FFN (and a shared expert) pruned;
+# GPT-OSS: transposed experts with biases, gate and up interleaved, attention sinks
+EXPERTS = ["mixtral", "qwen2-moe", "gpt-oss"]
 # families whose graphs have a structure analysis refuses (the kind named), with its reason
 # in the report: the other kind is pruned
-PARTIAL = {"bloom": "attention", "gpt-oss": "ffn"}
+PARTIAL = {"bloom": "attention"}
 
 
 @torch.no_grad()

@@ -74,6 +74,7 @@ LAYOUT: dict[str, Family] = {
     "mpt": Family(Block(("transformer.blocks.{L}.attn.Wqkv",), "transformer.blocks.{L}.attn.out_proj"),
                   Block(("transformer.blocks.{L}.ffn.up_proj",), "transformer.blocks.{L}.ffn.down_proj")),
     "mixtral": Family(_llama().attention, None),        # experts only: EXPERTS
+    "gpt-oss": Family(_llama().attention, None),
     "qwen2-moe": Family(_llama().attention, Block(tuple(f"model.layers.{{L}}.mlp.shared_expert.{p}_proj"
                                                         for p in ("gate", "up")),
                                                   "model.layers.{L}.mlp.shared_expert.down_proj")),
@@ -87,15 +88,13 @@ LAYOUT: dict[str, Family] = {
 # an ``expert`` is that expert's share of them (``down_proj[expert]``)
 EXPERTS: dict[str, Block] = {
     family: Block(("model.layers.{L}.mlp.experts.gate_up_proj",), "model.layers.{L}.mlp.experts.down_proj")
-    for family in ("mixtral", "qwen2-moe")
+    for family in ("mixtral", "qwen2-moe", "gpt-oss")
 }
 
 
 # the families models/tiny.py lists in PARTIAL: the one kind analysis prunes there
 PARTIAL: dict[str, tuple[str, Block]] = {
     "bloom": ("ffn", Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
-    "gpt-oss": ("attention", Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
-                                   "model.layers.{L}.self_attn.o_proj")),
 }
 
 

@@ -47,7 +47,12 @@ def test_per_expert_form_computes_the_routed_layer():
             with experts_as_ffns(model) as pieces:
                 got = model(input_ids=ids).logits
             again = model(input_ids=ids).logits
-        assert len(pieces) == 2 * ol.layers(model.config) * _experts(model.config)
+        fused = {}
+        for piece in pieces.values():
+            fused.setdefault(piece.fused, set()).add(piece.expert)
+        # every layer's down projection (and gate/up, biases where there are) split per expert
+        assert sum(name.endswith("down_proj") for name in fused) == ol.layers(model.config)
+        assert all(experts == set(range(_experts(model.config))) for experts in fused.values())
         assert ol.relative_error(got.numpy(), ref.numpy()) < 1e-5
         assert torch.equal(again, ref)
         assert [n for n, _ in model.named_parameters()] == names
@@ -64,14 +69,17 @@ def test_every_expert_is_a_structure(family):
     assert all(s.name == f"layer{s.layer}.expert{s.expert}" and s.kind == "ffn" for s in experts)
     width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
     assert {s.units for s in experts} == {width}
-    # the router's logits are refused with the reason (a softmax over the experts)
-    assert any("softmax" in r.reason for r in analysis.refused if r.candidate)
+    # the router is refused with the reason (its logits go through a softmax or a top-k)
+    routers = [r for r in analysis.refused if r.candidate and ".mlp." in r.param and "experts" not in r.param]
+    assert any("softmax" in r.reason or "topk" in r.reason for r in routers), analysis.refused
 
 
 @pytest.mark.parametrize("family,criterion,ratio,allocation", [
     ("mixtral", "random", 0.35, "uniform"),
     ("mixtral", "magnitude", 0.5, "global"),
     ("qwen2-moe", "magnitude", 0.3, "global"),
+    ("gpt-oss", "random", 0.35, "uniform"),
+    ("gpt-oss", "magnitude", 0.5, "global"),
 ])
 def test_pruned_experts_equal_zeroed_dense(tmp_path, family, criterion, ratio, allocation):
     model, vocab, kind = tiny.build(family)
@@ -135,12 +143,17 @@ def test_experts_computing_something_else_stay_routed():
     class Doubled(cls):
         pass
 
-    def doubled(self, *a):
+    def doubled(self, *a):          # the function this module computes, in eager form
         return 2 * eager(self, *a)
 
-    Doubled.forward = lambda self, *a: doubled(self, *a)
+    Doubled.forward = lambda self, *a: 2 * cls.forward(self, *a)   # (routed: it exports)
     Doubled.forward.__wrapped__ = doubled
     layer.__class__ = Doubled
     found = [name for name, _ in ex.experts_modules(model)]
     assert "model.layers.0.mlp.experts" not in found
     assert "model.layers.1.mlp.experts" in found
+    # analysis refuses the routed experts with the reason, naming their 3-D parameters
+    _, analysis = analyze_model(model, "causal-lm")
+    routed = [r for r in analysis.refused if "mixture-of-experts" in r.reason]
+    assert {r.param for r in routed} == {f"model.model.layers.0.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")}
+    assert {s.layer for s in analysis.structures if s.expert is not None} == {1}

@@ -401,6 +401,9 @@ def _slice(st, node, in_tags):
     t = in_tags[d]
     length = _static(_shape(st, node.inputs[0])[d])
     start, end, step = node.attrs["start"], node.attrs["end"], node.attrs["step"]
+    if _is_int(step) and step > 1 and _is_int(start):
+        st.tags[node.name] = {**in_tags, d: _strided_tag(st, t, length, start, end, step)}
+        return
     if not (_is_int(start) and (end is None or _is_int(end)) and step == 1):
         raise _Reject("slices a channel axis with a dynamic range or a step")
     start = start + length if start < 0 else min(start, length)
@@ -544,6 +547,19 @@ def _norm(st, node, in_tags):
 def _other(st, node, in_tags):
     if _input_tags(st, node):
         raise _Reject("channels flow into an operation analysis cannot follow")
+
+
+def _strided_tag(st: _State, t: Tag, length, start: int, end, step: int) -> Tag:
+    """x[..., start::step] of an axis of single channels, ``0 <= start < step`` (gate and up
+    rows interleaved in one weight, GPT-OSS): the channels of each period of ``step`` go
+    together (one unit), so whatever is kept, every period is whole and the slice's start and
+    step stay right. Entry i is the period's first channel (same unit as the one it reads),
+    and covers the period."""
+    if t.block != 1 or t.repeat != 1 or length is None or length % step or not 0 <= start < step \
+            or (end is not None and not (_is_int(end) and end >= length)):
+        raise _Reject("slices a channel axis with a step other than every channel of whole periods")
+    st.fuse_block(t.root, t.start, t.start + length, step)
+    return Tag(t.root, t.start, step, 1)
 
 
 def _slice_tag(t: Tag, a: int, b: int) -> Tag:

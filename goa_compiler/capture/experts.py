@@ -21,10 +21,9 @@ Cost: every expert runs on every token (E / top-k times the expert products of t
 form), in calibration and in the emitted ONNX.
 
 Left in the routed form (and refused by analysis with its reason): modules with a norm
-after each expert (it does not commute with the routing weight), gate and up interleaved
-in one parameter (GPT-OSS: a strided slice of the channels, which analysis does not
-follow), and experts modules that do not use transformers' experts interface
-(``has_gate``, ``num_experts``).
+after each expert (it does not commute with the routing weight), and experts modules that
+do not use transformers' experts interface (``has_gate``, ``num_experts``) or compute
+something else than the per-expert form.
 """
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ def _splittable(m: torch.nn.Module) -> bool:
     up = "gate_up_proj" if getattr(m, "has_gate", None) else "up_proj"
     params = m._parameters
     return (isinstance(getattr(m, "num_experts", None), int) and hasattr(m, "has_gate")
-            and not getattr(m, "has_post_expert_norm", False) and getattr(m, "is_concatenated", True)
+            and not getattr(m, "has_post_expert_norm", False)
             and all(isinstance(params.get(p), torch.Tensor) and params[p].dim() == 3 for p in (up, "down_proj")))
 
 
@@ -105,6 +104,7 @@ def experts_as_ffns(model: torch.nn.Module):
     saved = []
     for mod_name, m in experts_modules(model):
         originals = {n: m._parameters[n] for n in _names(m)}
+        order = dict(m._parameters)         # restored in this order (state_dict order)
         for n, p in originals.items():
             del m._parameters[n]
             setattr(m, n, torch.nn.ParameterList(
@@ -112,15 +112,16 @@ def experts_as_ffns(model: torch.nn.Module):
             prefix = f"{mod_name}.{n}" if mod_name else n
             pieces.update({f"{prefix}.{e}": ExpertPiece(prefix, e) for e in range(m.num_experts)})
         m.forward = types.MethodType(per_expert_forward, m)
-        saved.append((m, originals))
+        saved.append((m, originals, order))
     try:
         yield pieces
     finally:
-        for m, originals in saved:
+        for m, originals, order in saved:
             del m.forward
-            for n, p in originals.items():
+            for n in originals:
                 delattr(m, n)
-                m.register_parameter(n, p)
+            m._parameters.clear()
+            m._parameters.update(order)
 
 
 def per_expert_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
