@@ -137,6 +137,7 @@ class Spec:
     metavar: str | None = None
     group: str | None = None
     positional: bool = False
+    after: bool = False             # changes only what happens after the reconstruction
 
     @property
     def flag(self) -> str:
@@ -144,9 +145,12 @@ class Spec:
 
 
 def option(default, help="", *, choices=None, check=None, limit=None, metavar=None, group=None,
-           key=None, positional=False):
+           key=None, positional=False, after=False):
+    """One option's declaration. ``after``: it changes only what is written or measured after
+    the reconstruction (the export, the gates, where statistics go), not the reconstruction's
+    result: a resumed compile may differ in it."""
     meta = dict(help=help, choices=tuple(c.value for c in choices) if choices else None, check=check,
-                limit=limit, metavar=metavar, group=group, key=key, positional=positional)
+                limit=limit, metavar=metavar, group=group, key=key, positional=positional, after=after)
     return field(default=default, metadata=meta)
 
 
@@ -190,8 +194,8 @@ class CompileOptions:
     eval_data: str | None = option(
         None, "also measure perplexity before and after on DATA: a file, JSONL or directory, or a named "
         "set: 'kjv' (KJV held-out split) or 'pydoc' (Python reference help topics: out of domain)",
-        metavar="DATA", key="eval")
-    eval_tokens: int = option(32768, "tokens of DATA for --eval", check=_at_least(1), limit=10**10)
+        metavar="DATA", key="eval", after=True)
+    eval_tokens: int = option(32768, "tokens of DATA for --eval", check=_at_least(1), limit=10**10, after=True)
     head_criterion: str = option(HeadCriterion.MOMENT, "goa's score for attention units: second moment, "
                                  "or JS similarity of attention maps", choices=HeadCriterion)
     goa_score: str = option(
@@ -212,39 +216,41 @@ class CompileOptions:
     kv_cache: bool | None = option(
         None, "emit model.onnx as a decoder with its KV cache as inputs and outputs (past_key_values.N.key "
         "/ .value -> present.N.key / .value), with genai_config.json for onnxruntime-genai; default: on "
-        "for causal LMs whose cache has that form, else off with the reason in the report")
+        "for causal LMs whose cache has that form, else off with the reason in the report", after=True)
     dtype: str = option(DType.FP32, "model.onnx's weights, activations and KV cache: float32, or float16 "
                         "(norms normalise in float32; for onnxruntime's CUDA provider; OUT/hf stays float32)",
-                        choices=DType)
+                        choices=DType, after=True)
     export: str = option(ExportMethod.REWRITE, "how model.onnx is made from a PyTorch model: rewrite the dense "
                          "ONNX, exported once per model and cached, with the compile's plan and weights (the "
                          "ONNX input's rewrite), or re-export the pruned graph; a model whose ONNX analysis "
                          "differs from its PyTorch one is re-exported, with the reason in the report",
-                         choices=ExportMethod)
-    overwrite: bool = option(False, "replace a non-empty OUT")
+                         choices=ExportMethod, after=True)
+    overwrite: bool = option(False, "replace a non-empty OUT", after=True)
     save_stats: str | None = option(
         None, "keep the calibration statistics in DIR for compiles of the same model and calibration at other "
         "ratios (--load-stats): the allocation pass's always, each module's when they do not depend on the "
-        "pruning (--module-inputs dense, no reconstruction that adds biases)", metavar="DIR", check=_non_empty)
+        "pruning (--module-inputs dense, no reconstruction that adds biases)", metavar="DIR", check=_non_empty,
+        after=True)
     load_stats: str | None = option(
         None, "use the statistics an earlier compile kept in DIR (--save-stats) instead of measuring them; "
-        "refused when DIR was measured on another model or calibration", metavar="DIR", check=_non_empty)
+        "refused when DIR was measured on another model or calibration", metavar="DIR", check=_non_empty,
+        after=True)
     resume: bool = option(False, "continue an interrupted compile of the same model, calibration and options "
                           "from its last finished module (its journal, .OUT.work beside OUT); without it, what "
-                          "an interrupted compile left beside OUT is cleared")
+                          "an interrupted compile left beside OUT is cleared", after=True)
     max_ppl_increase: float | None = option(
         None, "largest allowed relative increase of held-out perplexity, pruned vs dense (0.15 = 15%%); "
         "evaluates on --eval DATA, or on the KJV held-out split", check=_non_negative, metavar="X",
-        group=GATES)
+        group=GATES, after=True)
     max_logit_error: float | None = option(
         None, "largest allowed ||Z_pruned - Z_dense||_F / ||Z_dense||_F of the logits (last hidden state "
         "for encoders), emitted ONNX vs dense PyTorch, on the first 4 held-out windows (with --eval) or "
-        "4 random calibration windows", check=_non_negative, metavar="X", group=GATES)
+        "4 random calibration windows", check=_non_negative, metavar="X", group=GATES, after=True)
     min_speedup: float | None = option(
         None, "smallest allowed onnxruntime CPU prefill speedup (dense latency / pruned latency, batch 1, "
-        "128 tokens; the dense model exported the same way)", check=_positive, metavar="S", group=GATES)
+        "128 tokens; the dense model exported the same way)", check=_positive, metavar="S", group=GATES, after=True)
     measure_speed: bool = option(False, "measure the speedup (as for --min-speedup) without gating on it",
-                                 group=GATES)
+                                 group=GATES, after=True)
 
     @property
     def effective_eval_data(self) -> str | None:
@@ -314,6 +320,13 @@ def _kind(annotation: str) -> type:
         if annotation.startswith(t.__name__):
             return t
     return str
+
+
+def result_options(opts: "CompileOptions") -> dict:
+    """The options a compile's reconstruction result depends on (all but the ``after`` ones):
+    what a resumable compile's journal is keyed by."""
+    after = {f.name for f in dataclasses.fields(CompileOptions) if f.metadata.get("after")}
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k not in after}
 
 
 def specs(cls=None) -> dict[str, Spec]:

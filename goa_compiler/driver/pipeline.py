@@ -28,7 +28,7 @@ import torch
 from goa_compiler.capture.decoder import CapturedDecoder, DecoderRefused, capture_decoder
 from goa_compiler.capture.torch_export import CaptureError, Captured, capture, text_config, vocab_size_of
 from goa_compiler.driver import report as reporting
-from goa_compiler.driver.options import CompileOptions, validate
+from goa_compiler.driver.options import CompileOptions, result_options, validate
 from goa_compiler.driver.passes import PassBase, PassManager, PassResult
 from goa_compiler.export.onnx import (ExportError, export_decoder, export_onnx, onnx_param_count,
                                      untranslatable_ops, verify)
@@ -37,7 +37,7 @@ from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
 from goa_compiler.prune.distributed import SINGLE, DistributedError, Ranks, from_environment
-from goa_compiler.prune.journal import Journal, compile_key, inputs_digest
+from goa_compiler.prune.journal import Journal, inputs_digest, key_of
 from goa_compiler.prune.stats_store import StatsError, StatsStore, stats_keys
 from goa_compiler.prune.criteria import ScoreSettings, removal_costs, score_units
 from goa_compiler.transform import serving
@@ -379,7 +379,7 @@ class GreedyReconstruction(PassBase):
         ranks, names = state.ranks, [s.name for s in state.analysis.structures]
         digest = inputs_digest(state.frontend.weights(), windows) if ranks.lead else ""
         if ranks.lead and state.out is not None:
-            state.journal = Journal.open(state.out, compile_key(opts, names, digest), opts.resume, progress.log)
+            state.journal = Journal.open(state.out, key_of(result_options(opts), names, digest), opts.resume, progress.log)
         keys = stats_keys(opts, settings.needs_heads, names, digest)
         load, save = _stats_stores(opts, keys, ranks, progress)
         stored = load if load is not None and _module_stats_usable(load, keys, chosen, progress) else None

@@ -20,11 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# options that change what is written or measured after the reconstruction, not its result
-_NOT_IN_KEY = {"overwrite", "eval_data", "eval_tokens", "max_ppl_increase", "max_logit_error", "min_speedup",
-               "measure_speed", "dtype", "export", "kv_cache", "resume", "save_stats", "load_stats"}
-
-
 def work_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.parent / f".{out.name}.work"
@@ -48,16 +43,11 @@ def inputs_digest(weights: dict, windows: torch.Tensor) -> str:
 
 
 def key_of(options: dict, structures: list[str], digest: str) -> str:
+    """What a module's result depends on: the options of the reconstruction
+    (driver/options.result_options), the structures found, the weights and the windows
+    (``digest``)."""
     return hashlib.sha256(json.dumps([{k: str(v) for k, v in sorted(options.items())}, structures,
                                       digest]).encode()).hexdigest()
-
-
-def compile_key(opts, structures: list[str], digest: str) -> str:
-    """What a module's result depends on: the options of the reconstruction, the structures
-    found, the weights and the windows (``digest``)."""
-    import dataclasses
-
-    return key_of({k: v for k, v in dataclasses.asdict(opts).items() if k not in _NOT_IN_KEY}, structures, digest)
 
 
 @dataclass(frozen=True)
