@@ -75,17 +75,16 @@ def test_every_expert_is_a_structure(family):
 
 
 @pytest.mark.parametrize("family,criterion,ratio,allocation", [
-    ("mixtral", "random", 0.35, "uniform"),
     ("mixtral", "magnitude", 0.5, "global"),
     ("qwen2-moe", "magnitude", 0.3, "global"),
     ("gpt-oss", "random", 0.35, "uniform"),
-    ("gpt-oss", "magnitude", 0.5, "global"),
 ])
 def test_pruned_experts_equal_zeroed_dense(tmp_path, family, criterion, ratio, allocation):
     model, vocab, kind = tiny.build(family)
     out = tmp_path / "out"
     compile_loaded(copy.deepcopy(model), kind, CompileOptions(
-        ratio=ratio, criterion=criterion, reconstruct="none", allocation=allocation, seed=3), out)
+        ratio=ratio, criterion=criterion, reconstruct="none", allocation=allocation, seed=3,
+        kv_cache=False), out)     # (cached decoding of experts: tests/test_decoder.py)
     report = json.loads((out / "report.json").read_text())
     experts = [r for r in report["modules"] if "expert" in r]
     assert len(experts) == ol.layers(model.config) * _experts(model.config)
@@ -96,6 +95,8 @@ def test_pruned_experts_equal_zeroed_dense(tmp_path, family, criterion, ratio, a
         # the experts of a layer keep different widths
         assert any(len({len(r["kept"]) for r in experts if r["layer"] == layer}) > 1
                    for layer in range(ol.layers(model.config)))
+    # model.onnx is the dense ONNX (exported once) with the plan applied, per expert
+    assert report["export"]["method"] == "rewrite", report["export"]
     ids, mask = _inputs(vocab)
     ref = ol.dense_output(ol.zeroed_dense(model, family, report["modules"]), kind, ids, mask)
     got = run_onnx(out / "model.onnx", ids.numpy(), mask.numpy())
@@ -113,7 +114,7 @@ def test_reconstruction_compiles_experts(tmp_path):
     """The default goa + refit and FLAP's bias compensation (an expert gains no bias: its
     output is scaled per token by the routing weight) both give finite, verified outputs."""
     model, vocab, kind = tiny.build("mixtral")
-    small = dict(ratio=0.3, num_samples=8, seq_len=32, seed=0)
+    small = dict(ratio=0.3, num_samples=4, seq_len=16, batch_size=4, seed=0, kv_cache=False)
     for name, opts in (("goa", CompileOptions(**small)),
                        ("flap", CompileOptions(**small, criterion="flap", reconstruct="none"))):
         out = tmp_path / name

@@ -285,7 +285,7 @@ def _export_fp32(state, path: Path, dense: bool) -> Path:
         dec = state.decoder
         res = rewrite_template(state.template, state.decoder_analysis if dec else state.analysis, state.plan,
                                state.new_weights, state.decoder_biases if dec else state.new_biases, path,
-                               _query_heads(state.opts))
+                               _query_heads(state.opts), (state.decoder_frontend if dec else state.frontend).experts)
         state.export_note = res.reason
         if res.path is not None:
             state.export_method = "rewrite"

@@ -82,9 +82,11 @@ def _signature(analysis: Analysis) -> list:
 
 
 def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights: dict, new_biases: dict,
-                     path: Path, query_heads: bool) -> TemplateResult:
+                     path: Path, query_heads: bool, experts: dict[str, int] | None = None) -> TemplateResult:
     """Apply a compile to the dense template and write ``path``; TemplateResult(None, reason)
-    when the template's structures are not the PyTorch analysis's."""
+    when the template's structures are not the PyTorch analysis's. ``experts``: the
+    parameters that are one expert's share of a mixture-of-experts layer (as capture found
+    them; the template's initializers have the parameters' names)."""
     from goa_compiler.analysis import analyze_graph
     from goa_compiler.export.onnx import fold_graph
     from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused, save_model
@@ -92,7 +94,9 @@ def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights
 
     try:
         fe = OnnxFrontend.load(template)
-        mine = analyze_graph(fe.view(), query_heads)
+        view = fe.view()
+        view.experts.update(experts or {})
+        mine = analyze_graph(view, query_heads)
     except (OnnxRefused, ValueError, KeyError) as e:
         return TemplateResult(None, f"the dense ONNX could not be read back ({e})")
     if _signature(mine) != _signature(analysis):

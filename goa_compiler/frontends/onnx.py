@@ -191,6 +191,7 @@ class OnnxFrontend:
     def __init__(self, model: ir.Model, path: Path | None = None):
         self.model = model
         self.path = path
+        self.experts: dict[str, int] = {}      # no capture split experts here (frontends/fx.py)
         self._names = (f"goa_{k}" for k in itertools.count())
         found = cache_ports(model.graph)
         self.ports: dict[str, CachePort] = found if isinstance(found, dict) else {}

@@ -359,6 +359,13 @@ def _argmax(xs, a):
     return [xs[0].argmax(a.get("axis", 0), keepdim=bool(a.get("keepdims", 1)))]
 
 
+@op("TopK")
+def _topk(xs, a):
+    values, indices = torch.topk(xs[0], int(xs[1].reshape(-1)[0]), dim=a.get("axis", -1),
+                                 largest=bool(a.get("largest", 1)), sorted=bool(a.get("sorted", 1)))
+    return [values, indices]
+
+
 @op("Gemm")
 def _gemm(xs, a):
     x, w = xs[0], xs[1]
