@@ -127,8 +127,10 @@ def _config(family: str):
         return _llama_like(MixtralConfig, heads=4, kv_heads=2, num_local_experts=4, num_experts_per_tok=2)
     if family == "qwen2-moe":
         # experts beside a shared expert whose output a sigmoid gate scales
+        # (its config names no end-of-sequence token: the others' ids)
         return _llama_like(Qwen2MoeConfig, heads=4, kv_heads=2, num_experts=4, num_experts_per_tok=2,
-                           moe_intermediate_size=64, shared_expert_intermediate_size=96)
+                           moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                           bos_token_id=1, eos_token_id=2)
     raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES + EXPERTS + list(PARTIAL))}")
 
 

@@ -104,7 +104,8 @@ def _print_analysis(summary: dict, show_all: bool):
                     f"head_dim {s['head_dim']})")
         else:
             unit = f"{s['units']} neurons"
-        print(f"  layer {s['layer']:>3} {s['kind']:<9} {unit}; {s['unit_channels']} level-2 channels/unit")
+        kind = s["kind"] if s.get("expert") is None else f"expert {s['expert']}"
+        print(f"  layer {s['layer']:>3} {kind:<9} {unit}; {s['unit_channels']} level-2 channels/unit")
         l1 = ", ".join(f"{x['param']}[{x['role']}]" for x in s["level1"] if x["role"] != "bias")
         l2 = ", ".join(x["param"] for x in s["level2"])
         print(f"        level 1: {l1}")
