@@ -92,13 +92,15 @@ class PortSlice:
 class OperandSlice:
     """A tensor the graph computes from constants and shapes alone (ALiBi's per-head biases)
     that meets a structure's channels: along ``axis`` of input ``operand`` of node ``node``,
-    unit ``u`` owns entries ``index[u]``. The rewrite reads the kept units' entries through
-    a gather there, so the tensor is computed as before and never for a new head count."""
+    unit ``u`` owns entries ``index[u]`` (``shared`` entries no unit owns: they stay). The
+    rewrite reads the kept entries through a gather there, so the tensor is computed as
+    before and never for a new head count."""
 
     node: str
     operand: int
     axis: int
     index: np.ndarray
+    shared: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ def _gather_operands(frontend, structures: list[Structure], plan: Plan) -> None:
         if len(kept) == s.units:
             continue
         for o in s.operands:
-            frontend.gather(o.node, o.operand, o.axis, np.sort(o.index[kept].reshape(-1)).tolist())
+            keep = np.concatenate([o.index[kept].reshape(-1), np.asarray(o.shared, dtype=np.int64)])
+            frontend.gather(o.node, o.operand, o.axis, np.sort(keep).tolist())
 
 
 def _slice_ports(frontend, structures: list[Structure], plan: Plan) -> dict[str, int]:
