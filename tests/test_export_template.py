@@ -41,7 +41,9 @@ def test_rewriting_the_template_equals_re_exporting(family, tmp_path):
     assert rewritten["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
 
 
-def test_the_template_is_exported_once_per_model(tmp_path):
+def test_the_template_is_exported_once_per_model(tmp_path, monkeypatch):
+    # a cache of its own: other tests write templates into the shared one meanwhile
+    monkeypatch.setenv("GOA_CACHE", str(tmp_path / "cache"))
     root = cache_root() / "onnx-templates"
     _compile("qwen2", tmp_path / "a", "rewrite")
     before = sorted(p.name for p in root.iterdir())
