@@ -123,6 +123,7 @@ def test_reconstruction_compiles_experts(tmp_path):
         assert report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
         experts = [r for r in report["modules"] if "expert" in r]
         assert experts and all(r["kept"] != list(range(r["total"])) for r in experts), name
+        assert not [b for b in json.dumps(report["new_biases"]).split('"') if ".experts." in b], report["new_biases"]
         if name == "goa":
             # each expert refit on the tokens routed to it: never worse than no reconstruction
             errors = [r["output_error"] for r in experts]
