@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from goa_compiler.capture.experts import experts_as_ffns
+from goa_compiler.capture.experts import experts_as_ffns, fused_name
 from goa_compiler.driver.pipeline import CompileOptions, analyze_model, compile_loaded
 from goa_compiler.export.checkpoint import load_pruned
 from goa_compiler.export.onnx import run_onnx
@@ -48,8 +48,8 @@ def test_per_expert_form_computes_the_routed_layer():
                 got = model(input_ids=ids).logits
             again = model(input_ids=ids).logits
         fused = {}
-        for piece in pieces.values():
-            fused.setdefault(piece.fused, set()).add(piece.expert)
+        for piece, expert in pieces.items():
+            fused.setdefault(fused_name(piece), set()).add(expert)
         # every layer's down projection (and gate/up, biases where there are) split per expert
         assert sum(name.endswith("down_proj") for name in fused) == ol.layers(model.config)
         assert all(experts == set(range(_experts(model.config))) for experts in fused.values())

@@ -35,10 +35,10 @@ SHRINK = dict(vocab_size=256, hidden_size=64, n_embd=64, d_model=64, num_hidden_
 
 def _weight(params: dict, name: str, expert: int | None):
     """A parameter of the dense model; for an expert, its share ``F[e]`` of the 3-D ``F``
-    (the graph names it ``F.e``, capture/experts.py)."""
-    if expert is None:
-        return params[name]
-    return params[name.rsplit(".", 1)[0]][expert]
+    (capture/experts.py names it)."""
+    from goa_compiler.capture.experts import fused_name
+
+    return params[name] if expert is None else params[fused_name(name)][expert]
 
 
 def tiny_config(model_type: str):

@@ -184,7 +184,7 @@ def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     geo = cache_geometry(model)
     dec = CapturedDecoder(None, geo, max_positions(model), vocab_size_of(model))
     try:
-        with torch.no_grad(), experts_as_ffns(model) as pieces:
+        with torch.no_grad(), experts_as_ffns(model, WRAPPER_PREFIX) as pieces:
             ep = torch.export.export(wrapper, dec.example(), dynamic_shapes=dec.dynamic_shapes(), strict=False)
     except DecoderRefused:
         raise
@@ -200,6 +200,6 @@ def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     dec.gm = gm
-    dec.experts = {WRAPPER_PREFIX + name: piece.expert for name, piece in pieces.items()}
+    dec.experts = pieces
     return dec
 

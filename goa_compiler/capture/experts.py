@@ -29,18 +29,24 @@ from __future__ import annotations
 
 import types
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
-class ExpertPiece:
-    """One expert's share of a 3-D parameter: ``fused[expert]``."""
+def piece_name(fused: str, expert: int) -> str:
+    """The name of expert ``expert``'s share of the 3-D parameter ``fused``."""
+    return f"{fused}.{expert}"
 
-    fused: str        # the 3-D parameter's name in the model
-    expert: int
+
+def fused_name(piece: str) -> str:
+    """The 3-D parameter an expert's share (``piece_name``) belongs to."""
+    return piece.rsplit(".", 1)[0]
+
+
+def _up_name(m: torch.nn.Module) -> str:
+    """The experts' level-1 parameter: gate and up fused, or up alone."""
+    return "gate_up_proj" if getattr(m, "has_gate", None) else "up_proj"
 
 
 def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -50,7 +56,7 @@ def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 
 
 def _splittable(m: torch.nn.Module) -> bool:
-    up = "gate_up_proj" if getattr(m, "has_gate", None) else "up_proj"
+    up = _up_name(m)
     params = m._parameters
     return (isinstance(getattr(m, "num_experts", None), int) and hasattr(m, "has_gate")
             and not getattr(m, "has_post_expert_norm", False)
@@ -63,7 +69,7 @@ def _same_function(m: torch.nn.Module, tokens: int = 4) -> bool:
     eager = getattr(type(m).forward, "__wrapped__", None)
     if eager is None:
         return False
-    up = m._parameters["gate_up_proj" if m.has_gate else "up_proj"]
+    up = m._parameters[_up_name(m)]
     hidden = m._parameters["down_proj"].shape[2 if m.is_transposed else 1]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=g).to(up.dtype)
@@ -89,7 +95,7 @@ def _split_call(m: torch.nn.Module, x, index, weights) -> torch.Tensor:
 
 
 def _names(m: torch.nn.Module) -> list[str]:
-    up = "gate_up_proj" if m.has_gate else "up_proj"
+    up = _up_name(m)
     names = [up, "down_proj"]
     if getattr(m, "has_bias", False):
         names += [f"{up}_bias", "down_proj_bias"]
@@ -97,10 +103,11 @@ def _names(m: torch.nn.Module) -> list[str]:
 
 
 @contextmanager
-def experts_as_ffns(model: torch.nn.Module):
+def experts_as_ffns(model: torch.nn.Module, prefix: str = ""):
     """Within the block, every experts module runs as one FFN per expert (module docstring).
-    Yields {piece parameter name: ExpertPiece} under the model's own names."""
-    pieces: dict[str, ExpertPiece] = {}
+    Yields {piece parameter name: its expert}, the names under the model's own with
+    ``prefix`` before them (a wrapper's)."""
+    pieces: dict[str, int] = {}
     saved = []
     for mod_name, m in experts_modules(model):
         originals = {n: m._parameters[n] for n in _names(m)}
@@ -109,8 +116,8 @@ def experts_as_ffns(model: torch.nn.Module):
             del m._parameters[n]
             setattr(m, n, torch.nn.ParameterList(
                 [torch.nn.Parameter(p[e], requires_grad=p.requires_grad) for e in range(m.num_experts)]))
-            prefix = f"{mod_name}.{n}" if mod_name else n
-            pieces.update({f"{prefix}.{e}": ExpertPiece(prefix, e) for e in range(m.num_experts)})
+            fused = prefix + (f"{mod_name}.{n}" if mod_name else n)
+            pieces.update({piece_name(fused, e): e for e in range(m.num_experts)})
         m.forward = types.MethodType(per_expert_forward, m)
         saved.append((m, originals, order))
     try:
@@ -127,9 +134,9 @@ def experts_as_ffns(model: torch.nn.Module):
 def per_expert_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                        top_k_weights: torch.Tensor) -> torch.Tensor:
     """The experts interface's forward, one FFN per expert on every token (module docstring)."""
-    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up = getattr(self, _up_name(self))
     biased = getattr(self, "has_bias", False)
-    up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if biased else None
+    up_bias = getattr(self, f"{_up_name(self)}_bias") if biased else None
     out = torch.zeros_like(hidden_states)
     for e in range(self.num_experts):
         w = (top_k_weights * (top_k_index == e).to(top_k_weights.dtype)).sum(dim=-1, keepdim=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from goa_compiler.capture.experts import ExpertPiece, experts_as_ffns
+from goa_compiler.capture.experts import experts_as_ffns
 
 
 class CaptureError(Exception):
@@ -75,13 +75,9 @@ class Captured:
     max_seq: int
     input_names: tuple[str, str]
     output_name: str
-    # graph parameters that are one expert's share of a 3-D experts parameter (capture/experts.py)
-    experts: dict[str, ExpertPiece] = field(default_factory=dict)
-
-    @property
-    def expert_of(self) -> dict[str, int]:
-        """Graph parameter -> the expert it belongs to (the analysis's ``experts``)."""
-        return {name: piece.expert for name, piece in self.experts.items()}
+    # graph parameter that is one expert's share of a 3-D experts parameter -> that expert
+    # (capture/experts.py)
+    experts: dict[str, int] = field(default_factory=dict)
 
 
 def example_inputs(vocab_size: int, batch: int = 2, seq: int = 16, seed: int = 0):
@@ -156,7 +152,7 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     while True:
         tried.append(max_seq)
         try:
-            with torch.no_grad(), experts_as_ffns(model) as pieces:
+            with torch.no_grad(), experts_as_ffns(model, WRAPPER_PREFIX) as pieces:
                 ep = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes(max_seq), strict=False)
             break
         except Exception as e:  # noqa: BLE001 - torch.export raises many kinds; the text says which
@@ -169,8 +165,7 @@ def capture(model: torch.nn.Module, kind: str = "causal-lm", vocab_size: int | N
     # exported
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name,
-                    {WRAPPER_PREFIX + name: piece for name, piece in pieces.items()})
+    return Captured(gm, example, max_seq, ("input_ids", "attention_mask"), out_name, pieces)
 
 
 def _narrower_range(message: str, max_seq: int) -> int | None:

@@ -137,7 +137,7 @@ class Capture(PassBase):
         if ops:
             raise CompileError(f"export: the ONNX exporter has no translation for {', '.join(ops)} "
                                f"(found after capture, before calibration)")
-        state.frontend = FxFrontend(state.captured.gm, experts=state.captured.expert_of)
+        state.frontend = FxFrontend(state.captured.gm, experts=state.captured.experts)
         return PassResult(self.name)
 
 
@@ -379,7 +379,8 @@ class GreedyReconstruction(PassBase):
         ranks, names = state.ranks, [s.name for s in state.analysis.structures]
         digest = inputs_digest(state.frontend.weights(), windows) if ranks.lead else ""
         if ranks.lead and state.out is not None:
-            state.journal = Journal.open(state.out, key_of(result_options(opts), names, digest), opts.resume, progress.log)
+            key = key_of(result_options(opts), names, digest)
+            state.journal = Journal.open(state.out, key, opts.resume, progress.log)
         keys = stats_keys(opts, settings.needs_heads, names, digest)
         load, save = _stats_stores(opts, keys, ranks, progress)
         stored = load if load is not None and _module_stats_usable(load, keys, chosen, progress) else None
@@ -885,7 +886,7 @@ def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions,
     """The pipeline up to the rewrite on an already captured graph (edited in place): for
     callers that capture once and prune many times (tools/bench.py), and export themselves."""
     opts = dataclasses.replace(validate(opts), export="reexport")
-    frontend = FxFrontend(captured.gm, experts=captured.expert_of)
+    frontend = FxFrontend(captured.gm, experts=captured.experts)
     state = CompileState(model, "", opts, progress, tokenizer, captured=captured, frontend=frontend,
                          analysis=analysis, shapes=frontend.param_shapes(),
                          params_before=frontend.param_count())
@@ -895,7 +896,7 @@ def prune_captured(captured: Captured, analysis: Analysis, opts: CompileOptions,
 
 def analyze_model(model: torch.nn.Module, kind: str) -> tuple[Captured, Analysis]:
     captured = capture(model, kind)
-    return captured, _analysis_or_empty(FxFrontend(captured.gm, experts=captured.expert_of))
+    return captured, _analysis_or_empty(FxFrontend(captured.gm, experts=captured.experts))
 
 
 def _analysis_or_empty(frontend, query_heads: bool = False) -> Analysis:

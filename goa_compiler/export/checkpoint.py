@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from goa_compiler.capture.decoder import cache_of
+from goa_compiler.capture.experts import fused_name
 from goa_compiler.capture.torch_export import WRAPPER_PREFIX, vocab_size_of
 
 WIDTHS_FILE = "goa_pruned.json"
@@ -76,15 +77,15 @@ def pruned_state(dense: torch.nn.Module, graph: torch.nn.Module, analysis=None, 
 
 
 def stacked_experts(mine: dict[str, torch.Tensor], analysis, plan) -> dict[str, torch.Tensor]:
-    """The 3-D experts parameters, stacked from the pruned graph's per-expert ones (``F.e``:
-    expert e's share of ``F``, capture/experts.py). The experts of a layer can keep different
+    """The 3-D experts parameters, stacked from the pruned graph's per-expert ones (each
+    expert's share of ``F``, capture/experts.py). The experts of a layer can keep different
     numbers of neurons; each is padded to the most any of them kept (rounded up to
     ``EXPERT_ALIGN``) with neurons it removed, whose weights are zero. A zero level-2 column
     adds nothing, so the stacked layer computes what the pruned graph does."""
     groups: dict[str, list] = {}
     for s in analysis.structures:
         if s.expert is not None:
-            fused = s.projections[s.level2_node].weight.rsplit(".", 1)[0]
+            fused = fused_name(s.projections[s.level2_node].weight)
             groups.setdefault(fused, []).append(s)
     out: dict[str, torch.Tensor] = {}
     for members in groups.values():
@@ -97,7 +98,7 @@ def stacked_experts(mine: dict[str, torch.Tensor], analysis, plan) -> dict[str, 
             have = kept[s.name]
             padded = sorted(have + [u for u in range(s.units) if u not in have][:most - len(have)])
             for param, t in _padded_pieces(s, mine, have, padded).items():
-                pieces.setdefault(param.rsplit(".", 1)[0], {})[s.expert] = t
+                pieces.setdefault(fused_name(param), {})[s.expert] = t
         for fused, by_expert in pieces.items():
             if sorted(by_expert) == list(range(len(by_expert))):
                 out[fused] = torch.stack([by_expert[e] for e in range(len(by_expert))])
