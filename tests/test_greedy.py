@@ -251,3 +251,55 @@ def test_block_allocation_compiles_and_each_block_loses_its_share(tmp_path):
     assert r["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
     with pytest.raises(Exception, match="--allocation block"):
         _compile("llama", tmp_path, name="x", allocation="block", criterion="wanda-sp")
+
+
+# ------------------------------------------------------------------------------ one dense pass
+
+def test_by_block_waits_for_each_block_and_keeps_the_order():
+    from goa_compiler.prune.calibration import by_block
+
+    structures, _ = _block_structures()           # attn0, ffn0, attn1, ffn1
+    decided, read = [], []
+
+    def decide(block):
+        decided.append([s.name for s, _ in block])
+        return {s.name: len(decided) for s, _ in block}
+
+    def source():
+        for s in structures:
+            read.append(s.name)
+            yield s, f"stats of {s.name}"
+
+    out = [(s.name, m, n, len(read)) for s, m, n in by_block(source(), structures, decide=decide)]
+    assert decided == [["attn0", "ffn0"], ["attn1", "ffn1"]]
+    assert [o[:3] for o in out] == [(n, f"stats of {n}", 1 + (n[-1] == "1")) for n in ("attn0", "ffn0", "attn1", "ffn1")]
+    assert [o[3] for o in out] == [2, 2, 4, 4]    # a structure leaves once its block is read, not later
+    known = list(by_block(((s, None) for s in structures), structures, counts={"ffn1": 3}))
+    assert [(s.name, n) for s, _, n in known] == [("attn0", 0), ("ffn0", 0), ("attn1", 0), ("ffn1", 3)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"allocation": "uniform", "reconstruct": "paper"}, {"allocation": "global"},
+                                {"criterion": "wanda-sp", "reconstruct": "none"}])
+def test_one_dense_pass_equals_the_loop_that_measures_the_targets(tmp_path, monkeypatch, kw):
+    """With dense module inputs and one fold (greedy.reads_dense_only) every statistic is the
+    dense model's, read in one pass (global allocation: two), with the refit targets derived
+    from the level-2 input's sums: the same units as the loop that measures the targets, the
+    same logits to float rounding."""
+    from goa_compiler.frontends.fx import FxFrontend
+    from goa_compiler.prune import greedy
+
+    streams = []
+    real_stream = FxFrontend.stream
+    monkeypatch.setattr(FxFrontend, "stream", lambda self, *a, **k: streams.append(1) or real_stream(self, *a, **k))
+    kw = {"batch_size": 2, **kw}
+    _, vocab, one = _compile("llama-gqa", tmp_path, "one", **kw)
+    passes = len(streams) / 4                     # 8 windows, 2 per batch
+    streams.clear()
+    monkeypatch.setattr(greedy, "reads_dense_only", lambda settings: False)
+    _, _, two = _compile("llama-gqa", tmp_path, "two", **kw)
+    assert passes == (2 if kw.get("allocation") == "global" else 1) and len(streams) / 4 >= passes
+    assert [m.get("kept") for m in one.report["modules"]] == [m.get("kept") for m in two.report["modules"]]
+    assert any(m.get("kept") for m in one.report["modules"])
+    ids = np.arange(40).reshape(2, 20) % vocab
+    ya, yb = (run_onnx(tmp_path / n / "model.onnx", ids) for n in ("one", "two"))
+    assert np.abs(ya - yb).max() <= 1e-4 * np.abs(yb).max()

@@ -85,13 +85,16 @@ def test_refit_prior_reaches_the_refits_and_the_report(tmp_path):
     from goa_compiler.driver.pipeline import compile_loaded
 
     model, _, kind = tiny.build("llama-gqa")
-    errs = {}
+    errs, level1 = {}, {}
     for prior in ("zero", "original"):
         res = compile_loaded(copy.deepcopy(model), kind, CompileOptions(
-            ratio=0.3, num_samples=4, seq_len=32, ridge=5.0, refit_prior=prior), tmp_path / prior,
-            tokenizer=tiny.byte_tokenizer())
+            ratio=0.3, num_samples=4, seq_len=32, ridge=5.0, refit_prior=prior, module_inputs="pruned"),
+            tmp_path / prior, tokenizer=tiny.byte_tokenizer())
         assert res.report["refit_prior"] == prior
-        errs[prior] = [m["level1_error"]["after"] for m in res.report["modules"] if "level1_error" in m]
-    # a strong ridge toward zero shrinks the level-1 refit (the guard then keeps the original:
-    # after == before); toward the original weights it can only move as far as the data says
-    assert errs["zero"] != errs["original"]
+        modules = res.report["modules"]
+        errs[prior] = [m["output_error"]["final"] for m in modules if "output_error" in m]
+        level1[prior] = [m["level1_error"]["after"] for m in modules if "level1_error" in m]
+    # a strong ridge toward zero shrinks the refits; toward the original weights they can
+    # only move as far as the data says: different errors, level 1 and level 2
+    assert len(errs["zero"]) == len(errs["original"]) > 0 and errs["zero"] != errs["original"]
+    assert len(level1["zero"]) == len(level1["original"]) > 0 and level1["zero"] != level1["original"]

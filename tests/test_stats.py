@@ -81,6 +81,25 @@ def test_cross_moments_streaming_and_merge():
     torch.testing.assert_close(a.yy, (Y ** 2).sum())
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_equals_the_measured_pairs(bias):
+    """The sums of (x, W x + b) from the sums of x alone equal the ones CrossMoments measures."""
+    from goa_compiler.prune.stats import linear_cross
+
+    xs, _ = _batches(2)
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(3, 5, generator=g, dtype=F64)
+    b = torch.randn(3, generator=g, dtype=F64) if bias else None
+    measured, m = CrossMoments(), Moments(True)
+    for x in xs:
+        y = x.to(F64) @ W.T + (b if bias else 0.0)
+        measured.update(x, y)
+        m.update(x)
+    derived = linear_cross(m, W, b)
+    for name in ("n", "sx", "sy", "xtx", "xty", "yy"):
+        torch.testing.assert_close(getattr(derived, name), getattr(measured, name), rtol=1e-10, atol=1e-10)
+
+
 def _js_loop(p, q):
     s = 0.0
     for pk, qk in zip(p, q):

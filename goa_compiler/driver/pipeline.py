@@ -383,16 +383,27 @@ class GreedyReconstruction(PassBase):
             state.journal = Journal.open(state.out, key, opts.resume, progress.log)
         keys = stats_keys(opts, settings.needs_heads, names, digest)
         load, save = _stats_stores(opts, keys, ranks, progress)
-        stored = load if load is not None and _module_stats_usable(load, keys, chosen, progress) else None
+        # one pass of the dense model gives every statistic (greedy.reads_dense_only)
+        dense_only = greedy.reads_dense_only(settings) and not (opts.load_stats and ranks.active)
+        if dense_only:
+            stored = load if load is not None and load.has_allocation([s.name for s in chosen]) else None
+        else:
+            stored = load if load is not None and _module_stats_usable(load, keys, chosen, progress) else None
         saved = ranks.share_object(state.journal.read_counts() if state.journal else None)
         if saved is not None:
             counts, rng = saved["counts"], _generator(saved["rng"])
-        elif opts.allocation in ("global", "block"):
+        elif opts.allocation == "global" or (opts.allocation == "block" and not dense_only):
             counts = _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save)
-        if state.journal is not None and saved is None:
+        elif opts.allocation == "block":
+            counts = None       # each block's, from its statistics as the one pass reads them
+        if state.journal is not None and saved is None and counts is not None:
             state.journal.write_counts({"counts": counts, "rng": rng.bit_generator.state})
+        dense = None
+        if dense_only:     # (global allocation's pass has kept the statistics already)
+            dense = _dense_statistics(state, chosen, feeds, settings, rng, ratio, stored,
+                                      save if opts.allocation != "global" else None, counts)
         run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress, ranks, shard.start,
-                         state.journal, stored, save)
+                         state.journal, stored, save, dense)
         state.plan = allocation.plan_of(run.kept)
         state.scores, state.records = run.scores, run.records
         state.new_weights, state.new_biases = run.overrides, run.new_biases
@@ -404,6 +415,37 @@ class GreedyReconstruction(PassBase):
         return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
                                             "new_biases": run.new_biases, "module_inputs": opts.module_inputs,
                                             "refit_prior": opts.refit_prior, "ridge_folds": opts.ridge_folds})
+
+
+def _dense_statistics(state, chosen, feeds, settings, rng, ratio, stored, save, counts):
+    """greedy.run's one pass when every statistic is the dense model's (reads_dense_only):
+    ``(structure, statistics, units to drop)``, the statistics measured (or read from
+    ``stored``, --load-stats: then no stream runs) and kept (--save-stats) as the allocation
+    pass's; with block allocation (``counts`` None) each block's counts from its own
+    statistics."""
+    if stored is not None:
+        source = ((s, stored.read_allocation(s.name)) for s in chosen)
+    else:
+        source = calibration.dense_stats(state.frontend, chosen, feeds, settings.needs_heads, None, state.ranks)
+    if save is not None:
+        source = _saving(source, save)
+    if counts is not None:
+        return calibration.by_block(source, chosen, counts)
+    weights = state.frontend.weights()
+
+    def decide(block):
+        costs = {s.name: removal_costs(state.opts.criterion, settings.score, s.kind,
+                                       score_units(state.opts.criterion, s, weights, m, rng, settings.score))
+                 for s, m in block}
+        return allocation.block_counts([s for s, _ in block], costs, ratio, state.shapes)
+
+    return calibration.by_block(source, chosen, decide=decide)
+
+
+def _saving(source, save):
+    for s, m in source:
+        save.write_allocation(s.name, m)
+        yield s, m
 
 
 def _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save) -> dict[str, int]:

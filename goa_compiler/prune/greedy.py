@@ -19,7 +19,11 @@ and the model pruned so far. For each structure in graph order, named steps over
    as removing the units), which then continues into the next structure.
 
 A compile therefore costs one forward pass of each stream (plus one dense pass for global
-allocation), whatever the number of modules.
+allocation), whatever the number of modules. When every statistic is the dense model's
+(``reads_dense_only``: dense module inputs, no bias gained on the way, one fold), the
+refit targets follow from the level-2 input's sums and level 1 keeps its weights:
+``prune_dense`` runs steps 4-7 from the statistics of one dense pass, which the pipeline
+also allocates from (docs/method.md §3).
 
 Around the steps: under torchrun every statistic is summed over the ranks and rank 0's
 result of each module is broadcast (``share_module``, prune/distributed.py); each module's
@@ -30,26 +34,23 @@ collection steps (--load-stats, prune/stats_store.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from goa_compiler.ir.structure import Structure
 from goa_compiler.prune.allocation import drop_lowest
-from goa_compiler.prune.calibration import attention_probs
+from goa_compiler.prune.calibration import attention_probs, check_finite
 from goa_compiler.prune.criteria import (REGISTRY, ModuleStats, ScoreSettings, flap_bias_compensation, gains_bias,
                                         score_units)
 from goa_compiler.prune.distributed import SINGLE, Ranks, reduce_stats
 from goa_compiler.prune.journal import Journal, ModuleResult
 from goa_compiler.prune.stats_store import StatsStore
 from goa_compiler.prune.lstsq import output_error, refit_linear, restrict, validated_ridge
-from goa_compiler.prune.stats import FoldedCross, HeadSimilarity, Moments
+from goa_compiler.prune.stats import FoldedCross, HeadSimilarity, Moments, linear_cross
 
 F64 = torch.float64
-
-
-class CalibrationError(Exception):
-    """Calibration produced non-finite activations (names the module)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class Level2:
     h: Moments                   # of the level-2 input h^
     cross: FoldedCross | None    # (h^, dense level-2 output) with a dense stream
     heads: HeadSimilarity | None
+    own_targets: bool = False    # the targets are this projection's own outputs on h^ (dense statistics)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ class Level2Weights:
 def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, settings: GreedySettings,
         rng: np.random.Generator, progress, ranks: Ranks = SINGLE, first_window: int = 0,
         journal: Journal | None = None, stored: StatsStore | None = None,
-        save: StatsStore | None = None) -> GreedyState:
+        save: StatsStore | None = None, dense: Iterator | None = None) -> GreedyState:
     """Every structure through steps 1-7; returns the final state (its ``overrides`` are
     the new full-size weights, ``kept`` the units kept where any were dropped). With
     several ``ranks``, ``feeds`` are this rank's batches (its first window is number
@@ -131,7 +133,12 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
     module is every rank's. With a ``journal`` (rank 0's), each module's result is written
     to it, and the modules it already holds are read back instead of computed. ``stored``
     (rank 0's): every module's statistics, measured by an earlier compile: no calibration
-    pass runs. ``save``: where each module's statistics are written."""
+    pass runs. ``save``: where each module's statistics are written. ``dense`` (when
+    ``reads_dense_only(settings)``): ``(structure, dense statistics, units to drop)`` for
+    every structure in order (calibration.by_block); no stream runs here, and ``counts``
+    is not read."""
+    if dense is not None:
+        return _run_dense(frontend, structures, dense, settings, rng, progress, ranks, journal)
     pins: set[str] = set()
     still_needed: list[set[str]] = []       # probes of the structures after each one
     for s in reversed(structures):
@@ -168,6 +175,46 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
     return state
 
 
+def reads_dense_only(settings: GreedySettings) -> bool:
+    """Every statistic a module needs is one of the dense model's: the second stream would
+    compute what the dense one does (``_same_streams``), and one fold. Then the targets of
+    every refit are the dense model's own projections of the dense inputs, so (sums of
+    prune/stats.linear_cross) the Moments of each module's two inputs are all it needs, and
+    level 1 is left as it is: its refit against its own outputs returns the original."""
+    return _same_streams(settings) and settings.folds == 1
+
+
+def _run_dense(frontend, structures: list[Structure], dense: Iterator, settings: GreedySettings,
+               rng: np.random.Generator, progress, ranks: Ranks, journal: Journal | None) -> GreedyState:
+    state = GreedyState(orig=frontend.weights(), dense=[], pruned=[], ranks=ranks)
+    finished = ranks.share_object(journal.finished() if journal is not None else 0)
+    for i, (s, m, n_drop) in enumerate(progress.iter(dense, "modules", total=len(structures))):
+        if s.name != structures[i].name:
+            raise ValueError(f"dense statistics of {s.name} where {structures[i].name} was expected")
+        if i < finished:
+            resume_module(state, s, journal.read(i) if journal is not None else None, rng)
+            continue
+        prune_dense(state, s, m, n_drop, settings, rng)
+        share_module(state, s)
+        if journal is not None:
+            journal.write(i, module_result(state, s, rng))
+    return state
+
+
+def prune_dense(state: GreedyState, s: Structure, m: ModuleStats, n_drop: int, settings: GreedySettings,
+                rng: np.random.Generator) -> None:
+    """Steps 4-7 of module ``s`` from the dense model's statistics ``m`` (``reads_dense_only``):
+    the level-2 targets are the original level-2 projection of the level-2 input."""
+    recon = settings.reconstruct if (state.diverged or n_drop > 0) else "none"
+    cross = None
+    if settings.reconstruct in ("paper", "refit"):
+        p = s.projections[s.level2_node]
+        cross = FoldedCross.of(linear_cross(m.h, _as_out_in(state.orig[p.weight], p.out_axis),
+                                            _bias(state.orig, p.bias)))
+    _select_and_refit(state, s, Level1(m.x, None), Level2(m.h, cross, m.heads, own_targets=True), n_drop, recon, settings,
+                      rng, {})
+
+
 def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: GreedySettings,
                  rng: np.random.Generator) -> None:
     # until something upstream is pruned the two streams agree: a module that loses
@@ -191,6 +238,12 @@ def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: Greedy
     l2 = Level2(*stored[2:]) if stored is not None else collect_level2(state, s, settings.needs_heads, settings.folds)
     if state.save is not None and state.ranks.lead:
         state.save.write_module(s.name, l1.x, l1.joint, l2.h, l2.cross, l2.heads)
+    _select_and_refit(state, s, l1, l2, n_drop, recon, settings, rng, rec)
+
+
+def _select_and_refit(state: GreedyState, s: Structure, l1: Level1, l2: Level2, n_drop: int, recon: str,
+                      settings: GreedySettings, rng: np.random.Generator, rec: dict) -> None:
+    """Steps 4-7: the all-channel refit, scores, selection, the kept-channel refit, commit."""
     w = refit_level2_all(state, s, l2, recon, settings, rec)
     weights = {k: state.current(k) for k in {sl.param for sl in s.slices}}
     stats = ModuleStats(l1.x, l2.h, l2.heads)
@@ -221,10 +274,10 @@ def collect_level1(state: GreedyState, s: Structure, refit: bool, folds: int = 1
     xm = Moments(full=True)
     for k, p in enumerate(state.pruned):
         x = p.value(s.probes.level1_input)
-        _check_finite(x, s, "level-1 input")
+        check_finite(x, s, "level-1 input")
         if joint is not None:
             y = torch.cat([state.dense[k].value(n) for n in s.level1_nodes], dim=-1)
-            _check_finite(y, s, "level-1 output (dense model)")
+            check_finite(y, s, "level-1 output (dense model)")
             joint.update(x, y)
         else:
             xm.update(x)
@@ -278,10 +331,10 @@ def collect_level2(state: GreedyState, s: Structure, needs_heads: bool, folds: i
         p.run_until(s.probes.level2_input)
         p.hooks.pop(s.probes.attention, None)
         h = p.value(s.probes.level2_input)
-        _check_finite(h, s, "level-2 input")
+        check_finite(h, s, "level-2 input")
         if cross is not None:
             y = state.dense[k].value(s.level2_node)
-            _check_finite(y, s, "level-2 output (dense model)")
+            check_finite(y, s, "level-2 output (dense model)")
             cross.update(h, y)
         else:
             hm.update(h)
@@ -299,8 +352,8 @@ def refit_level2_all(state: GreedyState, s: Structure, l2: Level2, recon: str,
     p = s.projections[s.level2_node]
     W_orig = _as_out_in(state.current(p.weight), p.out_axis)
     b_orig = _bias(state.overrides, p.bias) if p.bias in state.overrides else _bias(state.orig, p.bias)
-    if recon not in ("paper", "refit"):
-        return Level2Weights(W_orig, b_orig, W_orig, b_orig)
+    if recon not in ("paper", "refit") or (l2.own_targets and settings.refit_prior == "original"):
+        return Level2Weights(W_orig, b_orig, W_orig, b_orig)     # (a refit toward W on W's own outputs is W)
     W, b, ridge = solve(l2.cross, p.bias is not None, settings.prior(W_orig), settings)
     if settings.folds > 1:
         rec["level2_ridge"] = ridge
@@ -478,22 +531,6 @@ def _pins(s: Structure) -> set[str]:
     if s.probes.attention:
         names.add(s.probes.attention)
     return names
-
-
-def _check_finite(t: torch.Tensor, s: Structure, what: str):
-    if not torch.isfinite(t).all():
-        raise CalibrationError(f"non-finite activations at the {what} of {s.name} "
-                               f"({_module_path(s)}); the model or the calibration data is broken")
-
-
-def _module_path(s: Structure) -> str:
-    """The model's own name for the structure's module (e.g. model.layers.1.mlp), from the
-    level-2 weight's name; the graph node when that name has no module part."""
-    weight = s.projections[s.level2_node].weight
-    if weight.startswith("model."):      # capture wraps the model as "model"
-        weight = weight[len("model."):]
-    parts = weight.split(".")
-    return ".".join(parts[:-2]) if len(parts) > 2 else s.level2_node
 
 
 def _joint_weights(s: Structure, nodes: list[str], table) -> tuple[torch.Tensor, torch.Tensor | None]:

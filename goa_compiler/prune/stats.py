@@ -153,6 +153,30 @@ class CrossMoments:
         return 0 if self.n is None else int(self.n.item())
 
 
+def linear_cross(x: Moments, W: torch.Tensor, b: torch.Tensor | None = None) -> CrossMoments:
+    """The sums of the pairs (x, y = W x + b), from the sums of x alone (``W`` [dy, dx]):
+
+        sy = W s + n b,   X^T Y = G W^T + s b^T,   sum ||y||^2 = tr(W G W^T) + 2 b.(W s) + n ||b||^2
+
+    with G = X^T X and s = X^T 1. When the targets of a least-squares problem are a linear
+    map of its inputs (the dense model's own projection on the dense model's inputs), this
+    is exactly the CrossMoments that ``update`` would sum, without the second product."""
+    if x.n is None or not x.full:
+        raise ValueError("linear_cross needs full Moments with samples")
+    W = W.to(device=x.gram.device, dtype=F64)
+    out = CrossMoments()
+    out.n, out.sx, out.xtx = x.n.clone(), x.s.clone(), x.gram.clone()
+    out.sy = W @ x.s
+    out.xty = x.gram @ W.T
+    out.yy = (W * (W @ x.gram)).sum()
+    if b is not None:
+        b = b.to(device=x.gram.device, dtype=F64)
+        out.yy = out.yy + 2.0 * (b @ out.sy) + x.n * (b @ b)
+        out.sy = out.sy + x.n * b
+        out.xty = out.xty + torch.outer(x.s, b)
+    return out
+
+
 class FoldedCross:
     """CrossMoments split into ``k`` folds by calibration window, for choosing a ridge by
     held-out error (lstsq.validated_ridge): window w (counted over every update, along the
@@ -167,6 +191,13 @@ class FoldedCross:
         self.folds = [CrossMoments() for _ in range(k)]
         self.windows = start
         self._total: CrossMoments | None = None
+
+    @classmethod
+    def of(cls, cross: CrossMoments) -> "FoldedCross":
+        """One fold holding ``cross`` (statistics that were not measured window by window)."""
+        f = cls(1)
+        f.folds[0] = cross
+        return f
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         k, b = len(self.folds), x.shape[0]

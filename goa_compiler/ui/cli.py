@@ -44,7 +44,7 @@ def _user_errors():
     from goa_compiler.data import DataError
     from goa_compiler.measure.eval import ModelRunError
     from goa_compiler.ui.output import OutputError
-    from goa_compiler.prune.greedy import CalibrationError
+    from goa_compiler.prune.calibration import CalibrationError
     from goa_compiler.prune.allocation import SelectionError
     from goa_compiler.driver.pipeline import CompileError
 
