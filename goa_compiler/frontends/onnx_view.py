@@ -18,6 +18,7 @@ sequence length is that symbol (or their product), any other a symbol of its own
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -198,13 +199,24 @@ def dims_from_runs(shapes: list[tuple], sizes: list[dict[str, int]], name: str) 
 
 
 def _fit(ds, sizes):
-    names = sorted(sizes[0])
-    candidates = [sympy.Symbol(n) for n in names]
-    candidates += [sympy.Symbol(a) * sympy.Symbol(b) for i, a in enumerate(names) for b in names[i:]]
-    candidates += [sympy.Symbol(a) + sympy.Symbol(b) for i, a in enumerate(names) for b in names[i + 1:]]
-    for c in candidates:
-        if all(int(c.subs({sympy.Symbol(k): v for k, v in s.items()})) == d for s, d in zip(sizes, ds)):
-            return c
+    """The first of: a size symbol, a product of two, a sum of two different ones, whose value
+    in every run is that run's dimension (None if none is)."""
+    return _fit_runs(tuple(int(d) for d in ds), tuple(tuple(sorted(s.items())) for s in sizes))
+
+
+@functools.lru_cache(maxsize=4096)
+def _fit_runs(ds: tuple, sizes: tuple):
+    names = [k for k, _ in sizes[0]]
+    runs = [dict(s) for s in sizes]
+    candidates = [((a,), "") for a in names]
+    candidates += [((a, b), "*") for i, a in enumerate(names) for b in names[i:]]
+    candidates += [((a, b), "+") for i, a in enumerate(names) for b in names[i + 1:]]
+    for terms, op in candidates:        # checked on plain integers; the expression only for the match
+        value = (lambda r: r[terms[0]]) if not op else \
+            (lambda r: r[terms[0]] * r[terms[1]]) if op == "*" else (lambda r: r[terms[0]] + r[terms[1]])
+        if all(value(r) == d for r, d in zip(runs, ds)):
+            syms = [sympy.Symbol(t) for t in terms]
+            return syms[0] if not op else syms[0] * syms[1] if op == "*" else syms[0] + syms[1]
     return None
 
 
