@@ -168,7 +168,7 @@ def linear_cross(x: Moments, W: torch.Tensor, b: torch.Tensor | None = None) -> 
     out.n, out.sx, out.xtx = x.n.clone(), x.s.clone(), x.gram.clone()
     out.sy = W @ x.s
     out.xty = x.gram @ W.T
-    out.yy = (W * (W @ x.gram)).sum()
+    out.yy = (W.T * out.xty).sum()          # tr(W G W^T), from G W^T
     if b is not None:
         b = b.to(device=x.gram.device, dtype=F64)
         out.yy = out.yy + 2.0 * (b @ out.sy) + x.n * (b @ b)
