@@ -544,7 +544,9 @@ def cost(ctx: Context):
     for name, a, b in progress.spans:
         phases.append({"phase": name, "seconds": b - a, "x_floor": (b - a) / floor,
                        "peak_rss_mib": sampler.peak(a, b) / 2**20})
-    data = {"setup": {"model": ctx.loaded.source, "compile": f"goa + refit, ratio {COST_RATIO}, uniform",
+    data = {"setup": {"model": ctx.loaded.source,
+                      "compile": f"goa + refit, ratio {COST_RATIO}, {result.report.get('allocation')} allocation "
+                                 f"(the defaults)",
                       "calibration_tokens": int(ctx.calib_windows.numel()),
                       "floor": f"one dense forward pass (PyTorch, batch {args.batch_size}) over the same "
                                f"{ctx.calib_windows.numel()} calibration tokens, median of 3",
