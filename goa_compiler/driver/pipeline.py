@@ -151,7 +151,11 @@ class Analyze(PassBase):
         state.analysis = _analysis(state.frontend, _query_heads(state.opts))
         state.shapes = state.frontend.param_shapes()
         state.params_before = state.frontend.param_count()
-        return PassResult(self.name)
+        lowered = getattr(state.frontend, "lowered", None)      # (an ONNX input's fused ops, onnx_lower.py)
+        if lowered:
+            state.progress.log("fused ops rewritten as standard ONNX: " +
+                               ", ".join(f"{n} x {op}" for op, n in sorted(lowered.items())))
+        return PassResult(self.name, report={"lowered_ops": dict(lowered)} if lowered else {})
 
     def ensures(self, state, result):
         names = [s.name for s in state.analysis.structures]
@@ -531,6 +535,10 @@ class DenseTemplate(PassBase):
             state.template = cached_template(cache_root() / "onnx-templates", template_key(gm, form), export)
         except ExportError as e:
             raise CompileError(f"export: {e}") from e
+        except OSError as e:       # the cache is an optimisation: a cache that cannot be written is not an error
+            state.export_note = f"the dense template could not be cached ({e.strerror or e})"
+            state.progress.log(f"dense template: {state.export_note}; the pruned graph will be exported")
+            return PassResult(self.name, False)
         return PassResult(self.name)
 
 
@@ -679,10 +687,10 @@ def _onnx_serving(name: str, state) -> PassResult:
 
     dense, pruned = _onnx_layers(state.onnx_cache), _onnx_layers(state.frontend.cache_geometry())
     itemsize = 2 if state.opts.dtype == "fp16" else 4
-    if dense is None or not {"attention_mask", "position_ids"} <= set(state.frontend.input_names):
+    if dense is None or "attention_mask" not in state.frontend.input_names:
         return PassResult(name, False, {"decoder": {
             "kv_cache": True, "genai": "no genai_config.json: the cache inputs are not named past_key_values.N.key "
-                                       "/ .value beside attention_mask and position_ids"}})
+                                       "/ .value beside attention_mask"}})
     tok = state.tokenizer
     limit = getattr(tok, "model_max_length", None)
     heads = [s.heads for s in state.analysis.structures if s.heads]
@@ -691,7 +699,8 @@ def _onnx_serving(name: str, state) -> PassResult:
         hidden_size=state.frontend.hidden_size, attention_heads=max(heads, default=0), vocab_size=state.vocab_size,
         context_length=int(limit) if limit and limit < 1_000_000 else 4096,
         bos_token_id=getattr(tok, "bos_token_id", None), eos_token_id=getattr(tok, "eos_token_id", None),
-        pad_token_id=getattr(tok, "pad_token_id", None))
+        pad_token_id=getattr(tok, "pad_token_id", None),
+        position_ids="position_ids" in state.frontend.input_names)
     write_json(state.staging / "genai_config.json", genai_config(facts))
     files = ["genai_config.json"]
     if tok is not None and hasattr(tok, "save_pretrained"):

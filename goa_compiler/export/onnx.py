@@ -230,7 +230,7 @@ def run_onnx(path: str | os.PathLike, input_ids: np.ndarray, attention_mask: np.
     from goa_compiler.serve.feeds import full_feeds, signature
 
     sess = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
-    return sess.run(None, full_feeds(signature(sess), input_ids, attention_mask))[0]
+    return sess.run(None, full_feeds(signature(sess, path), input_ids, attention_mask))[0]
 
 
 def verify(path, gm: torch.nn.Module, input_ids: torch.Tensor, attention_mask=None) -> float:
@@ -246,7 +246,7 @@ def verify(path, gm: torch.nn.Module, input_ids: torch.Tensor, attention_mask=No
     with torch.no_grad():
         ref = gm(input_ids, mask).float().numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    sig = signature(sess)
+    sig = signature(sess, path)
     ids, m = input_ids.numpy(), mask.numpy()
     if not sig.cached:
         out = sess.run(None, full_feeds(sig, ids, m))[0]
@@ -254,6 +254,6 @@ def verify(path, gm: torch.nn.Module, input_ids: torch.Tensor, attention_mask=No
         names = [o.name for o in sess.get_outputs()]
         cut = max(1, 2 * ids.shape[1] // 3)
         first = sess.run(None, full_feeds(sig, ids[:, :cut], m[:, :cut]))
-        second = sess.run(None, step_feeds(ids[:, cut:], m, next_past(sig, names, first)))
+        second = sess.run(None, step_feeds(ids[:, cut:], m, next_past(sig, names, first), sig.inputs))
         out = np.concatenate([first[0], second[0]], axis=1)
     return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from goa_compiler.frontends import onnx_ops
+from goa_compiler.frontends import onnx_lower, onnx_ops
 from goa_compiler.frontends.base import StreamPositions
 from goa_compiler.frontends.onnx_view import Constants, IntTracer, ViewBuilder, attrs_of, dims_from_runs
 from goa_compiler.ir.graph import Graph, Port
@@ -192,6 +192,7 @@ class OnnxFrontend:
         self.model = model
         self.path = path
         self.experts: dict[str, int] = {}      # no capture split experts here (frontends/fx.py)
+        self.lowered: dict[str, int] = {}      # fused contrib ops rewritten at load, per op (onnx_lower.py)
         self._names = (f"goa_{k}" for k in itertools.count())
         found = cache_ports(model.graph)
         self.ports: dict[str, CachePort] = found if isinstance(found, dict) else {}
@@ -206,6 +207,10 @@ class OnnxFrontend:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise OnnxRefused(f"corrupt or unreadable ONNX file ({first})") from None
         _name_nodes(model.graph)
+        try:
+            lowered = onnx_lower.lower(model)      # fused contrib ops as the standard ops they compute
+        except onnx_lower.LoweringRefused as e:
+            raise OnnxRefused(str(e)) from None
         unknown = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph
                           if n.op_type not in onnx_ops.OPS and n.op_type != "Constant"})
         if unknown:
@@ -218,7 +223,9 @@ class OnnxFrontend:
             raise OnnxRefused(ports)
         if "input_ids" not in [v.name for v in model.graph.inputs]:
             raise OnnxRefused("the graph has no input_ids input")
-        return cls(model, Path(path))
+        fe = cls(model, Path(path))
+        fe.lowered = dict(lowered)
+        return fe
 
     # -- state derived from the model (rebuilt after edits)
     def _refresh(self):
@@ -347,8 +354,17 @@ class OnnxFrontend:
 
         with _quiet_progress():
             sess = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
-        run = lambda feed: sess.run(None, {k: v.numpy() for k, v in feed.items()})  # noqa: E731
-        feed = self.feed(2, 7, seed=3)
+
+        def run(feed):
+            try:
+                return sess.run(None, {k: v.numpy() for k, v in feed.items()})
+            except Exception as e:  # noqa: BLE001 - onnxruntime's own refusal of the input graph
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise OnnxRefused(f"onnxruntime cannot run the graph on a check batch ({first})") from None
+
+        # onnxruntime's GroupQueryAttention takes several new tokens after a cache in batches of one only
+        step = 1 if "GroupQueryAttention" in self.lowered else 7
+        feed = self.feed(2, step, seed=3)
         if self.ports:
             first = dict(zip((o.name for o in sess.get_outputs()), run(self.feed(2, 4, seed=4))))
             past = {p.input: torch.from_numpy(first[p.output]) for p in self.ports.values()}

@@ -53,7 +53,7 @@ def perplexity_onnx(path, windows: torch.Tensor, batch_size: int = 8, providers=
 
     session = onnx_session(path, providers)
     try:
-        sig = signature(session)
+        sig = signature(session, path)
     except SignatureError as e:
         raise ModelRunError(f"{path}: {e}") from e
     outs = session.get_outputs()
@@ -85,20 +85,22 @@ def perplexity_onnx(path, windows: torch.Tensor, batch_size: int = 8, providers=
 
 
 def onnx_session(path, providers=None):
-    """An onnxruntime session on ``path``; a file that onnx cannot parse and check, or that
-    onnxruntime cannot load, raises ModelRunError."""
+    """An onnxruntime session on ``path``; a file that onnxruntime cannot load raises
+    ModelRunError, saying "corrupt or unreadable" when onnx cannot parse and check it either
+    (the checker alone is not the judge: it rejects onnxruntime's own ops in the default
+    domain, such as SimplifiedLayerNormalization, which onnxruntime-genai's models use)."""
     import onnx
     import onnxruntime as ort
 
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as e:  # noqa: BLE001 - parse and checker errors have no common base class
-        raise ModelRunError(f"{path}: corrupt or unreadable ONNX file ({_one_line(e)})") from e
     options = ort.SessionOptions()
     options.log_severity_level = 4   # errors are raised (and reported as one line) here, not logged
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as bad:  # noqa: BLE001 - parse and checker errors have no common base class
+            raise ModelRunError(f"{path}: corrupt or unreadable ONNX file ({_one_line(bad)})") from bad
         raise ModelRunError(f"{path}: onnxruntime cannot load the model ({_one_line(e)})") from e
 
 

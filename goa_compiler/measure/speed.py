@@ -37,14 +37,14 @@ def session(path: str | os.PathLike, providers=None, threads: int | None = None)
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
-def feeds_for(sess, batch: int, seq_len: int, vocab_size: int | None, seed: int = 0) -> dict:
+def feeds_for(sess, batch: int, seq_len: int, vocab_size: int | None, seed: int = 0, path=None) -> dict:
     """Random tokens for one forward over [batch, seq_len] (a KV-cache decoder: the prefill)."""
     from goa_compiler.serve.feeds import full_feeds, signature
 
     rng = np.random.default_rng(seed)
     high = min(int(vocab_size), 1000) if vocab_size else 100
     ids = rng.integers(0, high, size=(batch, seq_len), dtype=np.int64)
-    return full_feeds(signature(sess), ids)
+    return full_feeds(signature(sess, path), ids)
 
 
 def onnx_latency(path: str | os.PathLike, *, batch: int = 1, seq_len: int = PREFILL_SEQ, reps: int = 20,
@@ -52,7 +52,7 @@ def onnx_latency(path: str | os.PathLike, *, batch: int = 1, seq_len: int = PREF
                  threads: int | None = None, sess=None) -> dict:
     """Median wall time of one run of the model on [batch, seq_len] tokens, in milliseconds."""
     sess = sess or session(path, providers, threads)
-    feeds = feeds_for(sess, batch, seq_len, vocab_size)
+    feeds = feeds_for(sess, batch, seq_len, vocab_size, path=path)
     for _ in range(warmup):
         sess.run(None, feeds)
     times = []

@@ -53,8 +53,10 @@ class Signature:
         return int(sum(p.heads * p.dim * np.dtype(p.dtype).itemsize for p in self.past))
 
 
-def signature(sess) -> Signature:
-    """Read the inputs of an onnxruntime session; SignatureError for anything else."""
+def signature(sess, path=None) -> Signature:
+    """Read the inputs of an onnxruntime session; SignatureError for anything else. Cache
+    inputs whose heads or head size are symbols (onnxruntime-genai's model builder names the
+    head size ``kv_cache_dim``) take them from the genai_config.json beside ``path``."""
     names = tuple(i.name for i in sess.get_inputs())
     past = []
     for i in sess.get_inputs():
@@ -63,15 +65,33 @@ def signature(sess) -> Signature:
             if i.name not in TOKEN_INPUTS:
                 raise SignatureError(f"unexpected model input {i.name!r} (inputs: {', '.join(names)})")
             continue
-        heads, dim = i.shape[1], i.shape[3]
+        heads, dim = (i.shape[1], i.shape[3]) if len(i.shape) == 4 else (None, None)
+        if len(i.shape) == 4 and not (isinstance(heads, int) and isinstance(dim, int)):
+            heads, dim = _from_genai_config(path, heads, dim)
         if not (isinstance(heads, int) and isinstance(dim, int)) or len(i.shape) != 4:
             raise SignatureError(f"input {i.name} has no static heads and head size: {i.shape}")
         past.append(PastInput(i.name, int(m.group(1)), m.group(2), heads, dim, _NUMPY.get(i.type, np.float32)))
     if "input_ids" not in names:
         raise SignatureError(f"the model has no input_ids (inputs: {', '.join(names)})")
-    if past and not {"attention_mask", "position_ids"} <= set(names):
-        raise SignatureError("a KV-cache model needs attention_mask and position_ids inputs")
+    if past and "attention_mask" not in names:
+        raise SignatureError("a KV-cache model needs an attention_mask input")
     return Signature(names, tuple(past))
+
+
+def _from_genai_config(path, heads, dim):
+    """(heads, head size): the static ones as given, the symbolic ones from the decoder section
+    of genai_config.json beside the model ``path`` (unchanged when there is none)."""
+    import json
+    from pathlib import Path
+
+    if path is None or not (Path(path).parent / "genai_config.json").is_file():
+        return heads, dim
+    try:
+        dec = json.loads((Path(path).parent / "genai_config.json").read_text())["model"]["decoder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return heads, dim
+    return (heads if isinstance(heads, int) else dec.get("num_key_value_heads"),
+            dim if isinstance(dim, int) else dec.get("head_size"))
 
 
 def positions(mask: np.ndarray, past: int = 0) -> np.ndarray:
@@ -98,12 +118,16 @@ def full_feeds(sig: Signature, ids: np.ndarray, mask: np.ndarray | None = None) 
     return feeds
 
 
-def step_feeds(ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]) -> dict:
+def step_feeds(ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray], inputs=("position_ids",)) -> dict:
     """Feeds for the next ``ids`` [batch, n] after a cache of ``past`` tokens; ``mask`` covers
-    past and new tokens."""
+    past and new tokens; position_ids when ``inputs`` (the model's) has it (a graph without
+    it counts positions from its cache)."""
     length = next(iter(past.values())).shape[2] if past else 0
-    return {"input_ids": np.asarray(ids, dtype=np.int64), "attention_mask": np.asarray(mask, dtype=np.int64),
-            "position_ids": positions(mask, length), **past}
+    feeds = {"input_ids": np.asarray(ids, dtype=np.int64), "attention_mask": np.asarray(mask, dtype=np.int64),
+             **past}
+    if "position_ids" in inputs:
+        feeds["position_ids"] = positions(mask, length)
+    return feeds
 
 
 def next_past(sig: Signature, output_names: list[str], outputs: list[np.ndarray]) -> dict[str, np.ndarray]:

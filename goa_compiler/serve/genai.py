@@ -26,6 +26,7 @@ class DecoderFacts:
     bos_token_id: int | None
     eos_token_id: int | list[int] | None
     pad_token_id: int | None
+    position_ids: bool = True    # the graph takes position_ids (else it counts positions from its cache)
 
 
 def genai_config(f: DecoderFacts, filename: str = "model.onnx") -> dict:
@@ -48,7 +49,7 @@ def genai_config(f: DecoderFacts, filename: str = "model.onnx") -> dict:
                 "num_hidden_layers": f.layers,
                 "num_key_value_heads": f.kv_heads,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids",
+                           **({"position_ids": "position_ids"} if f.position_ids else {}),
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},

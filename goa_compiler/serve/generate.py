@@ -77,7 +77,7 @@ def load(out: str | Path, provider: str = "cpu") -> Decoder:
     options.log_severity_level = 3
     try:
         sess = ort.InferenceSession(str(out / "model.onnx"), options, providers=[name])
-        sig = signature(sess)
+        sig = signature(sess, out / "model.onnx")
     except SignatureError as e:
         raise GenerateError(f"{out}/model.onnx: {e}") from e
     except Exception as e:  # noqa: BLE001 - onnxruntime's load errors have no common base class
@@ -140,8 +140,9 @@ def generate(dec: Decoder, prompt_ids: list[int], max_new_tokens: int, sampling:
         if nxt in stop or len(tokens) >= max_new_tokens:
             break
         feeds = {"input_ids": np.array([[nxt]], dtype=np.int64),
-                 "attention_mask": np.ones((1, length + 1), dtype=np.int64),
-                 "position_ids": np.array([[length]], dtype=np.int64), **past}
+                 "attention_mask": np.ones((1, length + 1), dtype=np.int64), **past}
+        if "position_ids" in dec.sig.inputs:
+            feeds["position_ids"] = np.array([[length]], dtype=np.int64)
         t = time.perf_counter()
         logits, past = run(feeds)
         steps.append((time.perf_counter() - t) * 1e3)

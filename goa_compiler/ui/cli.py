@@ -221,7 +221,9 @@ def _print_compile(args, report) -> int:
               f"(structured ratio {report['ratio_achieved']:.3f}, requested {report['ratio_requested']})")
         size = os.path.getsize(os.path.join(args.out, "model.onnx"))
         dec = report.get("decoder") or {}
-        if dec.get("kv_cache"):
+        if dec.get("kv_cache") and "kv_cache_bytes_per_token" not in dec:
+            print(f"decoder with KV cache, model.onnx {size / 2**20:.1f} MiB; {dec.get('genai', '')}")
+        elif dec.get("kv_cache"):
             kv = dec["kv_cache_bytes_per_token"]
             print(f"decoder with KV cache ({dec['dtype']}, {size / 2**20:.1f} MiB): {kv['dense']:,} -> "
                   f"{kv['pruned']:,} cache bytes per token; onnxruntime-genai and `goa generate {args.out}` load it")

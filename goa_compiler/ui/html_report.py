@@ -232,7 +232,7 @@ def _decoder(r: dict) -> str:
     if not dec and not ck:
         return ""
     out = ['<section id="decoder"><h2>Decoder and checkpoint</h2>']
-    if dec and dec.get("kv_cache"):
+    if dec and dec.get("kv_cache") and "kv_cache_bytes_per_token" in dec:
         kv = dec["kv_cache_bytes_per_token"]
         out.append(_kv([("model.onnx", f"KV-cache decoder, {e(dec['dtype'])}"),
                         ("KV-cache bytes per token", f"{kv['dense']:,} dense &rarr; {kv['pruned']:,} pruned"),
@@ -247,6 +247,8 @@ def _decoder(r: dict) -> str:
                          str(row["key_dim"]), width])
         out.append(_table(["layer", "query heads", "K/V heads", "head size", "FFN width"], rows,
                           num_cols=(0, 3)))
+    elif dec and dec.get("kv_cache"):
+        out.append(_kv([("model.onnx", f"KV-cache decoder: {e(dec.get('genai', ''))}")]))
     elif dec:
         out.append(_kv([("model.onnx", f"plain graph, no KV cache: {e(dec.get('reason', ''))}")]))
     if ck:
