@@ -30,15 +30,25 @@ import oracle_layout as ol  # tests/oracle_layout.py
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """(dense model, builder output directory) for tiny llama-gqa."""
-    d = tmp_path_factory.mktemp("genai-builder")
-    tiny.save("llama-gqa", d / "hf", seed=0)
-    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(d / "hf"), "-o",
-                    str(d / "out"), "-p", "fp32", "-e", "cpu", "-c", str(d / "cache")], check=True,
-                   capture_output=True)
-    model, _, _ = tiny.build("llama-gqa", seed=0)
-    return model, d
+def builder(tmp_path_factory):
+    """family -> (dense model, onnxruntime-genai's model-builder output directory for it)."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            d = tmp_path_factory.mktemp(f"genai-builder-{family}")
+            tiny.save(family, d / "hf", seed=0)
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(d / "hf"), "-o",
+                            str(d / "out"), "-p", "fp32", "-e", "cpu", "-c", str(d / "cache")], check=True,
+                           capture_output=True)
+            made[family] = (tiny.build(family, seed=0)[0], d)
+        return made[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def built(builder):
+    return builder("llama-gqa")
 
 
 def _session(path):
@@ -97,19 +107,22 @@ def test_skip_layer_normalization_on_a_hand_built_graph(tmp_path):
         assert ol.relative_error(b, a) < 1e-5
 
 
-def test_builder_model_is_pruned_right_and_generates(built, tmp_path):
+@pytest.mark.parametrize("family,kv", [("llama-gqa", {"dense": 2, "pruned": 1}), ("llama", {"dense": 4, "pruned": 2})])
+def test_builder_model_is_pruned_right_and_generates(builder, family, kv, tmp_path):
+    """(llama: its untouched weights stay mapped from the input's data file while it is
+    written out; that failed in onnx-ir's save before frontends/onnx.py let them go)"""
     import onnxruntime_genai as og
 
-    model, d = built
+    model, d = builder(family)
     report = compile_onnx(d / "out" / "model.onnx", CompileOptions(
         ratio=0.5, criterion="random", reconstruct="none", allocation="uniform", num_samples=8, seq_len=32),
         tmp_path / "out", tokenizer=tiny.byte_tokenizer()).report
     modules = report["modules"]
     assert {(m["layer"], m["kind"]) for m in modules} == {(i, k) for i in range(2) for k in ("attention", "ffn")}
-    assert [lc["kv_heads"] for lc in report["decoder"]["layers"]] == [{"dense": 2, "pruned": 1}] * 2
+    assert [lc["kv_heads"] for lc in report["decoder"]["layers"]] == [kv] * 2
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
-    ref = ol.dense_output(ol.zeroed_dense(model, "llama-gqa", modules), "causal-lm", ids, mask)
+    ref = ol.dense_output(ol.zeroed_dense(model, family, modules), "causal-lm", ids, mask)
     got = run_onnx(tmp_path / "out" / "model.onnx", ids.numpy(), mask.numpy())
     assert ol.relative_error(got, ref) < 1e-4
     assert "position_ids" not in json.loads((tmp_path / "out" / "genai_config.json").read_text())[
@@ -142,3 +155,4 @@ def test_the_report_names_the_rewritten_ops(built, tmp_path):
         ratio=0.3, num_samples=4, seq_len=16), tmp_path / "out", tokenizer=tiny.byte_tokenizer()).report
     assert report["lowered_ops"] == {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4}
     assert report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4        # goa + refit, the defaults
+

@@ -14,6 +14,7 @@ by several Reshapes), and nodes left without readers are removed by ``finish``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 from dataclasses import dataclass
@@ -588,7 +589,10 @@ class OnnxFrontend:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model: its weights in ``<name>.data`` beside it when the input kept them
-        outside (or when over 2 GB), else inside the file."""
+        outside (or when over 2 GB), else inside the file. The tensors read from memory-mapped
+        external data are let go first (onnx-ir cannot close a mapping that arrays still view)."""
+        self._refresh()
+        gc.collect()
         return save_model(self.model, path, self.external)
 
 
@@ -601,10 +605,16 @@ def save_model(model: ir.Model, path: str | os.PathLike, external: bool | None =
         external = any(isinstance(t, ir.ExternalTensor) for t in consts)
     external = external or sum(t.nbytes for t in consts) > 1_800_000_000
     with _quiet_progress():
-        if external:
-            ir.save(model, str(path), external_data=path.name + ".data")
-        else:
+        if not external:
             ir.save(model, str(path))
+            return path
+        try:
+            ir.save(model, str(path), external_data=path.name + ".data")
+        except BufferError:      # arrays elsewhere still view the input's mapped data: copy those tensors
+            for v in model.graph.initializers.values():
+                if isinstance(v.const_value, ir.ExternalTensor):
+                    v.const_value = ir.tensor(np.array(v.const_value.numpy()), name=v.name)
+            ir.save(model, str(path), external_data=path.name + ".data")
     return path
 
 
