@@ -562,6 +562,8 @@ class Rewrite(PassBase):
             if mp is None:
                 continue
             for sl in s.slices:
+                if sl.param not in shapes:       # no graph output reads it: removed with the dead nodes
+                    continue
                 if shapes[sl.param][sl.axis] > state.shapes[sl.param][sl.axis] - (s.units - len(mp.kept)) * sl.per_unit:
                     self.fail(f"{sl.param} keeps {shapes[sl.param][sl.axis]} entries along axis {sl.axis}")
             gone = removed_root_channels(s, mp.kept)
