@@ -272,7 +272,8 @@ def test_by_block_waits_for_each_block_and_keeps_the_order():
 
     out = [(s.name, m, n, len(read)) for s, m, n in by_block(source(), structures, decide=decide)]
     assert decided == [["attn0", "ffn0"], ["attn1", "ffn1"]]
-    assert [o[:3] for o in out] == [(n, f"stats of {n}", 1 + (n[-1] == "1")) for n in ("attn0", "ffn0", "attn1", "ffn1")]
+    names = ("attn0", "ffn0", "attn1", "ffn1")
+    assert [o[:3] for o in out] == [(n, f"stats of {n}", 1 + (n[-1] == "1")) for n in names]
     assert [o[3] for o in out] == [2, 2, 4, 4]    # a structure leaves once its block is read, not later
     known = list(by_block(((s, None) for s in structures), structures, counts={"ffn1": 3}))
     assert [(s.name, n) for s, _, n in known] == [("attn0", 0), ("ffn0", 0), ("attn1", 0), ("ffn1", 3)]

@@ -74,13 +74,14 @@ def test_smollm2_goa_compile_end_to_end(smollm2, goa_cache, tmp_path, capsys):
     assert p["after"] < p["before"] and p["onnx_initializers"] == sum(tensors.values())
     assert sum(tensors.values()) - sum(buffers.values()) == p["after"]
     assert report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
-    # the refit does work (the guard alone would allow final == unrefit everywhere): seen here,
-    # 58 of 60 modules at least 1% below the pruned-unrefit error (2 kept by the guard), the
-    # median final / unrefit ratio about 0.07
-    errors = [m["output_error"] for m in report["modules"]]
+    # the refit does work (the guard alone would allow final == unrefit everywhere), in every
+    # module that lost units (block allocation leaves some whole: their error is 0 both ways)
+    lost = [m for m in report["modules"] if len(m.get("kept") or range(m["total"])) < m["total"]]
+    assert len(lost) > 30
+    errors = [m["output_error"] for m in lost]
     ratios = sorted(e["final"] / e["pruned_no_reconstruction"] for e in errors)
     improved = sum(r < 0.99 for r in ratios)
-    guarded = sum(bool(m.get("kept_original_level2")) for m in report["modules"])
+    guarded = sum(bool(m.get("kept_original_level2")) for m in lost)
     print(f"refit: final error < 0.99 x pruned-unrefit error in {improved} of {len(errors)} modules, "
           f"pruned original kept in {guarded}, median final/unrefit {ratios[len(ratios) // 2]:.3f}")
     assert improved >= 0.9 * len(errors)

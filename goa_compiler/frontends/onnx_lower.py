@@ -18,9 +18,9 @@ its outputs keep their names, its cache inputs and outputs their layout.
     SkipLayerNormalization          Add + LayerNormalization (its sum output kept)
 
 ``lower(model)`` rewrites every such node in place and returns the count per op;
-``OnnxRefused`` (raised by the caller with the returned reason) names the node that a rule
-cannot rewrite. The frontend then checks the rewritten graph against onnxruntime running
-the original (frontends/onnx.py ``check_lowering``).
+``LoweringRefused`` names the first node whose check fails (the frontend refuses the file
+with it). The frontend then checks the rewritten graph against onnxruntime running
+the original (frontends/onnx.py ``check_against_onnxruntime``).
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ class Builder:
 
     def const(self, array: np.ndarray, stem: str) -> ir.Value:
         name = self._name(stem)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        dtype = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=dtype,
                          const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)
         return value

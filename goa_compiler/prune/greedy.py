@@ -211,8 +211,8 @@ def prune_dense(state: GreedyState, s: Structure, m: ModuleStats, n_drop: int, s
         p = s.projections[s.level2_node]
         cross = FoldedCross.of(linear_cross(m.h, _as_out_in(state.orig[p.weight], p.out_axis),
                                             _bias(state.orig, p.bias)))
-    _select_and_refit(state, s, Level1(m.x, None), Level2(m.h, cross, m.heads, own_targets=True), n_drop, recon, settings,
-                      rng, {})
+    l2 = Level2(m.h, cross, m.heads, own_targets=True)
+    _select_and_refit(state, s, Level1(m.x, None), l2, n_drop, recon, settings, rng, {})
 
 
 def prune_module(state: GreedyState, s: Structure, n_drop: int, settings: GreedySettings,
