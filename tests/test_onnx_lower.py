@@ -157,3 +157,18 @@ def test_the_report_names_the_rewritten_ops(built, tmp_path):
     assert report["lowered_ops"] == {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4}
     assert report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4        # goa + refit, the defaults
 
+
+def test_goa_eval_reads_the_tokenizer_beside_the_model(built, tmp_path, capsys):
+    """`goa eval` of the builder's directory (symbolic cache dims, onnxruntime's own norm op) and
+    of a compile's OUT, with the tokenizer files beside model.onnx."""
+    _, d = built
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning was the Word, and the Word was with God. " * 40)
+    assert compile_onnx(d / "out" / "model.onnx", CompileOptions(ratio=0.3, num_samples=4, seq_len=16),
+                        tmp_path / "out", tokenizer=tiny.byte_tokenizer()).report
+    for target in (d / "out", tmp_path / "out"):
+        capsys.readouterr()
+        assert cli.main(["eval", str(target), "--data", str(text), "--seq-len", "32", "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert np.isfinite(res["ppl"]) and res["tokens"] > 0
+

@@ -261,10 +261,17 @@ def cmd_eval(args) -> int:
         onnx_path = target if target.endswith(".onnx") else os.path.join(target, "model.onnx")
         if not os.path.exists(onnx_path):
             raise UserError(f"{onnx_path} does not exist")
+        beside = os.path.dirname(os.path.abspath(onnx_path))
         tok_spec = args.tokenizer or _tokenizer_from_report(onnx_path)
-        if not tok_spec:
-            raise UserError("an ONNX model needs --tokenizer MODEL (or a report.json beside it)")
-        tokenizer = _load(tok_spec, args.trust_remote_code).tokenizer
+        if not args.tokenizer and os.path.exists(os.path.join(beside, "tokenizer_config.json")):
+            from transformers import AutoTokenizer      # the tokenizer files a compile's OUT holds
+
+            tokenizer = AutoTokenizer.from_pretrained(beside)
+        elif not tok_spec or tok_spec.endswith(".onnx"):
+            raise UserError("an ONNX model needs --tokenizer MODEL (or the tokenizer files or a report.json "
+                            "beside it)")
+        else:
+            tokenizer = _load(tok_spec, args.trust_remote_code).tokenizer
         run = lambda w: ev.perplexity_onnx(onnx_path, w, batch_size=args.batch_size)  # noqa: E731
         what = onnx_path
     else:
