@@ -267,3 +267,17 @@ def onnx_float_initializers(path) -> int:
         if np.issubdtype(arr.dtype, np.floating) and arr.ndim >= 1:
             total += int(arr.size)
     return total
+
+
+def genai_sequence(out, prompt, max_length: int) -> list[int]:
+    """The greedy sequence onnxruntime-genai generates from a compile's OUT for ``prompt`` (ids)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    return list(gen.get_sequence(0))

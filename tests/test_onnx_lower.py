@@ -112,8 +112,6 @@ def test_skip_layer_normalization_on_a_hand_built_graph(tmp_path):
 def test_builder_model_is_pruned_right_and_generates(builder, family, kv, tmp_path):
     """(llama: its untouched weights stay mapped from the input's data file while it is
     written out; that failed in onnx-ir's save before frontends/onnx.py let them go)"""
-    import onnxruntime_genai as og
-
     model, d = builder(family)
     report = compile_onnx(d / "out" / "model.onnx", CompileOptions(
         ratio=0.5, criterion="random", reconstruct="none", allocation="uniform", num_samples=8, seq_len=32),
@@ -128,14 +126,7 @@ def test_builder_model_is_pruned_right_and_generates(builder, family, kv, tmp_pa
     assert ol.relative_error(got, ref) < 1e-4
     assert "position_ids" not in json.loads((tmp_path / "out" / "genai_config.json").read_text())[
         "model"]["decoder"]["inputs"]
-    m = og.Model(str(tmp_path / "out"))
-    params = og.GeneratorParams(m)
-    params.set_search_options(max_length=10)
-    gen = og.Generator(m, params)
-    gen.append_tokens(ids[0, :4].numpy().astype(np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    assert len(gen.get_sequence(0)) == 10
+    assert len(ol.genai_sequence(tmp_path / "out", ids[0, :4].numpy(), 10)) == 10
 
 
 def test_an_unsupported_fused_op_is_refused_in_one_line(built, tmp_path, capsys):
