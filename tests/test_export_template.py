@@ -45,12 +45,52 @@ def test_the_template_is_exported_once_per_model(tmp_path, monkeypatch):
     # a cache of its own: other tests write templates into the shared one meanwhile
     monkeypatch.setenv("GOA_CACHE", str(tmp_path / "cache"))
     root = cache_root() / "onnx-templates"
-    _compile("qwen2", tmp_path / "a", "rewrite")
+    first, _, _ = _compile("qwen2", tmp_path / "a", "rewrite")
+    assert first["export"]["decoder_graph"] == "torch.export"          # nothing cached yet
     before = sorted(p.name for p in root.iterdir())
     report, _, _ = _compile("qwen2", tmp_path / "b", "rewrite", ratio=0.2, seed=3)
     assert sorted(p.name for p in root.iterdir()) == before          # the same template, found by its hash
     assert report["export"]["method"] == "rewrite"
     assert all((root / n / "model.onnx").is_file() for n in before)
+
+
+def test_a_cached_template_serves_as_the_decoder_graph(tmp_path, monkeypatch):
+    """The second compile reads the decoder's structures from the cached template (no second
+    torch.export) and emits what a compile that exports the pruned decoder emits: the same
+    units, logits, cache geometry and onnxruntime-genai config."""
+    import json
+
+    from goa_compiler.driver import pipeline
+
+    monkeypatch.setenv("GOA_CACHE", str(tmp_path / "cache"))
+    _compile("llama-gqa", tmp_path / "warm", "rewrite")
+    traced = []
+    real = pipeline.capture_decoder
+    monkeypatch.setattr(pipeline, "capture_decoder", lambda m: traced.append(m) or real(m))
+    served, a, vocab = _compile("llama-gqa", tmp_path / "served", "rewrite", ratio=0.5, seed=5)
+    assert served["export"] == {"method": "rewrite", "decoder_graph": "the cached dense template",
+                                "note": served["export"]["note"]} and traced == []
+    exported, b, _ = _compile("llama-gqa", tmp_path / "exported", "reexport", ratio=0.5, seed=5)
+    assert exported["export"]["decoder_graph"] == "torch.export" and len(traced) == 1
+    assert [m["kept"] for m in served["modules"]] == [m["kept"] for m in exported["modules"]]
+    assert served["decoder"] == exported["decoder"]
+    assert any(lc["kv_heads"]["pruned"] < lc["kv_heads"]["dense"] for lc in served["decoder"]["layers"])
+    assert json.loads((a.parent / "genai_config.json").read_text()) == \
+        json.loads((b.parent / "genai_config.json").read_text())
+    ids = np.random.default_rng(1).integers(0, vocab, (2, 17))
+    x, y = run_onnx(a, ids, np.ones_like(ids)), run_onnx(b, ids, np.ones_like(ids))
+    assert np.abs(x - y).max() <= 1e-4 * np.abs(y).max()
+
+
+def test_a_template_that_does_not_take_the_compile_falls_back_to_the_traced_decoder(tmp_path, monkeypatch):
+    from goa_compiler.export import template
+
+    monkeypatch.setenv("GOA_CACHE", str(tmp_path / "cache"))
+    _compile("llama-gqa", tmp_path / "warm", "rewrite")
+    monkeypatch.setattr(template, "rewrite_template", lambda *a, **k: template.TemplateResult(None, "refused here"))
+    report, path, vocab = _compile("llama-gqa", tmp_path / "b", "rewrite")
+    assert report["export"] == {"method": "re-export", "note": "refused here", "decoder_graph": "torch.export"}
+    assert report["decoder"]["kv_cache"] and report["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
 
 
 def test_a_model_whose_onnx_analysis_differs_is_re_exported(tmp_path):

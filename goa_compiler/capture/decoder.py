@@ -84,7 +84,7 @@ class LayerCache:
 
 @dataclass
 class CapturedDecoder:
-    gm: torch.fx.GraphModule
+    gm: torch.fx.GraphModule | None      # None: not captured (the compile serves a cached template's graph)
     layers: tuple[LayerCache, ...]
     max_seq: int
     vocab_size: int
@@ -175,14 +175,37 @@ def cache_geometry(model: torch.nn.Module) -> tuple[LayerCache, ...]:
     return tuple(geo)
 
 
+def decoder_form(model: torch.nn.Module) -> CapturedDecoder:
+    """The decoder's interface and cache geometry, without its graph (one short forward);
+    DecoderRefused when the model has no KV cache of that form."""
+    model.eval()
+    exportable_experts(model)
+    CachedDecoder(model)                      # refuses a forward without cache and positions
+    return CapturedDecoder(None, cache_geometry(model), max_positions(model), vocab_size_of(model))
+
+
+def serving_form(model: torch.nn.Module, dec: CapturedDecoder) -> str:
+    """What decides the decoder's export beside the plain graph's code and weights: its cache
+    geometry and interface, the model's class, configuration (attention and experts
+    implementation included) and the transformers version. A template keyed by the plain
+    graph and this form is the decoder of that model."""
+    import transformers
+
+    cfg = getattr(model, "config", None)
+    try:
+        conf = cfg.to_json_string(use_diff=False) if cfg is not None else ""
+    except Exception:  # noqa: BLE001 - a config that does not serialise: its repr still tells it apart
+        conf = repr(cfg)
+    impl = [getattr(cfg, k, None) for k in ("_attn_implementation", "_experts_implementation")]
+    return (f"decoder|{dec.layers}|{dec.input_names}|{dec.output_names}|{type(model).__module__}."
+            f"{type(model).__qualname__}|{transformers.__version__}|{impl}|{conf}")
+
+
 def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
     """torch.export the model as a KV-cache decoder; DecoderRefused with the reason when the
     model has no cache of that form or torch.export refuses it."""
-    model.eval()
-    exportable_experts(model)
+    dec = decoder_form(model)
     wrapper = CachedDecoder(model)
-    geo = cache_geometry(model)
-    dec = CapturedDecoder(None, geo, max_positions(model), vocab_size_of(model))
     try:
         with torch.no_grad(), experts_as_ffns(model, WRAPPER_PREFIX) as pieces:
             ep = torch.export.export(wrapper, dec.example(), dynamic_shapes=dec.dynamic_shapes(), strict=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from goa_compiler.capture.decoder import CapturedDecoder, DecoderRefused, capture_decoder
+from goa_compiler.capture.decoder import CapturedDecoder, DecoderRefused, capture_decoder, decoder_form, serving_form
 from goa_compiler.capture.torch_export import CaptureError, Captured, capture, text_config, vocab_size_of
 from goa_compiler.driver import report as reporting
 from goa_compiler.driver.options import CompileOptions, result_options, validate
@@ -97,6 +97,10 @@ class CompileState:
     new_biases: dict = field(default_factory=dict)
     rewritten: RewriteResult | None = None
     template: Path | None = None          # the dense ONNX the export rewrites (export/template.py)
+    template_key: str | None = None       # its cache key
+    template_read: object = None          # the template read back, when it serves as the decoder's graph
+    decoder_cache: tuple = ()             # the rewritten template's cache inputs: (name, heads, features)
+    decoder_graph: str | None = None      # where the decoder's structures were read: torch.export / the template
     decoder_biases: dict = field(default_factory=dict)
     export_method: str = "re-export"      # how model.onnx was made: rewrite / re-export / onnx input
     export_note: str | None = None
@@ -177,8 +181,10 @@ def _analysis(frontend, query_heads: bool = False) -> Analysis:
 
 class CaptureDecoder(PassBase):
     """The cached decoder (capture/decoder.py), analysed with its past/present ports; it must
-    have the plain graph's structures. Refused: a CompileError with --kv-cache, else the
-    compile goes on without a cache and the report says why."""
+    have the plain graph's structures. When the export rewrites a dense template that is
+    cached already, that template is the decoder's graph: its analysis is read from it and
+    the second torch.export is not run (``_template_decoder``). Refused: a CompileError with
+    --kv-cache, else the compile goes on without a cache and the report says why."""
 
     name = "capture decoder"
 
@@ -188,20 +194,54 @@ class CaptureDecoder(PassBase):
 
     def call(self, state):
         try:
-            dec = capture_decoder(state.model)
-            fe = FxFrontend(dec.gm, dec.port_inputs(), dec.port_outputs(), dec.experts)
-            an = _analysis_or_empty(fe, _query_heads(state.opts))
-            problem = serving.mismatch(state.analysis, an)
-            if problem:
-                raise DecoderRefused(problem)
+            if not _template_decoder(state, decoder_form(state.model)):
+                _capture_decoder(state)
         except DecoderRefused as e:
             if state.opts.kv_cache:
                 raise CompileError(f"--kv-cache: {e}") from e
             state.decoder_refused = str(e)
             state.progress.log(f"no KV cache: {e}")
             return PassResult(self.name, False)
-        state.decoder, state.decoder_frontend, state.decoder_analysis = dec, fe, an
         return PassResult(self.name)
+
+
+def _capture_decoder(state) -> None:
+    dec = capture_decoder(state.model)
+    fe = FxFrontend(dec.gm, dec.port_inputs(), dec.port_outputs(), dec.experts)
+    an = _analysis_or_empty(fe, _query_heads(state.opts))
+    problem = serving.mismatch(state.analysis, an)
+    if problem:
+        raise DecoderRefused(problem)
+    state.decoder, state.decoder_frontend, state.decoder_analysis = dec, fe, an
+    state.decoder_graph = "torch.export"
+
+
+def _templates_root() -> Path:
+    from goa_compiler.capture.sources import cache_root
+
+    return cache_root() / "onnx-templates"
+
+
+def _template_decoder(state, form: CapturedDecoder) -> bool:
+    """Whether the dense decoder's template is cached and its analysis is the plain graph's:
+    then it is the decoder's graph (``form`` without a graph module) and the compile's
+    template. Its key is the plain graph and the decoder's form (``serving_form``)."""
+    from goa_compiler.export.template import read_template, template_key, template_path
+
+    if state.opts.export != "rewrite" or state.opts.speed_wanted or state.captured is None:
+        return False
+    state.template_key = template_key(state.captured.gm, serving_form(state.model, form))
+    path = template_path(_templates_root(), state.template_key)
+    if path is None:
+        return False
+    read = read_template(path, _query_heads(state.opts), state.captured.experts)
+    if isinstance(read, str) or serving.mismatch(state.analysis, read.analysis):
+        return False
+    form.experts = dict(state.captured.experts)
+    state.decoder, state.decoder_frontend, state.decoder_analysis = form, read.frontend, read.analysis
+    state.template, state.template_read = path, read
+    state.decoder_graph = "the cached dense template"
+    return True
 
 
 class EvalDense(PassBase):
@@ -287,12 +327,15 @@ def _export_fp32(state, path: Path, dense: bool) -> Path:
         from goa_compiler.export.template import rewrite_template
 
         dec = state.decoder
-        res = rewrite_template(state.template, state.decoder_analysis if dec else state.analysis, state.plan,
-                               state.new_weights, state.decoder_biases if dec else state.new_biases, path,
-                               _query_heads(state.opts), (state.decoder_frontend if dec else state.frontend).experts)
+        traced = dec is not None and dec.gm is not None       # else the template is the decoder's graph
+        read, state.template_read = state.template_read, None
+        res = rewrite_template(state.template, state.decoder_analysis if traced else state.analysis, state.plan,
+                               state.new_weights, state.decoder_biases if traced else state.new_biases, path,
+                               _query_heads(state.opts), (state.decoder_frontend if traced else state.frontend).experts,
+                               read)
         state.export_note = res.reason
         if res.path is not None:
-            state.export_method = "rewrite"
+            state.export_method, state.decoder_cache = "rewrite", res.cache
             return res.path
         state.progress.log(f"export: {res.reason}; exporting the pruned graph")
     if state.onnx_source:
@@ -305,6 +348,14 @@ def _export_fp32(state, path: Path, dense: bool) -> Path:
             return save_model(onnx_ir.load(str(state.onnx_source)), path)
         return state.frontend.save(path)
     dec = state.decoder
+    if dec is not None and dec.gm is None:          # the template did not take the compile after all
+        try:
+            _capture_decoder(state)
+        except DecoderRefused as e:
+            raise CompileError(f"export: {e}") from e
+        if state.plan.modules:
+            _rewrite_decoder(state)
+        dec = state.decoder
     if dec is not None:
         rewritten = state.decoder_rewritten
         geometry = dec.layers if dense or rewritten is None else dec.geometry(rewritten.ports)
@@ -516,23 +567,22 @@ class DenseTemplate(PassBase):
     name = "dense template"
 
     def applies(self, state):
-        return state.opts.export == "rewrite" and state.onnx_source is None and state.captured is not None
+        return state.opts.export == "rewrite" and state.onnx_source is None and state.captured is not None \
+            and state.template is None
 
     def call(self, state):
-        from goa_compiler.capture.sources import cache_root
         from goa_compiler.export.template import cached_template, template_key
 
-        dec = state.decoder
+        dec, c = state.decoder, state.captured
         if dec is not None:
-            gm, form = dec.gm, f"decoder|{dec.layers}|{dec.input_names}|{dec.output_names}"
+            key = state.template_key or template_key(c.gm, serving_form(state.model, dec))
             export = lambda p: export_decoder(dec.gm, dec.example(dec.layers), p, dec.input_names,  # noqa: E731
                                               dec.output_names, len(dec.layers), optimize=False)
         else:
-            c = state.captured
-            gm, form = c.gm, f"plain|{c.output_name}|{c.max_seq}"
+            key = template_key(c.gm, f"plain|{c.output_name}|{c.max_seq}")
             export = lambda p: export_onnx(c.gm, c.example, p, c.output_name, c.max_seq, optimize=False)  # noqa: E731
         try:
-            state.template = cached_template(cache_root() / "onnx-templates", template_key(gm, form), export)
+            state.template = cached_template(_templates_root(), key, export)
         except ExportError as e:
             raise CompileError(f"export: {e}") from e
         except OSError as e:       # the cache is an optimisation: a cache that cannot be written is not an error
@@ -581,16 +631,10 @@ class RewriteDecoder(PassBase):
     name = "rewrite decoder"
 
     def applies(self, state):
-        return state.decoder is not None
+        return state.decoder is not None and state.decoder.gm is not None
 
     def call(self, state):
-        biases = (serving.translate_biases(state.frontend.view(), state.decoder_frontend.view(), state.new_biases)
-                  if state.new_biases else {})
-        state.decoder_biases = dict(biases)
-        state.decoder_rewritten = rewrite(state.decoder_frontend, state.decoder_analysis, state.plan,
-                                          state.new_weights, biases)
-        serving.share_parameters(state.decoder.gm, state.captured.gm)
-        return PassResult(self.name, state.decoder_rewritten.modified)
+        return PassResult(self.name, _rewrite_decoder(state).modified)
 
     def ensures(self, state, result):
         """Both graphs hold the same parameters, bit for bit."""
@@ -602,13 +646,24 @@ class RewriteDecoder(PassBase):
                 self.fail(f"parameter {name} differs between the plain graph and the cached decoder")
 
 
+def _rewrite_decoder(state) -> RewriteResult:
+    biases = (serving.translate_biases(state.frontend.view(), state.decoder_frontend.view(), state.new_biases)
+              if state.new_biases else {})
+    state.decoder_biases = dict(biases)
+    state.decoder_rewritten = rewrite(state.decoder_frontend, state.decoder_analysis, state.plan,
+                                      state.new_weights, biases)
+    serving.share_parameters(state.decoder.gm, state.captured.gm)
+    return state.decoder_rewritten
+
+
 class Export(PassBase):
     name = "export"
 
     def call(self, state):
         state.onnx_path = _export(state, state.staging / "model.onnx")
         state.onnx_params = onnx_param_count(state.onnx_path)
-        return PassResult(self.name, report={"export": {"method": state.export_method, "note": state.export_note}})
+        return PassResult(self.name, report={"export": {"method": state.export_method, "note": state.export_note,
+                                                                "decoder_graph": state.decoder_graph}})
 
 
 class Verify(PassBase):
@@ -650,7 +705,7 @@ class ServingFiles(PassBase):
         if dec is None:
             return PassResult(self.name, False, {"decoder": {"kv_cache": False, "reason": state.decoder_refused
                                                              or "--no-kv-cache"}})
-        pruned = dec.geometry(state.decoder_rewritten.ports)
+        pruned = dec.geometry(state.decoder_rewritten.ports) if dec.gm is not None else _onnx_layers(state.decoder_cache)
         write_json(state.staging / "genai_config.json", genai_config(_decoder_facts(state, pruned)))
         files = ["genai_config.json"]
         if state.tokenizer is not None and hasattr(state.tokenizer, "save_pretrained"):

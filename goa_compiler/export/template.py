@@ -8,6 +8,11 @@ the compile's plan, reconstructed weights and compensation biases with the same 
 an ONNX input, and folds the result as the exporter's optimiser would (export/onnx.py
 ``fold_graph``). A template whose analysis differs is not used: the reason goes to the
 report and the pruned graph is exported as before.
+
+A KV-cache decoder's template is keyed by the plain graph and the decoder's form
+(capture/decoder.py ``serving_form``), so a compile that finds it cached reads the serving
+graph's structures from the template itself (``read_template``) and needs no second
+torch.export.
 """
 from __future__ import annotations
 
@@ -30,6 +35,15 @@ VERSION = "2"          # bump when the template's form changes (2: weights in mo
 class TemplateResult:
     path: Path | None              # the written model.onnx, or None when the template was not used
     reason: str                    # why not, or how
+    cache: tuple = ()              # the written graph's cache inputs: (name, heads, features)
+
+
+@dataclass(frozen=True)
+class ReadTemplate:
+    """A template loaded with the ONNX frontend and analysed: what the rewrite edits."""
+
+    frontend: object               # frontends/onnx.py OnnxFrontend
+    analysis: Analysis
 
 
 def template_key(gm: torch.nn.Module, form: str) -> str:
@@ -76,37 +90,57 @@ def _weights_outside(path: Path) -> None:
     save_model(onnx_ir.load(str(path)), path, external=True)
 
 
-def _signature(analysis: Analysis) -> list:
-    return [(s.name, s.kind, s.units, sorted({(sl.param, sl.axis, sl.per_unit) for sl in s.slices}))
-            for s in analysis.structures]
+def template_path(root: Path, key: str) -> Path | None:
+    """The cached template of ``key``, or None when it was never exported."""
+    path = root / key / "model.onnx"
+    return path if path.is_file() else None
 
 
-def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights: dict, new_biases: dict,
-                     path: Path, query_heads: bool, experts: dict[str, int] | None = None) -> TemplateResult:
-    """Apply a compile to the dense template and write ``path``; TemplateResult(None, reason)
-    when the template's structures are not the PyTorch analysis's. ``experts``: the
-    parameters that are one expert's share of a mixture-of-experts layer (as capture found
-    them; the template's initializers have the parameters' names)."""
+def read_template(template: Path, query_heads: bool, experts: dict[str, int] | None = None) -> ReadTemplate | str:
+    """The template's frontend and its analysis (``experts``: the parameters that are one
+    expert's share of a mixture-of-experts layer, as capture found them; the template's
+    initializers have the parameters' names), or why it cannot be read back."""
     from goa_compiler.analysis import analyze_graph
-    from goa_compiler.export.onnx import fold_graph
-    from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused, save_model
-    from goa_compiler.transform.rewrite import rewrite
+    from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
 
     try:
         fe = OnnxFrontend.load(template)
         view = fe.view()
         view.experts.update(experts or {})
-        mine = analyze_graph(view, query_heads)
+        return ReadTemplate(fe, analyze_graph(view, query_heads))
     except (OnnxRefused, ValueError, KeyError) as e:
-        return TemplateResult(None, f"the dense ONNX could not be read back ({e})")
+        return f"the dense ONNX could not be read back ({e})"
+
+
+def _signature(analysis: Analysis) -> list:
+    return sorted((s.name, s.kind, s.units, sorted({(sl.param, sl.axis, sl.per_unit) for sl in s.slices}))
+                  for s in analysis.structures)
+
+
+def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights: dict, new_biases: dict,
+                     path: Path, query_heads: bool, experts: dict[str, int] | None = None,
+                     read: ReadTemplate | None = None) -> TemplateResult:
+    """Apply a compile to the dense template and write ``path``; TemplateResult(None, reason)
+    when the template's structures are not those of ``analysis`` (the graph whose projection
+    nodes key ``new_biases``). ``read``: the template already read (``read_template``)."""
+    from goa_compiler.export.onnx import fold_graph
+    from goa_compiler.frontends.onnx import save_model
+    from goa_compiler.transform.rewrite import rewrite
+
+    read = read or read_template(template, query_heads, experts)
+    if isinstance(read, str):
+        return TemplateResult(None, read)
+    fe, mine = read.frontend, read.analysis
     if _signature(mine) != _signature(analysis):
         return TemplateResult(None, "the dense ONNX's analysis finds other structures than the PyTorch graph's")
-    nodes = {s.level2_node: m.level2_node for s, m in zip(analysis.structures, mine.structures)}
+    theirs = {m.name: m.level2_node for m in mine.structures}
+    nodes = {s.level2_node: theirs[s.name] for s in analysis.structures}
     if any(n not in nodes for n in new_biases) or any(w not in fe.consts.values and w not in
                                                       set(new_biases.values()) for w in new_weights):
         return TemplateResult(None, "a reconstructed weight has no initializer of its name in the dense ONNX")
     rewrite(fe, mine, plan, new_weights, {nodes[n]: p for n, p in new_biases.items()})
     fe.drop_identity_reshapes()
+    cache = tuple(fe.cache_geometry())
     fold_graph(fe.model)
     if sum(v.const_value.nbytes for v in fe.model.graph.initializers.values() if v.const_value is not None) \
             <= 1_800_000_000:
@@ -116,4 +150,4 @@ def rewrite_template(template: Path, analysis: Analysis, plan: Plan, new_weights
 
         onnx_ir.external_data.load_to_model(fe.model)
     save_model(fe.model, path, external=False)
-    return TemplateResult(path, "the compile applied to the dense ONNX (exported once, cached)")
+    return TemplateResult(path, "the compile applied to the dense ONNX (exported once, cached)", cache)
