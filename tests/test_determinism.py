@@ -15,15 +15,21 @@ from models import tiny
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_same_inputs_same_bytes(tmp_path, capsys):
+def test_same_inputs_same_bytes(tmp_path, capsys, monkeypatch):
+    # a cache of its own, warmed by a first compile: whether the dense template was cached
+    # decides which passes run (and so the timings' keys), not what is written
+    monkeypatch.setenv("GOA_CACHE", str(tmp_path / "cache"))
     model = tiny.save("llama-gqa", tmp_path / "llama")
     calib = tmp_path / "calib.txt"
     calib.write_text("In the beginning God created the heaven and the earth. And the earth was without "
                      "form, and void; and darkness was upon the face of the deep. " * 30)
     args = [model, "--ratio", "0.3", "--criterion", "goa", "--reconstruct", "refit", "--num-samples", "2",
             "--seq-len", "16", "--calib", str(calib), "--seed", "7", "--quiet"]
-    a, b = tmp_path / "a", tmp_path / "b"
+    cold, a, b = tmp_path / "cold", tmp_path / "a", tmp_path / "b"
+    assert cli.main(["compile", *args, "--out", str(cold)]) == 0
     assert cli.main(["compile", *args, "--out", str(a)]) == 0
+    assert (cold / "model.onnx").read_bytes() == (a / "model.onnx").read_bytes()
+    assert json.loads((a / "report.json").read_text())["export"]["decoder_graph"] == "the cached dense template"
     # the second run in a fresh interpreter with another hash seed (set/dict order of strings)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "goa_compiler", "compile", *args, "--out", str(b)],
