@@ -66,7 +66,7 @@ def test_a_cached_template_serves_as_the_decoder_graph(tmp_path, monkeypatch):
     _compile("llama-gqa", tmp_path / "warm", "rewrite")
     traced = []
     real = pipeline.capture_decoder
-    monkeypatch.setattr(pipeline, "capture_decoder", lambda m: traced.append(m) or real(m))
+    monkeypatch.setattr(pipeline, "capture_decoder", lambda m, f=None: traced.append(m) or real(m, f))
     served, a, vocab = _compile("llama-gqa", tmp_path / "served", "rewrite", ratio=0.5, seed=5)
     assert served["export"] == {"method": "rewrite", "decoder_graph": "the cached dense template",
                                 "note": served["export"]["note"]} and traced == []

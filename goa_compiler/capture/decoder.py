@@ -201,10 +201,11 @@ def serving_form(model: torch.nn.Module, dec: CapturedDecoder) -> str:
             f"{type(model).__qualname__}|{transformers.__version__}|{impl}|{conf}")
 
 
-def capture_decoder(model: torch.nn.Module) -> CapturedDecoder:
+def capture_decoder(model: torch.nn.Module, form: CapturedDecoder | None = None) -> CapturedDecoder:
     """torch.export the model as a KV-cache decoder; DecoderRefused with the reason when the
-    model has no cache of that form or torch.export refuses it."""
-    dec = decoder_form(model)
+    model has no cache of that form or torch.export refuses it. ``form``: its
+    ``decoder_form``, when the caller has it already."""
+    dec = form if form is not None else decoder_form(model)
     wrapper = CachedDecoder(model)
     try:
         with torch.no_grad(), experts_as_ffns(model, WRAPPER_PREFIX) as pieces:

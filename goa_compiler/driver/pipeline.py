@@ -101,7 +101,6 @@ class CompileState:
     template_read: object = None          # the template read back, when it serves as the decoder's graph
     decoder_cache: tuple = ()             # the rewritten template's cache inputs: (name, heads, features)
     decoder_graph: str | None = None      # where the decoder's structures were read: torch.export / the template
-    decoder_biases: dict = field(default_factory=dict)
     export_method: str = "re-export"      # how model.onnx was made: rewrite / re-export / onnx input
     export_note: str | None = None
     # output
@@ -194,8 +193,9 @@ class CaptureDecoder(PassBase):
 
     def call(self, state):
         try:
-            if not _template_decoder(state, decoder_form(state.model)):
-                _capture_decoder(state)
+            form = decoder_form(state.model)
+            if not _template_decoder(state, form):
+                _capture_decoder(state, form)
         except DecoderRefused as e:
             if state.opts.kv_cache:
                 raise CompileError(f"--kv-cache: {e}") from e
@@ -205,8 +205,10 @@ class CaptureDecoder(PassBase):
         return PassResult(self.name)
 
 
-def _capture_decoder(state) -> None:
-    dec = capture_decoder(state.model)
+def _capture_decoder(state, form: CapturedDecoder | None = None) -> None:
+    """The decoder traced by torch.export and analysed; DecoderRefused when its structures
+    are not the plain graph's."""
+    dec = capture_decoder(state.model, form)
     fe = FxFrontend(dec.gm, dec.port_inputs(), dec.port_outputs(), dec.experts)
     an = _analysis_or_empty(fe, _query_heads(state.opts))
     problem = serving.mismatch(state.analysis, an)
@@ -326,13 +328,11 @@ def _export_fp32(state, path: Path, dense: bool) -> Path:
     if not dense and state.template is not None:
         from goa_compiler.export.template import rewrite_template
 
-        dec = state.decoder
-        traced = dec is not None and dec.gm is not None       # else the template is the decoder's graph
+        # the plain graph's structures and biases: a traced decoder has the same (serving.mismatch),
+        # and the template's are matched to them by name
         read, state.template_read = state.template_read, None
-        res = rewrite_template(state.template, state.decoder_analysis if traced else state.analysis, state.plan,
-                               state.new_weights, state.decoder_biases if traced else state.new_biases, path,
-                               _query_heads(state.opts), (state.decoder_frontend if traced else state.frontend).experts,
-                               read)
+        res = rewrite_template(state.template, state.analysis, state.plan, state.new_weights, state.new_biases, path,
+                               _query_heads(state.opts), state.frontend.experts, read)
         state.export_note = res.reason
         if res.path is not None:
             state.export_method, state.decoder_cache = "rewrite", res.cache
@@ -649,7 +649,6 @@ class RewriteDecoder(PassBase):
 def _rewrite_decoder(state) -> RewriteResult:
     biases = (serving.translate_biases(state.frontend.view(), state.decoder_frontend.view(), state.new_biases)
               if state.new_biases else {})
-    state.decoder_biases = dict(biases)
     state.decoder_rewritten = rewrite(state.decoder_frontend, state.decoder_analysis, state.plan,
                                       state.new_weights, biases)
     serving.share_parameters(state.decoder.gm, state.captured.gm)
