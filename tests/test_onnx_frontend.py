@@ -100,6 +100,10 @@ CASES = [
     ("Div", [np.array([7, -7], dtype=np.int64), np.array([2, 2], dtype=np.int64)], {}),
     ("Range", [np.array(1, dtype=np.int64), np.array(9, dtype=np.int64), np.array(3, dtype=np.int64)], {}),
     ("GatherND", [X, np.array([[0, 1], [1, 2]], dtype=np.int64)], {}),
+    ("ScatterElements", [X, np.array([[[[0, -1]]]] * 2, dtype=np.int64).repeat(3, 1).repeat(4, 2),
+                         np.ones((2, 3, 4, 2), np.float32)], {"axis": 3}),
+    ("ScatterElements", [X, np.zeros((2, 3, 4, 2), dtype=np.int64), np.ones((2, 3, 4, 2), np.float32)],
+     {"axis": 3, "reduction": "add"}),
 ]
 
 
@@ -194,6 +198,89 @@ def test_ffn_found_and_pruned_equals_zeroed_dense(tmp_path):
                                rtol=1e-5, atol=1e-5)
     shapes = {i.name: tuple(i.dims) for i in onnx.load(str(tmp_path / "pruned.onnx")).graph.initializer}
     assert shapes["up"] == (WIDTH, 5) and shapes["up_b"] == (5,) and shapes["down"] == (5, WIDTH)
+
+
+def _pruned_equals_zeroed(tmp_path, path, kept_by_level2: dict[str, tuple[int, ...]]):
+    """Analyse and prune ``path`` keeping ``kept`` units of the structure whose level-2
+    weight is each key; onnxruntime: the pruned graph equals the dense one with the removed
+    rows of those weights zeroed. Returns the pruned graph's initializer shapes."""
+    from goa_compiler.analysis import analyze_graph
+    from goa_compiler.ir.structure import ModulePlan, Plan
+    from goa_compiler.transform.rewrite import rewrite
+
+    fe = OnnxFrontend.load(path)
+    an = analyze_graph(fe.view())
+    by_level2 = {s.level2()[0].param: s for s in an.structures}
+    assert set(by_level2) == set(kept_by_level2), an.refused
+    rewrite(fe, an, Plan({by_level2[w].name: ModulePlan(by_level2[w].name, kept)
+                          for w, kept in kept_by_level2.items()}))
+    fe.save(tmp_path / "pruned.onnx")
+    zero = onnx.load(str(path))
+    for init in zero.graph.initializer:
+        if init.name in kept_by_level2:
+            arr = numpy_helper.to_array(init).copy()
+            arr[[i for i in range(arr.shape[0]) if i not in kept_by_level2[init.name]]] = 0
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(zero, str(tmp_path / "zeroed.onnx"))
+    ids = _ids()
+    np.testing.assert_allclose(_ort(tmp_path / "pruned.onnx", ids), _ort(tmp_path / "zeroed.onnx", ids),
+                               rtol=1e-5, atol=1e-5)
+    return {i.name: tuple(i.dims) for i in onnx.load(str(tmp_path / "pruned.onnx")).graph.initializer}
+
+
+def test_a_bias_shared_by_two_layers_is_copied_for_each(tmp_path):
+    """Exporters merge equal constants (TorchScript torch.onnx, so Optimum: one zero bias for
+    every layer of a fresh model). Each reader gets its own copy at load, so the two layers
+    are two structures, pruned to different widths."""
+    emb, emb_init = _embed()
+    nodes, inits = [emb], [emb_init, _init("bias", np.zeros(12, np.float32)),
+                           _init("head", RNG.standard_normal((WIDTH, VOCAB)).astype(np.float32))]
+    x = "h"
+    for k in range(2):
+        inits += [_init(f"up{k}", RNG.standard_normal((WIDTH, 12)).astype(np.float32)),
+                  _init(f"down{k}", RNG.standard_normal((12, WIDTH)).astype(np.float32))]
+        nodes += [helper.make_node("MatMul", [x, f"up{k}"], [f"u0{k}"]),
+                  helper.make_node("Add", [f"u0{k}", "bias"], [f"u{k}"]),
+                  helper.make_node("Relu", [f"u{k}"], [f"a{k}"]),
+                  helper.make_node("MatMul", [f"a{k}", f"down{k}"], [f"d{k}"]),
+                  helper.make_node("Add", [x, f"d{k}"], [f"r{k}"])]
+        x = f"r{k}"
+    nodes.append(helper.make_node("MatMul", [x, "head"], ["logits"]))
+    path = _save(tmp_path, nodes, inits, _logits())
+    shapes = _pruned_equals_zeroed(tmp_path, path, {"down0": (0, 3, 4), "down1": (1, 2, 5, 8, 9)})
+    assert sorted(d for n, d in shapes.items() if n.startswith("bias")) == [(3,), (5,)]
+
+
+def test_a_chunk_bound_computed_from_the_shape_is_replaced_by_a_constant(tmp_path):
+    """A fused gate/up projection taken apart with Slice bounds computed from its own shape
+    (``chunk(2)`` as TorchScript torch.onnx writes it: Shape -> Gather -> Div). The view reads
+    the bounds as the integers they are in every run; the rewrite puts constants there."""
+    emb, emb_init = _embed()
+    c = lambda name, v: _init(name, np.array(v, dtype=np.int64))   # noqa: E731
+    nodes = [emb, helper.make_node("MatMul", ["h", "gate_up"], ["gu"]),
+             helper.make_node("Shape", ["gu"], ["s"]),
+             helper.make_node("Gather", ["s", "last"], ["n"], axis=0),
+             helper.make_node("Div", ["n", "two"], ["half"]),
+             helper.make_node("Mul", ["half", "two"], ["full"]),
+             helper.make_node("Slice", ["gu", "zero", "half", "last"], ["g"]),
+             helper.make_node("Slice", ["gu", "half", "full", "last"], ["u"]),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["act"]),
+             helper.make_node("Mul", ["act", "u"], ["a"]), helper.make_node("MatMul", ["a", "down"], ["d"]),
+             helper.make_node("Add", ["h", "d"], ["r"]), helper.make_node("MatMul", ["r", "head"], ["logits"])]
+    inits = [emb_init, c("last", [-1]), c("two", [2]), c("zero", [0]),
+             _init("gate_up", RNG.standard_normal((WIDTH, 24)).astype(np.float32)),
+             _init("down", RNG.standard_normal((12, WIDTH)).astype(np.float32)),
+             _init("head", RNG.standard_normal((WIDTH, VOCAB)).astype(np.float32))]
+    path = _save(tmp_path, nodes, inits, _logits())
+    view = OnnxFrontend.load(path).view()
+    assert (view.nodes["g"].attrs["start"], view.nodes["g"].attrs["end"]) == (0, 12)
+    assert (view.nodes["u"].attrs["start"], view.nodes["u"].attrs["end"]) == (12, 24)
+    shapes = _pruned_equals_zeroed(tmp_path, path, {"down": (0, 3, 4, 10)})
+    assert shapes["gate_up"] == (WIDTH, 8)
+    pruned = onnx.load(str(tmp_path / "pruned.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i).tolist() for i in pruned.initializer}
+    g_slice = next(n for n in pruned.node if n.output[0] == "g")
+    assert inits[g_slice.input[2]] == [4]          # the bound that changed is a constant now
 
 
 def _heads_graph(tmp_path):

@@ -54,17 +54,31 @@ def cache_ports(graph: ir.Graph) -> dict[str, CachePort] | str:
         if v.name in FEEDS:
             continue
         cat = next((u.node for u in v.uses() if u.node.op_type == "Concat" and u.idx == 0
-                    and u.node.outputs[0].is_graph_output()), None)
+                    and _output_through_casts(u.node.outputs[0]) is not None), None)
         if cat is None or v.shape is None:
             return (f"graph input {v.name}: only {', '.join(FEEDS)} and KV-cache inputs (joined to the new "
                     f"keys or values by a Concat that is a graph output) are fed")
+        out = _output_through_casts(cat.outputs[0])
         rank = len(v.shape)
         seq = cat.attributes["axis"].value % rank
         static = [a for a in range(rank - 1) if a != seq and isinstance(v.shape[a], int)]
         if len(static) != 1:
             return f"cache input {v.name} {v.shape}: cannot tell its heads axis (one static axis besides the last)"
-        ports[v.name] = CachePort(v.name, cat.outputs[0].name, static[0], seq)
+        ports[v.name] = CachePort(v.name, out.name, static[0], seq)
     return ports
+
+
+def _output_through_casts(v: ir.Value) -> ir.Value | None:
+    """The graph output ``v`` is, directly or through a chain of Cast / Identity nodes that
+    are its only readers (GPT-J's present keys are a Cast of the Concat); None if not."""
+    for _ in range(4):
+        if v.is_graph_output():
+            return v
+        uses = list(v.uses())
+        if len(uses) != 1 or uses[0].node.op_type not in ("Cast", "Identity") or uses[0].node.domain != "":
+            return None
+        v = uses[0].node.outputs[0]
+    return None
 
 
 class OnnxRefused(Exception):
@@ -111,6 +125,30 @@ def _name_nodes(graph: ir.Graph) -> None:
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{k}_goa"
         seen.add(node.name)
+
+
+def _unshare_vectors(graph: ir.Graph) -> int:
+    """Give every reader but the first of a float vector initializer its own copy.
+
+    Exporters merge equal constants (torch.onnx's TorchScript path, and so Optimum, keeps one
+    all-zero bias for every layer of a freshly initialised model); a bias shared like that
+    could not be sliced for one layer only. Vectors are cheap to copy; a shared matrix stays
+    shared (tied weights are refused by the analysis)."""
+    copies = 0
+    for v in list(graph.initializers.values()):
+        t = v.const_value
+        if t is None or len(t.shape) != 1 or not t.dtype.is_floating_point():
+            continue
+        readers = list(dict.fromkeys(u.node for u in v.uses()))
+        for k, node in enumerate(readers[1:], 1):
+            name = f"{v.name}.goa{k}"
+            copy = ir.Value(name=name, shape=v.shape, type=v.type, const_value=t)
+            graph.register_initializer(copy)
+            for i, inp in enumerate(node.inputs):
+                if inp is v:
+                    node.replace_input_with(i, copy)
+            copies += 1
+    return copies
 
 
 # --------------------------------------------------------------------------- execution
@@ -212,6 +250,7 @@ class OnnxFrontend:
             lowered = onnx_lower.lower(model)      # fused contrib ops as the standard ops they compute
         except onnx_lower.LoweringRefused as e:
             raise OnnxRefused(str(e)) from None
+        _unshare_vectors(model.graph)
         unknown = sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph
                           if n.op_type not in onnx_ops.OPS and n.op_type != "Constant"})
         if unknown:
@@ -492,7 +531,7 @@ class OnnxFrontend:
             v = node.inputs[hop.pos]
             private = len(list(v.uses())) == 1 and not v.is_graph_output()
             if k == len(hops) - 1:
-                arr = self.consts.tensor(v.name).numpy().copy()
+                arr = self._ints_at(v)
                 flat = arr.reshape(-1)
                 flat[hop.index] = value
                 if private and v.name in self.consts.values:
@@ -505,6 +544,13 @@ class OnnxFrontend:
                 producer = self._clone(producer)
                 node.replace_input_with(hop.pos, producer.outputs[0])
             node = producer
+
+    def _ints_at(self, v: ir.Value) -> np.ndarray:
+        """A copy of the integers ``v`` holds: a constant's, or for a value computed from
+        shapes that is the same in every shape run (IntTracer.static), that value."""
+        if self.consts.has(v.name):
+            return self.consts.tensor(v.name).numpy().copy()
+        return np.asarray(self._builder.tracer.runs[0][v.name], dtype=np.int64).copy()
 
     def _clone(self, node: ir.Node) -> ir.Node:
         clone = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()),

@@ -287,6 +287,18 @@ def _scatter_nd(xs, a):
     return [out]
 
 
+@op("ScatterElements")
+def _scatter_elements(xs, a):
+    x, idx, upd = xs
+    axis = a.get("axis", 0) % x.dim()
+    idx = idx.long() % x.shape[axis]                  # negative indices count from the end
+    how = a.get("reduction", "none")
+    if how == "none":
+        return [x.clone().scatter_(axis, idx, upd)]
+    return [x.clone().scatter_reduce_(axis, idx, upd, {"add": "sum", "mul": "prod", "max": "amax",
+                                                       "min": "amin"}[how])]
+
+
 @op("Range")
 def _range(xs, a):
     start, limit, delta = (x.item() for x in xs)

@@ -166,6 +166,19 @@ class IntTracer:
                 return [(val, _prepend(Hop(node.name, pos, k), prov)) for k, (val, prov) in enumerate(sub)]
         return self._computed(v)
 
+    def static(self, node: ir.Node, pos: int) -> list[tuple[int, Provenance]] | None:
+        """The elements of input ``pos`` of ``node`` when they are computed from shapes but
+        the same in every run (half of a static axis, as ``chunk`` writes it), with a
+        provenance that ends at that input: the rewrite replaces the computation there with
+        a constant when it changes the value. None when the elements are not that."""
+        v = node.inputs[pos] if pos < len(node.inputs) else None
+        if v is None or self.consts.has(v.name):
+            return None
+        values = [r.get(v.name) for r in self.runs]
+        if any(x is None for x in values) or any(list(x) != list(values[0]) for x in values):
+            return None
+        return [(int(c), Provenance((Hop(node.name, pos, k),))) for k, c in enumerate(values[0])]
+
     def _computed(self, v: ir.Value):
         values = [r.get(v.name) for r in self.runs]
         if any(x is None for x in values) or len({len(x) for x in values}) != 1:
@@ -479,6 +492,8 @@ class ViewBuilder:
     def _slice(self, node, x, out, mk):
         ins = node.inputs
         starts, ends = self.tracer.elements(node, 1), self.tracer.elements(node, 2)
+        if starts and ends and any(isinstance(v, sympy.Basic) for v, _ in starts + ends):
+            starts, ends = self.tracer.static(node, 1) or starts, self.tracer.static(node, 2) or ends
         axes = self.tracer.elements(node, 3) if len(ins) > 3 and ins[3] is not None else [(0, None)]
         steps = self.tracer.elements(node, 4) if len(ins) > 4 and ins[4] is not None else [(1, None)]
         if not starts or not ends or len(starts) != 1 or axes is None or steps is None:
@@ -530,7 +545,7 @@ class ViewBuilder:
             if t.dim() == 0:
                 return mk("select", [x], dim=axis, index=int(t))
             if t.dim() == 1:
-                return mk("index", [x, self._param(idx.name)], axes=[axis], values=[int(v) for v in t.tolist()])
+                return mk("index", [x, self._param(idx.name)], axes=[axis], values=[[int(v) for v in t.tolist()]])
             return None
         return mk("index", [x, self._operand(idx)], axes=[axis], values=[None])
 
