@@ -69,6 +69,10 @@ class View:
         shape = self.shape(q)[:-1] + self.shape(v)[-1:]
         return self._add("sdpa", [q, k, v, None], shape, {"gqa": gqa}, name)
 
+    def matmul(self, a: Ref, b: Ref) -> Ref:
+        sa, sb = self.shape(a), self.shape(b)
+        return self._add("matmul", [a, b], np.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1]))
+
     def softmax(self, x: Ref, dim: int) -> Ref:
         return self._add("softmax", [x], self.shape(x), {"dim": dim})
 
@@ -169,6 +173,24 @@ def test_fused_qkv_taken_apart_by_a_split():
                                     16 * i, 16 * (i + 1), 1, 1, 16) for i in range(3)]
     assert [(c.handle.node, c.start, c.stop, c.original) for c in s.constants if c.kind == "size"] == [
         ("q_heads", 0, 16, 4), ("k_heads", 16, 32, 4), ("v_heads", 32, 48, 4), ("merge", 0, 16, 16)]
+
+
+def test_one_kv_head_broadcast_by_eager_matmuls_belongs_to_no_unit():
+    """Multi-query attention written as matmuls (Falcon as TorchScript torch.onnx, Optimum,
+    writes it): q [B, 4, S, 4] @ k^T [B, 1, 4, S] broadcasts the one K/V head over the query
+    heads. The query heads are the units; the K/V channels stay whole."""
+    g = View()
+    q = _heads(g, g.linear(g.x, "layers.0.attn.q_proj.weight", 16, "q_proj"), 4, "q_heads")
+    k = _heads(g, g.linear(g.x, "layers.0.attn.k_proj.weight", 4, "k_proj"), 1, "k_heads")
+    v = _heads(g, g.linear(g.x, "layers.0.attn.v_proj.weight", 4, "v_proj"), 1, "v_heads")
+    probs = g.softmax(g.matmul(q, g.permute(k, 0, 1, 3, 2)), 3)
+    att = g.view(g.permute(g.matmul(probs, v), 0, 2, 1, 3), B, S, D, name="merge")
+    a = analyze_graph(g.graph(g.binary(g.x, g.linear(att, "layers.0.attn.o_proj.weight", D, "o_proj"))))
+
+    (s,) = a.structures
+    assert (s.kind, s.units, s.unit_channels) == ("attention", 4, 4)
+    assert s.level1_nodes == ["q_proj"]                 # k_proj, v_proj: read by every head, kept
+    np.testing.assert_array_equal(_slice(s, "o").index, np.arange(16).reshape(4, 4))
 
 
 def _ffn(mix) -> Graph:

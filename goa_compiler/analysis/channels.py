@@ -955,12 +955,14 @@ def _matmul(st: _State, node: Node, in_tags=None):
         tb = bt.get(o - (rank - rb)) if o - (rank - rb) >= 0 else None
         da = _static(sa[o - (rank - ra)]) if o - (rank - ra) >= 0 else 1
         db = _static(sb[o - (rank - rb)]) if o - (rank - rb) >= 0 else 1
-        if ta and tb:
+        if ta and tb and 1 in (da, db) and da != db:
+            pass        # one K/V head broadcast to every query head (multi-query): it belongs to no unit
+        elif ta and tb:
             st.join(ta, tb, _static(node.shape[o]))
         elif (ta and db not in (1,)) or (tb and da not in (1,)):
             raise _Reject("a matrix product pairs heads with a tensor outside the structure")
         if ta or tb:
-            out[o] = ta or tb
+            out[o] = tb if ta is None or (tb is not None and da == 1) else ta
     if ra - 2 in at:
         out[rank - 2] = at[ra - 2]
     if rb - 1 in bt:
