@@ -283,6 +283,46 @@ def test_a_chunk_bound_computed_from_the_shape_is_replaced_by_a_constant(tmp_pat
     assert inits[g_slice.input[2]] == [4]          # the bound that changed is a constant now
 
 
+def test_expand_sizes_through_where_are_traced_to_their_constant(tmp_path):
+    """TorchScript torch.onnx writes ``expand``'s sizes as Where(Equal(s, -1), ones, s): an
+    element of ``s`` that is a constant keeps its provenance through the Where, and a
+    computed element that is the same in every run (a size-1 axis times a head count) is
+    that integer."""
+    emb, emb_init = _embed()
+    c = lambda name, v: _init(name, np.array(v, dtype=np.int64))   # noqa: E731
+    nodes = [emb, helper.make_node("Unsqueeze", ["h", "ax2"], ["h1"]),                 # [B, S, 1, W]
+             helper.make_node("Shape", ["h"], ["hs"], start=0, end=2),
+             helper.make_node("Concat", ["hs", "three", "width"], ["sizes"], axis=0),
+             helper.make_node("ConstantOfShape", ["four"], ["ones"], value=numpy_helper.from_array(
+                 np.array([1], dtype=np.int64))),
+             helper.make_node("Mul", ["ones", "minus1"], ["m1"]),
+             helper.make_node("Equal", ["sizes", "m1"], ["is_m1"]),
+             helper.make_node("Where", ["is_m1", "ones", "sizes"], ["keep"]),
+             helper.make_node("Expand", ["h1", "keep"], ["e"]),                       # [B, S, 3, W]
+             helper.make_node("Shape", ["h1"], ["h1s"], start=2, end=3),
+             helper.make_node("Mul", ["h1s", "three"], ["heads"]),                     # 1 * 3, computed
+             helper.make_node("Concat", ["hs", "heads", "width"], ["s2"], axis=0),
+             helper.make_node("Reshape", ["e", "s2"], ["r"]),
+             helper.make_node("ReduceSum", ["r", "ax2"], ["summed"], keepdims=0),
+             helper.make_node("MatMul", ["summed", "head"], ["logits"])]
+    inits = [emb_init, c("ax2", [2]), c("three", [3]), c("width", [WIDTH]), c("four", [4]), c("minus1", [-1]),
+             _init("head", RNG.standard_normal((WIDTH, VOCAB)).astype(np.float32))]
+    path = _save(tmp_path, nodes, inits, _logits())
+    fe = OnnxFrontend.load(path)
+    view = fe.view()
+    assert view.nodes["e"].attrs["sizes"][2:] == [3, WIDTH]
+    assert view.nodes["r"].attrs["sizes"][2:] == [3, WIDTH]
+    fe.set_ints("e", "sizes", {2: 2})
+    fe.set_ints("r", "sizes", {2: 2})
+    fe.finish()
+    fe.save(tmp_path / "edited.onnx")
+    h = np.asarray(emb_init.float_data, np.float32).reshape(VOCAB, WIDTH) if emb_init.float_data else \
+        numpy_helper.to_array(emb_init)
+    ids = _ids()
+    head = next(numpy_helper.to_array(i) for i in inits if i.name == "head")
+    np.testing.assert_allclose(_ort(tmp_path / "edited.onnx", ids), 2 * h[ids] @ head, rtol=1e-5, atol=1e-5)
+
+
 def _heads_graph(tmp_path):
     """Two Reshapes [0, 0, 3, 4] sharing one shape initializer, and one shared Concat shape."""
     emb, emb_init = _embed()

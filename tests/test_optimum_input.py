@@ -60,8 +60,11 @@ def _ids(vocab):
 # gpt2: fused QKV in a Conv1D taken apart by Split with computed sizes, biases; llama-gqa:
 # grouped K/V; phi3: fused gate/up taken apart by chunk (Slice bounds from the shape);
 # falcon-mqa: one K/V head broadcast over the query heads by eager MatMuls; gptj: the
-# present keys a Cast of the Concat
+# present keys a Cast of the Concat; gpt-bigcode: the one K/V head expanded over the query
+# heads with sizes through Where(Equal(sizes, -1), ones, sizes), its cache carrying it on
+# the features
 @pytest.mark.parametrize("family,task", [("gpt2", "text-generation-with-past"),
+                                         ("gpt-bigcode", "text-generation-with-past"),
                                          ("llama-gqa", "text-generation-with-past"),
                                          ("phi3", "text-generation"),
                                          ("falcon-mqa", "text-generation-with-past"),

@@ -330,8 +330,10 @@ def _output(st, node, in_tags):
         tags = st.tags.get(r, {})
         port = st.graph.ports.get(r)
         last = len(st.graph.nodes[r].shape or ()) - 1
-        if port is not None and port.axis in tags and set(tags) <= {port.axis, last}:
-            st.port_outputs[r] = (tags[port.axis], _static(st.graph.nodes[r].shape[port.axis]))
+        if port is not None and tags and set(tags) <= {port.axis, last}:
+            if port.axis in tags:
+                st.port_outputs[r] = (tags[port.axis], _static(st.graph.nodes[r].shape[port.axis]))
+            # channels on the features only (one K/V head every query head reads): never sliced
             if last in tags and last != port.axis:
                 st.port_features.append((tags[last], _static(st.graph.nodes[r].shape[last])))
         elif _value_tags(st, r):
@@ -945,6 +947,9 @@ def _matmul(st: _State, node: Node, in_tags=None):
     at, bt = _tags(st, a), _tags(st, b)
     sa, sb = _shape(st, a), _shape(st, b)
     ra, rb = len(sa), len(sb)
+    shared = _shared_operand(st, node, bt, sb, at, ra)
+    if shared:
+        bt = {}
     if ra - 1 in at or rb - 2 in bt:
         raise _Reject("a matrix product contracts a channel axis")
     rank = len(node.shape)
@@ -959,6 +964,8 @@ def _matmul(st: _State, node: Node, in_tags=None):
             pass        # one K/V head broadcast to every query head (multi-query): it belongs to no unit
         elif ta and tb:
             st.join(ta, tb, _static(node.shape[o]))
+        elif shared and ta and db == da:
+            _expanded_with_heads(st, b, o - (rank - rb), ta, da)
         elif (ta and db not in (1,)) or (tb and da not in (1,)):
             raise _Reject("a matrix product pairs heads with a tensor outside the structure")
         if ta or tb:
@@ -986,6 +993,36 @@ def _matmul(st: _State, node: Node, in_tags=None):
             st.roles.setdefault((t.root, *ch), set()).add(role)
             st.attention.setdefault(t.root, dict(node=node.name, heads=length if role == "q" else None,
                                                  kv_heads=None, head_dim=None))
+
+
+def _shared_operand(st: _State, node: Node, tags: dict, shape: tuple, other: dict, other_rank: int) -> bool:
+    """Multi-query attention written as matrix products: keys (transposed) or values of one
+    head, expanded over the query heads, carry channels on their matrix axes only, while
+    the other operand carries the query heads on a batch axis. Every query head reads them
+    alike: they belong to no unit (pinned, so none may own them)."""
+    rank = len(shape)
+    if not tags or any(ax < rank - 2 for ax in tags) or not any(ax < other_rank - 2 for ax in other):
+        return False
+    for ax, t in tags.items():
+        length = _static(shape[ax])
+        if length is None:
+            return False
+    for ax, t in tags.items():
+        st.pinned.append((t.root, *t.channels(_static(shape[ax])), f"{node.target} ({node.name})"))
+    return True
+
+
+def _expanded_with_heads(st: _State, ref, axis: int, qt: Tag, heads: int) -> None:
+    """A shared operand expanded to ``heads`` entries on ``axis``: the sizes that make it so
+    follow the number of kept query heads (as in sdpa's multi-query form)."""
+    trail = _expansion_sizes(st, ref, axis, heads) if heads > 1 else []
+    if trail is None:
+        raise _Reject("keys and values repeated over the query heads in a way analysis "
+                      "cannot follow back to the expand")
+    a, b = qt.channels(heads)
+    for n, pos in trail:
+        st.constants.append(ShapeConstant(IntHandle(n, "sizes", pos), ConstantKind.SIZE, qt.root,
+                                          a, b, qt.block, qt.repeat, heads))
 
 
 def _through_softmax(st: _State, ref) -> bool:

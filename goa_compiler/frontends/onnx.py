@@ -547,10 +547,12 @@ class OnnxFrontend:
 
     def _ints_at(self, v: ir.Value) -> np.ndarray:
         """A copy of the integers ``v`` holds: a constant's, or for a value computed from
-        shapes that is the same in every shape run (IntTracer.static), that value."""
+        shapes that is the same in every shape run (IntTracer._computed), that value."""
         if self.consts.has(v.name):
             return self.consts.tensor(v.name).numpy().copy()
-        return np.asarray(self._builder.tracer.runs[0][v.name], dtype=np.int64).copy()
+        shape = self._builder.shapes[v.name]
+        dtype = v.dtype.numpy() if v.dtype is not None else np.int64
+        return np.asarray(self._builder.tracer.runs[0][v.name], dtype=dtype).reshape(shape)
 
     def _clone(self, node: ir.Node) -> ir.Node:
         clone = ir.Node(node.domain, node.op_type, list(node.inputs), attributes=list(node.attributes.values()),

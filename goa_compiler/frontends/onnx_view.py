@@ -156,7 +156,7 @@ class IntTracer:
             for j, piece in enumerate(p.inputs):
                 sub = self._trace(p, j, piece)
                 if sub is None:
-                    return self._computed(v)
+                    return self._computed(v, node, pos)
                 out += [(val, _prepend(Hop(node.name, pos, len(out) + k), prov)) for k, (val, prov) in
                         enumerate(sub)]
             return out
@@ -164,25 +164,41 @@ class IntTracer:
             sub = self._trace(p, 0, p.inputs[0])
             if sub is not None:
                 return [(val, _prepend(Hop(node.name, pos, k), prov)) for k, (val, prov) in enumerate(sub)]
-        return self._computed(v)
+        if p is not None and self._keeps_sizes(p):
+            sub = self._trace(p, 2, p.inputs[2])
+            if sub is not None and all(val != -1 for val, _ in sub):
+                return [(val, _prepend(Hop(node.name, pos, k), prov)) for k, (val, prov) in enumerate(sub)]
+        return self._computed(v, node, pos)
 
-    def static(self, node: ir.Node, pos: int) -> list[tuple[int, Provenance]] | None:
-        """The elements of input ``pos`` of ``node`` when they are computed from shapes but
-        the same in every run (half of a static axis, as ``chunk`` writes it), with a
-        provenance that ends at that input: the rewrite replaces the computation there with
-        a constant when it changes the value. None when the elements are not that."""
-        v = node.inputs[pos] if pos < len(node.inputs) else None
-        if v is None or self.consts.has(v.name):
-            return None
-        values = [r.get(v.name) for r in self.runs]
-        if any(x is None for x in values) or any(list(x) != list(values[0]) for x in values):
-            return None
-        return [(int(c), Provenance((Hop(node.name, pos, k),))) for k, c in enumerate(values[0])]
+    def _keeps_sizes(self, where: ir.Node) -> bool:
+        """``Where(Equal(sizes, -1), ones, sizes)``: TorchScript torch.onnx's form of
+        ``expand``'s sizes (-1 keeps a size). Where no element is -1 it is ``sizes`` itself,
+        and stays so when an element is set to another size."""
+        if where.op_type != "Where" or where.domain != "" or len(where.inputs) != 3:
+            return False
+        cond, sizes, out = where.inputs[0].producer(), where.inputs[2], where.outputs[0]
+        if cond is None or cond.op_type != "Equal" or any(x is None for x in cond.inputs):
+            return False
 
-    def _computed(self, v: ir.Value):
+        def minus_ones(v):
+            values = [self.consts.ints(v.name)] if self.consts.has(v.name) else [r.get(v.name) for r in self.runs]
+            return all(x is not None and len(x) > 0 and all(e == -1 for e in x) for x in values)
+        # compared with -1 (the comparison may read a copy made by an earlier patch), and
+        # ``sizes`` itself in every run
+        return any(minus_ones(v) for v in cond.inputs) and \
+            all(r.get(out.name) is not None and r.get(out.name) == r.get(sizes.name) for r in self.runs)
+
+    def _computed(self, v: ir.Value, node: ir.Node, pos: int):
+        """Integers computed from shapes. The same in every run (they depend on no dynamic
+        axis: ``chunk``'s half of a static width, a head count times a size-1 axis): those
+        integers, with a provenance that ends where ``node`` reads them, so the rewrite
+        puts a constant there when it changes one. Otherwise a symbol per element, which
+        follows the pruned tensors at run time by itself."""
         values = [r.get(v.name) for r in self.runs]
         if any(x is None for x in values) or len({len(x) for x in values}) != 1:
             return None
+        if all(list(x) == list(values[0]) for x in values):
+            return [(int(c), Provenance((Hop(node.name, pos, k),))) for k, c in enumerate(values[0])]
         return [(sympy.Symbol(f"{v.name}[{k}]"), None) for k in range(len(values[0]))]
 
 
@@ -492,8 +508,6 @@ class ViewBuilder:
     def _slice(self, node, x, out, mk):
         ins = node.inputs
         starts, ends = self.tracer.elements(node, 1), self.tracer.elements(node, 2)
-        if starts and ends and any(isinstance(v, sympy.Basic) for v, _ in starts + ends):
-            starts, ends = self.tracer.static(node, 1) or starts, self.tracer.static(node, 2) or ends
         axes = self.tracer.elements(node, 3) if len(ins) > 3 and ins[3] is not None else [(0, None)]
         steps = self.tracer.elements(node, 4) if len(ins) > 4 and ins[4] is not None else [(1, None)]
         if not starts or not ends or len(starts) != 1 or axes is None or steps is None:
