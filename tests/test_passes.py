@@ -58,7 +58,7 @@ def test_names_are_unique_and_until_must_exist():
 
 
 def test_the_pipeline_is_one_pass_list():
-    assert pipeline.PIPELINE.names() == ["capture", "analysis", "capture decoder", "eval dense",
+    assert pipeline.PIPELINE.names() == ["drop experts", "capture", "analysis", "capture decoder", "eval dense",
                                          "logit reference", "export dense", "select", "greedy reconstruction",
                                          "dense template", "rewrite", "rewrite decoder"]
     assert pipeline.OUTPUT.names() == ["export", "verify", "serving files", "checkpoint", "eval pruned", "logit error",

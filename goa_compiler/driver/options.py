@@ -181,6 +181,11 @@ class CompileOptions:
         "or each query head (query-head: a K/V head goes when its last query head does; groups left "
         "unequal read their K/V through a gather). Multi-query attention always has query-head units",
         choices=AttentionUnit)
+    drop_experts: int = option(
+        0, "remove N whole experts from every mixture-of-experts layer, the router's rows with them (each "
+        "token's top-k is then picked among the others): the N whose removal alone changes the layer's "
+        "output least on the calibration windows; before the ratio prunes the rest (0: none)",
+        check=_at_least(0), limit=1_000_000, metavar="N")
     module_inputs: str = option(
         ModuleInputs.DENSE, "the inputs each module is scored and refit on: the dense model's (every "
         "module on its own) or the model pruned so far (the paper's greedy; measured worse, "
@@ -268,7 +273,8 @@ class CompileOptions:
         """No calibration data is read: a data-free criterion without reconstruction."""
         from goa_compiler.prune.criteria import REGISTRY
 
-        return not REGISTRY[self.criterion].needs_data and self.reconstruct == Reconstruction.NONE
+        return not REGISTRY[self.criterion].needs_data and self.reconstruct == Reconstruction.NONE \
+            and not self.drop_experts
 
 
 @dataclass(frozen=True)
@@ -392,6 +398,9 @@ def validate(opts: CompileOptions) -> CompileOptions:
     if opts.save_stats and opts.load_stats and \
             os.path.abspath(opts.save_stats) == os.path.abspath(opts.load_stats):
         raise OptionError("--save-stats and --load-stats name the same directory (saving replaces what is loaded)")
+    if opts.drop_experts and opts.speed_wanted:
+        raise OptionError("--drop-experts with --measure-speed or --min-speedup is not supported: the dense model "
+                          "they export would be the one without those experts")
     allocation = opts.allocation or default_allocation(opts)
     if allocation == Allocation.BLOCK and not scores_are_errors(opts):
         raise OptionError(f"--allocation block weighs units by the output error their removal costs: it needs "

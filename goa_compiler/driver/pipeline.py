@@ -78,6 +78,7 @@ class CompileState:
     analysis: Analysis | None = None
     shapes: dict = field(default_factory=dict)
     params_before: int = 0
+    dropped_experts: object = None        # transform/whole_experts.Dropped: the experts removed before capture
     # the serving graph (KV-cache decoder), when there is one
     decoder: CapturedDecoder | None = None
     decoder_frontend: FxFrontend | None = None
@@ -125,6 +126,61 @@ class CompileState:
 
 # ------------------------------------------------------------------------------ passes
 
+class DropExperts(PassBase):
+    """Whole experts removed from every mixture-of-experts layer before capture, the router's
+    rows with them (transform/whole_experts.py); the model is restored when the compile ends,
+    and the dense measurements (--eval, --max-logit-error) read it with all its experts."""
+
+    name = "drop experts"
+
+    def applies(self, state):
+        return state.opts.drop_experts > 0
+
+    def requires(self, state):
+        if state.model is None:
+            raise CompileError("--drop-experts needs the PyTorch model (a Hugging Face checkpoint, hub id or "
+                               "GGUF file), not an ONNX file")
+        if state.tokenizer is None:
+            raise CompileError("--drop-experts scores the experts on the calibration text: it needs the "
+                               "model's tokenizer")
+
+    def call(self, state):
+        from goa_compiler.transform import whole_experts as we
+
+        n = state.opts.drop_experts
+        try:
+            layers = we.moe_layers(state.model)
+        except we.ExpertsRefused as e:
+            raise CompileError(f"--drop-experts: {e}") from e
+        fewest = min(layer.count for layer in layers)
+        if n >= fewest:
+            raise CompileError(f"--drop-experts {n}: a layer has {fewest} experts; at least one must stay")
+        windows = calibration.calibration_windows(state.tokenizer, state.opts)
+        feeds = state.progress.iter(calibration.batches(windows, state.opts.batch_size), "batches")
+        losses, first = we.expert_losses(state.model, layers, feeds)
+        removed = {layer.block: we.lowest(losses[layer.block], n) for layer in layers}
+        try:
+            state.dropped_experts = we.drop(state.model, layers, removed, first)
+        except we.ExpertsRefused as e:
+            raise CompileError(f"--drop-experts: {e}") from e
+        state.resources.callback(state.dropped_experts.restore)
+        state.progress.log(f"removed {n} of {fewest} experts in each of {len(layers)} layers "
+                           f"({state.dropped_experts.params_removed:,} parameters)")
+        return PassResult(self.name, True, {"whole_experts": {
+            "removed": removed, "experts_before": {layer.block: layer.count for layer in layers},
+            "params_removed": state.dropped_experts.params_removed,
+            "loss": {b: [round(v, 9) for v in losses[b]] for b in losses},
+            "score": "sum over the calibration tokens of ||y - y without e||^2, y the layer's output, the "
+                     "router picking among the other experts"}})
+
+
+def _dense_model(state):
+    """The model with every expert (``DropExperts`` undone for a while); itself otherwise."""
+    from contextlib import nullcontext
+
+    return state.dropped_experts.dense() if state.dropped_experts else nullcontext()
+
+
 class Capture(PassBase):
     name = "capture"
 
@@ -153,7 +209,8 @@ class Analyze(PassBase):
     def call(self, state):
         state.analysis = _analysis(state.frontend, _query_heads(state.opts))
         state.shapes = state.frontend.param_shapes()
-        state.params_before = state.frontend.param_count()
+        state.params_before = state.frontend.param_count() + \
+            (state.dropped_experts.params_removed if state.dropped_experts else 0)
         lowered = getattr(state.frontend, "lowered", None)      # (an ONNX input's fused ops, onnx_lower.py)
         if lowered:
             state.progress.log("fused ops rewritten as standard ONNX: " +
@@ -263,7 +320,8 @@ class EvalDense(PassBase):
 
             state.ppl_before = perplexity_onnx(state.onnx_source, state.eval_windows)["ppl"]
         else:
-            state.ppl_before = perplexity_torch(state.model, state.eval_windows)["ppl"]
+            with _dense_model(state):
+                state.ppl_before = perplexity_torch(state.model, state.eval_windows)["ppl"]
         return PassResult(self.name)
 
 
@@ -283,7 +341,8 @@ class LogitReference(PassBase):
             ids = windows.numpy()
             state.logit_ref = (windows, what, run_onnx(state.onnx_source, ids, np.ones_like(ids)))
         else:
-            state.logit_ref = (windows, what, dense_outputs(state.model, state.kind, windows))
+            with _dense_model(state):
+                state.logit_ref = (windows, what, dense_outputs(state.model, state.kind, windows))
         return PassResult(self.name)
 
 
@@ -886,8 +945,8 @@ class Report(PassBase):
 
 
 # what a torchrun rank other than 0 runs: its share of the calibration
-RANK_PIPELINE = PassManager([Capture(), Analyze(), GreedyReconstruction()])
-PIPELINE = PassManager([Capture(), Analyze(), CaptureDecoder(), EvalDense(), LogitReference(), ExportDense(),
+RANK_PIPELINE = PassManager([DropExperts(), Capture(), Analyze(), GreedyReconstruction()])
+PIPELINE = PassManager([DropExperts(), Capture(), Analyze(), CaptureDecoder(), EvalDense(), LogitReference(), ExportDense(),
                         Select(), GreedyReconstruction(), DenseTemplate(), Rewrite(), RewriteDecoder()])
 OUTPUT = PassManager([Export(), Verify(), ServingFiles(), Checkpoint(), EvalPruned(), LogitError(), Latency(), Gates(), Report()])
 
