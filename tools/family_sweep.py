@@ -10,6 +10,11 @@ catches rewrite errors, not a wrong unit mapping). Each family runs in its own p
 a timeout. JSON to --out:
 
     .venv/bin/python tools/family_sweep.py --out sweep.json [--families llama,falcon,...]
+        [--drop-experts N]
+
+With ``--drop-experts N`` (whole experts removed, transform/whole_experts.py) the reference
+is the dense model with the removed experts' router logits masked (the compiler's own
+masking of the router weight's products) and the kept experts' removed neurons zeroed.
 """
 from __future__ import annotations
 
@@ -41,6 +46,36 @@ def _weight(params: dict, name: str, expert: int | None):
     return params[name] if expert is None else params[fused_name(name)][expert]
 
 
+def _dense_expert(name: str, expert: int | None, removed: dict) -> int | None:
+    """The dense model's number of the pruned model's expert ``expert`` of parameter ``name``."""
+    if expert is None:
+        return None
+    gone = next((set(v) for block, v in removed.items() if name.startswith(block + ".")), set())
+    return [e for e in range(expert + len(gone) + 1) if e not in gone][expert]
+
+
+def _masked(dense, removed: dict):
+    from contextlib import ExitStack
+
+    from goa_compiler.transform import whole_experts as we
+
+    stack = ExitStack()
+    if removed:
+        layers = {layer.block: layer for layer in we.moe_layers(dense)}
+        masks = {}
+        for block, experts in removed.items():
+            masks.update(we.masked(dense, layers[block], experts).weights)
+        stack.enter_context(we._MaskLogits(masks))
+    return stack
+
+
+def _byte_tokenizer():
+    sys.path.insert(0, str(ROOT))
+    from models import tiny
+
+    return tiny.byte_tokenizer()
+
+
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 
@@ -60,7 +95,7 @@ def tiny_config(model_type: str):
     return cfg
 
 
-def one(model_type: str, ratio: float, queue):
+def one(model_type: str, ratio: float, queue, drop_experts: int = 0):
     out = {"family": model_type}
     t0 = time.time()
     try:
@@ -83,8 +118,10 @@ def one(model_type: str, ratio: float, queue):
         dense = copy.deepcopy(model)
         with tempfile.TemporaryDirectory() as d:
             try:
+                extra = dict(drop_experts=drop_experts, num_samples=4, seq_len=32) if drop_experts else {}
                 res = compile_loaded(model, "causal-lm", CompileOptions(ratio=ratio, criterion="random",
-                                                                        reconstruct="none", seed=3), Path(d) / "o")
+                                                                        reconstruct="none", seed=3, **extra),
+                                     Path(d) / "o", tokenizer=_byte_tokenizer() if drop_experts else None)
             except CompileError as e:
                 out.update(status="refused", message=str(e))
                 return
@@ -94,6 +131,9 @@ def one(model_type: str, ratio: float, queue):
                        kv_cache=res.report["decoder"]["kv_cache"])
             params = dict(dense.named_parameters())
             by_name = {s.name: s for s in res.analysis.structures}
+            removed = res.report.get("whole_experts", {}).get("removed", {})
+            if removed:
+                out["experts_removed"] = sum(len(v) for v in removed.values())
             with torch.no_grad():
                 for rec in res.report["modules"]:
                     s = by_name[rec["name"]]
@@ -105,11 +145,12 @@ def one(model_type: str, ratio: float, queue):
                         name = sl.param[len("model."):] if sl.param.startswith("model.") else sl.param
                         cols = torch.as_tensor(sl.index[drop].reshape(-1), dtype=torch.long)
                         if cols.numel():
-                            _weight(params, name, s.expert).index_fill_(sl.axis, cols, 0.0)
+                            _weight(params, name, _dense_expert(name, s.expert, removed)).index_fill_(
+                                sl.axis, cols, 0.0)
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(0, int(cfg.get_text_config().vocab_size), (2, 13), generator=g)
             mask = torch.ones_like(ids)
-            with torch.no_grad():
+            with torch.no_grad(), _masked(dense, removed):
                 ref = dense(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
             got = run_onnx(Path(d) / "o" / "model.onnx", ids.numpy(), mask.numpy())
             out["zeroing_error"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
@@ -130,13 +171,14 @@ def main(argv=None):
     ap.add_argument("--families", default="", help="comma-separated model types (default: every causal LM)")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--drop-experts", type=int, default=0, help="also remove N whole experts per MoE layer")
     args = ap.parse_args(argv)
     families = [f for f in args.families.split(",") if f] or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     ctx = mp.get_context("spawn")
     rows = []
     for fam in families:
         q = ctx.Queue()
-        p = ctx.Process(target=one, args=(fam, args.ratio, q))
+        p = ctx.Process(target=one, args=(fam, args.ratio, q, args.drop_experts))
         p.start()
         p.join(args.timeout)
         if p.is_alive():
@@ -146,7 +188,8 @@ def main(argv=None):
             row = q.get() if not q.empty() else {"family": fam, "status": "error:crash", "exitcode": p.exitcode}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        Path(args.out).write_text(json.dumps({"ratio": args.ratio, "families": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"ratio": args.ratio, "drop_experts": args.drop_experts,
+                                              "families": rows}, indent=1))
     return 0
 
 

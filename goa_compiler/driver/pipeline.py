@@ -157,7 +157,11 @@ class DropExperts(PassBase):
             raise CompileError(f"--drop-experts {n}: a layer has {fewest} experts; at least one must stay")
         windows = calibration.calibration_windows(state.tokenizer, state.opts)
         feeds = state.progress.iter(calibration.batches(windows, state.opts.batch_size), "batches")
-        losses, first = we.expert_losses(state.model, layers, feeds)
+        try:
+            losses, first = we.expert_losses(state.model, layers, feeds)
+        except Exception as e:  # noqa: BLE001 - a model that does not run is refused, as capture refuses it
+            raise CompileError(f"--drop-experts: {type(state.model).__name__} does not run on a calibration batch: "
+                               f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
         removed = {layer.block: we.lowest(losses[layer.block], n) for layer in layers}
         try:
             state.dropped_experts = we.drop(state.model, layers, removed, first)

@@ -96,12 +96,11 @@ def _router_tensors(block: torch.nn.Module, experts_leaf: str, count: int, hidde
             axes = [a for a, size in enumerate(t.shape) if size == count]
             if not axes:
                 continue
-            if t.dim() == 2 and set(t.shape) != {count, hidden}:
-                continue          # (a shared expert's gate [1, H], ...): not per expert
             if len(axes) != 1:
                 raise ExpertsRefused(f"{mod_name or 'the block'}.{n} {tuple(t.shape)}: which axis is the "
                                      f"experts' is ambiguous")
-            found.append(RouterTensor(mod_name, n, axes[0], is_param, is_param and t.dim() == 2))
+            matrix = is_param and t.dim() == 2 and t.shape[1 - axes[0]] == hidden
+            found.append(RouterTensor(mod_name, n, axes[0], is_param, matrix))
     return found
 
 
