@@ -177,3 +177,21 @@ def test_refusals(tmp_path):
     with pytest.raises(OptionError, match="--drop-experts with --measure-speed"):
         validate(CompileOptions(ratio=0.2, drop_experts=1, measure_speed=True))
     assert not CompileOptions(ratio=0.2, criterion="random", reconstruct="none", drop_experts=1).data_free
+
+
+def test_cli_refuses_before_loading_calibration(tmp_path, capsys):
+    """`--dry-run` checks that the model has experts to remove; an ONNX input is refused."""
+    from goa_compiler.ui import cli
+
+    llama = tiny.save("llama", tmp_path / "llama")
+    assert cli.main(["compile", llama, "--ratio", "0.2", "--drop-experts", "1", "--out", str(tmp_path / "o"),
+                     "--dry-run", "--quiet"]) == 2
+    assert "no mixture-of-experts layer" in capsys.readouterr().err
+    moe = tiny.save("mixtral", tmp_path / "moe")
+    assert cli.main(["compile", moe, "--ratio", "0.2", "--drop-experts", "1", "--out", str(tmp_path / "o"),
+                     "--dry-run", "--quiet"]) == 0
+    fake = tmp_path / "m.onnx"
+    fake.write_bytes(b"")
+    assert cli.main(["compile", str(fake), "--tokenizer", moe, "--ratio", "0.2", "--drop-experts", "1",
+                     "--out", str(tmp_path / "p"), "--quiet"]) == 2
+    assert "--drop-experts needs the PyTorch model" in capsys.readouterr().err

@@ -172,6 +172,13 @@ def cmd_compile(args) -> int:
         for spec, split in ((args.calib, "calib"), (opts.effective_eval_data, "eval")):
             if not is_named(spec):
                 load_texts(spec, split=split)    # DataError (one line) when unusable
+        if opts.drop_experts:
+            from goa_compiler.transform.whole_experts import ExpertsRefused, moe_layers
+
+            try:
+                moe_layers(loaded.model)
+            except ExpertsRefused as e:
+                raise UserError(f"--drop-experts: {e}") from e
         options = {k: getattr(args, k) for k in args.compile_schema}
         if args.json:
             print(json.dumps({"dry_run": True, "config": args.config, "options": options}, indent=2))
@@ -191,6 +198,9 @@ def _compile_onnx(args, opts, progress) -> int:
     from goa_compiler.driver.pipeline import compile_onnx
 
     path = _onnx_input(args.model)
+    if opts.drop_experts:
+        raise UserError("--drop-experts needs the PyTorch model (a Hugging Face checkpoint, hub id or GGUF "
+                        "file), not an ONNX file")
     tokenizer = None
     if args.tokenizer is not None:
         if _is_onnx(args.tokenizer):
