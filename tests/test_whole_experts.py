@@ -89,6 +89,7 @@ def test_dropped_experts_equal_the_masked_router(tmp_path, family):
     assert len(removed) == ol.layers(model.config) and all(len(v) == 1 for v in removed.values())
     # the expert of least loss went from every layer
     assert all(v == [min(range(count), key=section["loss"][b].__getitem__)] for b, v in removed.items())
+    assert "Whole experts removed" in (out / "report.html").read_text()
     blocks = {int(b.split(".")[-2]): b for b in removed}
     experts = [r for r in report["modules"] if "expert" in r]
     assert len(experts) == ol.layers(model.config) * (count - 1)

@@ -295,6 +295,20 @@ def _timings(r: dict) -> str:
         "</section>"
 
 
+def _whole_experts(r: dict) -> str:
+    w = r.get("whole_experts")
+    if not w:
+        return ""
+    rows = []
+    for block, gone in w.get("removed", {}).items():
+        loss = w.get("loss", {}).get(block, [])
+        rows.append([e(block), f"{w.get('experts_before', {}).get(block, '')}", e(", ".join(map(str, gone))),
+                     e(" ".join(f"{v:.3g}" for v in loss))])
+    return ('<section id="whole-experts"><h2>Whole experts removed</h2>'
+            f'<p class="muted">{int(w.get("params_removed", 0)):,} parameters; score: {e(w.get("score", ""))}</p>'
+            + _table(["layer", "experts", "removed", "loss of each expert"], rows) + "</section>")
+
+
 def _notes(r: dict) -> str:
     notes = r.get("notes") or []
     if not notes:
@@ -320,7 +334,7 @@ def render(report: dict) -> str:
         f'<p class="muted">{e(report.get("model", ""))} &middot; ratio {num(report.get("ratio_achieved"))} '
         f'achieved ({num(report.get("ratio_requested"))} requested){verdict}'
         f'{" &middot; goa-compiler " + e(version) if version else ""}</p></header>',
-        "<main>", _summary(report), _gates(report), _quality(report), _allocation(report),
+        "<main>", _summary(report), _gates(report), _quality(report), _whole_experts(report), _allocation(report),
         _reconstruction(report), _decoder(report), _inputs(report), _versions(report), _timings(report), _notes(report),
         "</main></body></html>",
     ]
