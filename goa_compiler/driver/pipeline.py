@@ -1011,14 +1011,17 @@ def _run(state: CompileState, out) -> CompileState:
     """The pipeline, then the output passes into a staged OUT renamed into place; on a
     rank other than 0, its share of the calibration only (``report`` stays None)."""
     state.out = Path(out)
-    with state.resources:
-        if not state.ranks.lead:
-            RANK_PIPELINE.run(state, state.progress)
-            return state
-        PIPELINE.run(state, state.progress)
-        with staged_output(out, state.opts.overwrite) as tmp:
-            state.staging = tmp
-            OUTPUT.run(state, state.progress)
+    try:
+        with state.resources:
+            if not state.ranks.lead:
+                RANK_PIPELINE.run(state, state.progress)
+                return state
+            PIPELINE.run(state, state.progress)
+            with staged_output(out, state.opts.overwrite) as tmp:
+                state.staging = tmp
+                OUTPUT.run(state, state.progress)
+    finally:
+        state.ranks.leave()
     if state.journal is not None:
         state.journal.remove()
     return state

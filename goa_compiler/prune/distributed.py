@@ -29,6 +29,7 @@ class DistributedError(Exception):
 class Ranks:
     rank: int = 0
     world: int = 1
+    joined: bool = False        # this compile joined the process group (and leaves it)
 
     @property
     def lead(self) -> bool:
@@ -73,6 +74,13 @@ class Ranks:
         if self.active:
             torch.distributed.barrier()
 
+    def leave(self) -> None:
+        """Destroy the process group this compile joined (a group the caller made is left
+        alone). Without it gloo's worker threads outlive the interpreter, and a rank that
+        exits first can abort at shutdown ('terminate called without an active exception')."""
+        if self.joined and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 SINGLE = Ranks()
 
@@ -94,13 +102,14 @@ def from_environment() -> Ranks:
 
     if not dist.is_available():
         raise DistributedError("WORLD_SIZE is set but this torch has no torch.distributed")
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         try:
             dist.init_process_group(backend=backend, timeout=TIMEOUT)
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"cannot join the torch.distributed process group: {e}") from e
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks(dist.get_rank(), dist.get_world_size(), joined)
 
 
 def reduce_stats(ranks: Ranks, *stats) -> None:
