@@ -90,7 +90,10 @@ def tiny_config(model_type: str):
                 pass
     types = getattr(target, "layer_types", None)
     if isinstance(types, (list, tuple)) and types:
-        target.layer_types = list(types[:2]) if len(types) >= 2 else list(types) * 2
+        try:
+            target.layer_types = list(types[:2]) if len(types) >= 2 else list(types) * 2
+        except AttributeError:  # a derived property (Bamba's layers_block_type): the layer count decides
+            pass
     target.use_cache = False
     return cfg
 
