@@ -87,3 +87,39 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
     assert np.linalg.norm(za - zb) / np.linalg.norm(za) < 1e-5
     # only rank 0 wrote: OUT and nothing else beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "llama", "one", "two"]
+
+
+def test_a_compile_leaves_the_group_it_joined_and_only_that(monkeypatch):
+    """from_environment joins torchrun's group when none exists and Ranks.leave destroys it
+    (gloo's threads must not outlive the interpreter: a rank exiting with them alive can abort
+    at shutdown); a group the caller made before the compile is left alone."""
+    import torch.distributed as dist
+
+    from goa_compiler.prune.distributed import from_environment
+
+    calls, live = [], {"group": False}
+
+    def init(**kwargs):
+        calls.append("init")
+        live["group"] = True
+
+    def destroy():
+        calls.append("destroy")
+        live["group"] = False
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: live["group"])
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    ranks = from_environment()
+    assert (ranks.rank, ranks.world, ranks.joined) == (1, 2, True)
+    ranks.leave()
+    assert calls == ["init", "destroy"]
+
+    calls.clear()
+    live["group"] = True                     # the caller's own group
+    ranks = from_environment()
+    ranks.leave()
+    assert not ranks.joined and calls == [] and live["group"]
