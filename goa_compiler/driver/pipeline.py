@@ -1011,17 +1011,15 @@ def _run(state: CompileState, out) -> CompileState:
     """The pipeline, then the output passes into a staged OUT renamed into place; on a
     rank other than 0, its share of the calibration only (``report`` stays None)."""
     state.out = Path(out)
-    try:
-        with state.resources:
-            if not state.ranks.lead:
-                RANK_PIPELINE.run(state, state.progress)
-                return state
-            PIPELINE.run(state, state.progress)
-            with staged_output(out, state.opts.overwrite) as tmp:
-                state.staging = tmp
-                OUTPUT.run(state, state.progress)
-    finally:
-        state.ranks.leave()
+    state.resources.callback(state.ranks.leave)     # the last cleanup: after the passes' own
+    with state.resources:
+        if not state.ranks.lead:
+            RANK_PIPELINE.run(state, state.progress)
+            return state
+        PIPELINE.run(state, state.progress)
+        with staged_output(out, state.opts.overwrite) as tmp:
+            state.staging = tmp
+            OUTPUT.run(state, state.progress)
     if state.journal is not None:
         state.journal.remove()
     return state
