@@ -50,7 +50,7 @@ def test_every_compile_option_has_a_key():
                 "seq_len", "skip_layers", "eval", "eval_tokens", "head_criterion", "goa_score", "ridge",
                 "batch_size", "seed", "overwrite", "json", "quiet", "trust_remote_code", "module_inputs", "refit_prior",
                 "ridge_folds", "attention_unit", "max_ppl_increase", "max_logit_error", "min_speedup", "measure_speed", "dry_run", "kv_cache", "dtype", "tokenizer", "export",
-                "resume", "save_stats", "load_stats", "drop_experts"}
+                "resume", "save_stats", "load_stats", "drop_experts", "refit_intercept"}
     assert set(SCHEMA) == expected
 
 

@@ -7,6 +7,8 @@ same problem on the kept input channels (its lambda from the kept channels' Gram
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -163,7 +165,7 @@ def _guard(bias, ridge, drop, W_orig, b_orig, cross, recon="refit"):
     kept = [u for u in range(UNITS) if u not in drop]
     settings = GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge,
                               score=ScoreSettings("moment", "empirical", 0.3), module_inputs="dense",
-                              refit_prior="zero", ridge_folds=0)
+                              refit_prior="zero", ridge_folds=0, refit_intercept="biased")
     stats = ModuleStats(Moments(), Moments())
     folded = None
     if cross is not None:
@@ -352,3 +354,58 @@ def test_folds_split_windows_and_sum_to_the_whole():
     assert one.total() is one.folds[0]
     with pytest.raises(ValueError):
         FoldedCross(0)
+
+
+# ------------------------------------------------------------------------------ --refit-intercept
+
+def _kept_refit(intercept, ridge, drop, W, cross, X, expert=None):
+    """refit_level2_kept on a bias-free projection, refit toward the original W."""
+    s = dataclasses.replace(_structure(False), expert=expert)
+    Wt = torch.as_tensor(W, dtype=torch.float64)
+    w = Level2Weights(Wt.clone(), None, Wt, None)
+    kept = [u for u in range(UNITS) if u not in drop]
+    settings = GreedySettings(criterion="goa", reconstruct="refit", ridge=ridge,
+                              score=ScoreSettings("moment", "empirical", 0.3), module_inputs="dense",
+                              refit_prior="original", ridge_folds=0, refit_intercept=intercept)
+    st = ModuleStats(Moments(), Moments())
+    st.h.update(torch.as_tensor(X))
+    folded = FoldedCross(1)
+    folded.folds[0] = cross
+    return refit_level2_kept(s, w, folded, drop, kept, "refit", settings, st)
+
+
+def test_refit_intercept_spans_flaps_mean_compensation_to_least_squares():
+    """A bias-free projection on its own outputs (the dense-statistics case): with
+    --refit-intercept always the kept-channel refit gains an unpenalised intercept. As the
+    ridge grows it tends to the kept original weights plus FLAP's compensation W[:, S] E[h_S]
+    (flap_bias_compensation); as it vanishes, to least squares with an intercept on the kept
+    channels. ``biased`` fits no intercept, and neither does an expert."""
+    from goa_compiler.prune.criteria import flap_bias_compensation
+
+    _, X, _, W, _ = _problem(seed=5, masked=False, intercept=False)
+    Y = X @ W.T
+    cross = CrossMoments()
+    cross.update(torch.tensor(X), torch.tensor(Y))
+    drop = [1, 4]
+    keep = [c for c in range(DX) if c not in _cols(drop)]
+
+    W_inf, b_inf, _ = _kept_refit("always", 1e9, drop, W, cross, X)
+    np.testing.assert_allclose(W_inf.numpy()[:, keep], W[:, keep], atol=1e-6)
+    assert np.all(W_inf.numpy()[:, _cols(drop)] == 0.0)
+    st = ModuleStats(Moments(), Moments())
+    st.h.update(torch.as_tensor(X))
+    flap = flap_bias_compensation(_structure(False), {"down.weight": torch.as_tensor(W)}, st,
+                                  [u for u in range(UNITS) if u not in drop])
+    np.testing.assert_allclose(b_inf.numpy(), flap.numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b_inf.numpy(), W[:, _cols(drop)] @ X[:, _cols(drop)].mean(0), rtol=1e-6)
+
+    W_0, b_0, rec = _kept_refit("always", 1e-12, drop, W, cross, X)
+    Z = np.hstack([X[:, keep], np.ones((X.shape[0], 1))])
+    theta = np.linalg.lstsq(Z, Y, rcond=None)[0]
+    np.testing.assert_allclose(W_0.numpy()[:, keep], theta[:-1].T, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b_0.numpy(), theta[-1], rtol=1e-6, atol=1e-8)
+    assert rec["output_error"]["final"] < rec["output_error"]["pruned_no_reconstruction"]
+
+    for intercept, expert in (("biased", None), ("always", 0)):
+        _, b, _ = _kept_refit(intercept, 0.3, drop, W, cross, X, expert=expert)
+        assert b is None

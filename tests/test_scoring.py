@@ -300,6 +300,39 @@ def test_output_energy_matches_reference(kind):
         np.testing.assert_allclose(scoring.output_energy(s, w, diag), ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("kind", list(CASES))
+def test_centred_output_energy_is_the_variance_of_the_contribution(kind):
+    """centred: (1/n) sum_t ||B_u (h_t,u - mean_u)||^2, by loops; for one channel per unit it
+    is FLAP's fluctuation (up to its ddof), and a mean shift of h does not change it while
+    it changes the uncentred score."""
+    s, w = CASES[kind]()
+    g = torch.Generator().manual_seed(13)
+    h_rows = torch.randn(9, D2[kind], generator=g, dtype=torch.float64) * 1.5 + 0.4
+    st = ModuleStats(Moments(), Moments())
+    st.h.update(h_rows)
+    W2 = _cols(w, L2[kind])
+    c = h_rows - h_rows.mean(0)
+    ref = []
+    for cols in _units_cols(kind):
+        tot = 0.0
+        for t in range(c.shape[0]):
+            for i in range(W2.shape[0]):
+                tot += sum(float(W2[i, j]) * float(c[t, j]) for j in cols) ** 2
+        ref.append(tot / c.shape[0])
+    np.testing.assert_allclose(scoring.output_energy(s, w, st, centred=True), ref, rtol=1e-9)
+    shifted = ModuleStats(Moments(), Moments())
+    shifted.h.update(h_rows + 5.0)
+    np.testing.assert_allclose(scoring.output_energy(s, w, shifted, centred=True), ref, rtol=1e-9)
+    assert not np.allclose(scoring.output_energy(s, w, shifted), scoring.output_energy(s, w, st), rtol=1e-3)
+    if kind == "ffn":
+        n = h_rows.shape[0]
+        flap = scoring.flap_fluctuation(s, w, st) * (n - 1) / n
+        np.testing.assert_allclose(scoring.output_energy(s, w, st, centred=True), flap, rtol=1e-9)
+        diag = ModuleStats(Moments(), Moments(full=False))
+        diag.h.update(h_rows)
+        np.testing.assert_allclose(scoring.output_energy(s, w, diag, centred=True), ref, rtol=1e-9)
+
+
 # ---- structured OBS: the objective of the refit that follows selection, by brute force
 
 def _refit_objective(W, H, keep_cols, lam):

@@ -81,10 +81,23 @@ def main(argv=None) -> int:
                             loaded.tokenizer, Progress(False))
         ppl = {k: perplexity_torch(st.captured.gm, w)["ppl"] for k, w in sets.items()}
         results["runs"][cfg] = {"ppl": ppl, "x_dense": {k: ppl[k] / results["dense"][k] for k in ppl},
+                                "removed": _removed_units(analysis, st.plan),
                                 "seconds": time.perf_counter() - t}
-        print(f"{cfg}: {ppl}", file=sys.stderr)
+        print(f"{cfg}: {ppl} removed {results['runs'][cfg]['removed']}", file=sys.stderr)
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _removed_units(analysis, plan) -> dict:
+    """Units removed, summed per structure kind, out of the kind's units."""
+    out: dict = {}
+    for s in analysis.structures:
+        mp = plan.modules.get(s.name)
+        kept = len(mp.kept) if mp is not None else s.units
+        got = out.setdefault(str(s.kind), [0, 0])
+        got[0] += s.units - kept
+        got[1] += s.units
+    return {k: f"{a} of {b}" for k, (a, b) in out.items()}
 
 
 def _force_attention_units(n: int) -> None:

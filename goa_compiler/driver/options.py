@@ -58,6 +58,11 @@ class RefitPrior(StrEnum):
     ORIGINAL = "original"      # toward the original weights: + lambda ||W - W0||^2
 
 
+class RefitIntercept(StrEnum):
+    BIASED = "biased"          # only a projection that has a bias refits it
+    ALWAYS = "always"          # a bias-free level-2 projection gains one (unpenalised intercept)
+
+
 class DType(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
@@ -75,6 +80,7 @@ class HeadCriterion(StrEnum):
 
 class GoaScore(StrEnum):
     EMPIRICAL = "empirical"
+    CENTRED = "centred"        # the measured output variance: what a removal costs once its mean is compensated
     OBS = "obs"
     GAUSSIAN = "gaussian"
     GAUSSIAN_UNCENTRED = "gaussian-uncentred"
@@ -205,7 +211,8 @@ class CompileOptions:
                                  "or JS similarity of attention maps", choices=HeadCriterion)
     goa_score: str = option(
         GoaScore.EMPIRICAL, "goa's unit score: the second moment of the unit's output measured on the "
-        "level-2 input (empirical); the output error left after the refit of the kept units (obs, "
+        "level-2 input (empirical), or its variance (centred: the error left when a removed unit's mean "
+        "output is compensated); the output error left after the refit of the kept units (obs, "
         "structured optimal brain surgeon, greedy); or the paper's closed form 1/2||B_j||^2 A_j^T Sigma "
         "A_j with Sigma centred (gaussian, as the paper's code) or not", choices=GoaScore)
     ridge: float = option(0.3, "ridge of the least-squares refits, relative to the mean diagonal of "
@@ -216,6 +223,11 @@ class CompileOptions:
                               "refit)", check=_folds, limit=64)
     refit_prior: str = option(RefitPrior.ORIGINAL, "what the ridge of the refits pulls the weights toward: "
                               "the original (unit-sliced) weights, or zero", choices=RefitPrior)
+    refit_intercept: str = option(
+        RefitIntercept.BIASED, "the kept-channel refit's intercept: only where the level-2 projection has "
+        "a bias, or always (a bias-free projection gains one; as the ridge grows the refit tends to FLAP's "
+        "mean compensation instead of to the plain slice; as with that compensation, OUT/hf is not written "
+        "for an architecture without that bias)", choices=RefitIntercept)
     batch_size: int = option(8, "calibration sequences per batch", check=_at_least(1), limit=1_000_000)
     seed: int = option(0, "seed of random selection and of the calibration windows", check=_seed)
     kv_cache: bool | None = option(
@@ -410,6 +422,7 @@ def validate(opts: CompileOptions) -> CompileOptions:
         opts, criterion=Criterion(opts.criterion), reconstruct=Reconstruction(opts.reconstruct),
         allocation=Allocation(allocation), module_inputs=ModuleInputs(opts.module_inputs),
         attention_unit=AttentionUnit(opts.attention_unit),
-        refit_prior=RefitPrior(opts.refit_prior), dtype=DType(opts.dtype),
+        refit_prior=RefitPrior(opts.refit_prior), refit_intercept=RefitIntercept(opts.refit_intercept),
+        dtype=DType(opts.dtype),
         head_criterion=HeadCriterion(opts.head_criterion),
         goa_score=GoaScore(opts.goa_score))

@@ -492,7 +492,7 @@ class GreedyReconstruction(PassBase):
         feeds = calibration.batches(windows[shard.start:shard.stop], opts.batch_size)
         settings = greedy.GreedySettings(opts.criterion, opts.reconstruct, opts.ridge,
                                          _score_settings(opts), opts.module_inputs,
-                                         opts.refit_prior, opts.ridge_folds)
+                                         opts.refit_prior, opts.ridge_folds, opts.refit_intercept)
         rng = np.random.default_rng(opts.seed)
         ranks, names = state.ranks, [s.name for s in state.analysis.structures]
         digest = inputs_digest(state.frontend.weights(), windows) if ranks.lead else ""
@@ -532,7 +532,8 @@ class GreedyReconstruction(PassBase):
                "seq_len": int(windows.shape[1]), "seed": opts.seed, "tokens": int(windows.numel())}
         return PassResult(self.name, True, {"calibration": cal, "skipped_layers": sorted(skip),
                                             "new_biases": run.new_biases, "module_inputs": opts.module_inputs,
-                                            "refit_prior": opts.refit_prior, "ridge_folds": opts.ridge_folds})
+                                            "refit_prior": opts.refit_prior, "ridge_folds": opts.ridge_folds,
+                                            "refit_intercept": opts.refit_intercept})
 
 
 def _dense_statistics(state, chosen, feeds, settings, rng, ratio, stored, save, counts):

@@ -155,7 +155,8 @@ def goa_second_moment(structure: Structure, weights: dict[str, torch.Tensor],
     return _to_numpy(total)
 
 
-def output_energy(structure: Structure, weights: dict[str, torch.Tensor], stats: ModuleStats) -> np.ndarray:
+def output_energy(structure: Structure, weights: dict[str, torch.Tensor], stats: ModuleStats,
+                  centred: bool = False) -> np.ndarray:
     """GOA's second moment, measured instead of approximated: the calibration-set second
     moment of each unit's contribution to the module output,
 
@@ -165,20 +166,26 @@ def output_energy(structure: Structure, weights: dict[str, torch.Tensor], stats:
     ||B[:, j]||^2 E[h_j^2], the quantity the closed form 1/2 ||B_j||^2 A_j^T Sigma A_j
     approximates under x ~ N(0, Sigma) (exact for the measured activations, including the
     gate, the mean and SmolLM2-style massive activations that the Gaussian model misses).
-    Needs the full Gram of h when units span several channels (heads)."""
+    Needs the full Gram of h when units span several channels (heads).
+
+    ``centred``: the variance of the contribution instead, tr(B_u C_uu B_u^T) with C the
+    covariance of h: the output error a removal leaves once the unit's mean output is put
+    back as a bias (FLAP's compensation; the limit of a refit with an intercept). For one
+    channel it is FLAP's Var(h_j) ||B[:, j]||^2; for a head it counts the covariance between
+    the head's channels, which FLAP's per-channel sum leaves out."""
     h = stats.h
-    n = float(h.n)
     total = torch.zeros(structure.units, dtype=F64)
     for sl in structure.level2():
         blocks = unit_blocks(sl, weights)                              # [U, k, out]
         idx = torch.as_tensor(np.asarray(sl.index), dtype=torch.long)
-        if h.full:
-            g = h.gram.to(F64)
+        if h.full:       # (uncentred: the sums, divided by n at the end)
+            g = (h.covariance() if centred else h.gram).to(F64)
             G = g[idx[:, :, None], idx[:, None, :]]                    # [U, k, k]
             e = torch.einsum("uko,ukl,ulo->u", blocks, G.to(blocks.device), blocks)
         else:
-            e = ((blocks ** 2).sum(-1) * h.gram.to(F64)[idx]).sum(1)
-        total += e.cpu() / n
+            d = (h.variance() if centred else h.gram).to(F64)
+            e = ((blocks ** 2).sum(-1) * d[idx]).sum(1)
+        total += e.cpu() / (1.0 if centred else float(h.n))
     return _to_numpy(total)
 
 
@@ -439,7 +446,7 @@ class ScoreSettings:
     """goa's own choices (--head-criterion, --goa-score); other criteria ignore them."""
 
     head_criterion: str          # moment | similarity
-    goa_score: str               # empirical | obs | gaussian | gaussian-uncentred (defaults: driver/options.py)
+    goa_score: str               # empirical | centred | obs | gaussian | gaussian-uncentred (defaults: driver/options.py)
     obs_damp: float              # obs: the refit's relative ridge (--ridge), so E(S) is its objective
 
 
@@ -449,8 +456,8 @@ def _goa(s: Structure, weights, stats: ModuleStats | None, rng, settings: ScoreS
         return head_similarity_scores(D, s.units)
     if settings.goa_score == "obs" and stats is not None:
         return obs_removal(s, weights, stats, settings.obs_damp)
-    if settings.goa_score == "empirical" and stats is not None:
-        return output_energy(s, weights, stats)
+    if settings.goa_score in ("empirical", "centred") and stats is not None:
+        return output_energy(s, weights, stats, centred=settings.goa_score == "centred")
     return goa_second_moment(s, weights, stats, centred=settings.goa_score == "gaussian")
 
 

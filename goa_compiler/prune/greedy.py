@@ -62,6 +62,7 @@ class GreedySettings:
     module_inputs: str               # dense | pruned: what the second stream runs on
     refit_prior: str                 # original | zero: what the ridge pulls refit weights toward
     ridge_folds: int                 # >= 2: each refit's ridge chosen by K-fold validation; else ``ridge``
+    refit_intercept: str             # biased | always: whether a bias-free level-2 projection's refit gains one
     # (no defaults here: they are declared once, in driver/options.py)
 
     def prior(self, W0: torch.Tensor) -> torch.Tensor | None:
@@ -93,6 +94,7 @@ class GreedyState:
     stored: StatsStore | None = None             # every module's statistics, measured before (--load-stats)
     save: StatsStore | None = None               # where each module's statistics go (--save-stats)
     first_window: int = 0                        # the number of this rank's first window
+    biases_reach_stream: bool = True             # a gained bias is added to the pruned stream
 
     def current(self, name: str) -> torch.Tensor:
         return self.overrides.get(name, self.orig[name])
@@ -145,7 +147,8 @@ def run(frontend, structures: list[Structure], counts: dict[str, int], feeds, se
         still_needed.insert(0, set(pins))
         pins |= _pins(s)
     state = GreedyState(orig=frontend.weights(), dense=[], pruned=[], ranks=ranks, first_window=first_window,
-                        stored=stored if ranks.lead else None, save=save)
+                        stored=stored if ranks.lead else None, save=save,
+                        biases_reach_stream=_biases_reach_stream(settings))
     measure = not ranks.share_object(stored is not None)
     # the dense stream gives the targets of the refits: not needed without reconstruction
     if measure and settings.reconstruct in ("paper", "refit"):
@@ -383,8 +386,8 @@ def refit_level2_kept(s: Structure, w: Level2Weights, folded: FoldedCross | None
     err_none = output_error(cross, W2p, b_orig) if cross is not None else None
     if recon == "refit" and len(drop_cols):
         keep = torch.as_tensor(keep_cols)
-        Wk, bk, ridge = solve(folded, p.bias is not None, settings.prior(w.W_orig[:, keep]), settings,
-                              keep_cols)
+        Wk, bk, ridge = solve(folded, _refit_has_intercept(s, settings), settings.prior(w.W_orig[:, keep]),
+                              settings, keep_cols)
         W2f = torch.zeros_like(w.W, dtype=F64)
         W2f[:, torch.as_tensor(keep_cols)] = Wk
         b2f = bk
@@ -405,6 +408,16 @@ def refit_level2_kept(s: Structure, w: Level2Weights, folded: FoldedCross | None
     if cross is not None:
         rec["output_error"] = {"pruned_no_reconstruction": err_none, "final": err_after}
     return W2f, b2f, rec
+
+
+def _refit_has_intercept(s: Structure, settings: GreedySettings) -> bool:
+    """Whether the kept-channel refit of ``s``'s level-2 projection fits an (unpenalised)
+    intercept: where the projection has a bias, and with --refit-intercept always for a
+    bias-free one too, but not for an expert (its output is scaled per token by its routing
+    weight: no constant bias fits it)."""
+    if s.projections[s.level2_node].bias is not None:
+        return True
+    return settings.refit_intercept == "always" and s.expert is None
 
 
 def solve(folded: FoldedCross, bias: bool, prior: torch.Tensor | None, settings: GreedySettings,
@@ -439,10 +452,18 @@ def commit(state: GreedyState, s: Structure, W2f: torch.Tensor, b2f: torch.Tenso
     _apply_new_bias(state, s)
 
 
+def _biases_reach_stream(settings: GreedySettings) -> bool:
+    """Whether the pruned stream adds the biases modules gain: when it reads the installed
+    weights (pruned module inputs), and FLAP's compensation always (as before the option);
+    a refit's intercept under dense module inputs is one more refit weight it does not read
+    (and the stream may then be the dense one)."""
+    return settings.module_inputs == "pruned" or gains_bias(settings.criterion, settings.reconstruct)
+
+
 def _apply_new_bias(state: GreedyState, s: Structure) -> None:
     """The pruned stream adds the bias module ``s``'s level-2 projection gained."""
     name = state.new_biases.get(s.level2_node)
-    if name is not None:
+    if name is not None and state.biases_reach_stream:
         for st in state.pruned:
             st.post[s.level2_node] = (lambda bb: lambda out: out + bb)(state.overrides[name])
 
