@@ -157,15 +157,19 @@ def _structure(bias: bool) -> Structure:
                      level2_node="down", projections={"down": proj}, root_index={})
 
 
+def _settings(recon, ridge, prior, intercept):
+    return GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge,
+                          score=ScoreSettings("moment", "empirical", 0.3), module_inputs="dense",
+                          refit_prior=prior, ridge_folds=0, refit_intercept=intercept)
+
+
 def _guard(bias, ridge, drop, W_orig, b_orig, cross, recon="refit"):
     s = _structure(bias)
     W_orig = torch.as_tensor(W_orig, dtype=torch.float64)
     b_orig = torch.as_tensor(b_orig, dtype=torch.float64) if bias else None
     w = Level2Weights(W_orig.clone(), None if b_orig is None else b_orig.clone(), W_orig, b_orig)
     kept = [u for u in range(UNITS) if u not in drop]
-    settings = GreedySettings(criterion="goa", reconstruct=recon, ridge=ridge,
-                              score=ScoreSettings("moment", "empirical", 0.3), module_inputs="dense",
-                              refit_prior="zero", ridge_folds=0, refit_intercept="biased")
+    settings = _settings(recon, ridge, "zero", "biased")
     stats = ModuleStats(Moments(), Moments())
     folded = None
     if cross is not None:
@@ -364,9 +368,7 @@ def _kept_refit(intercept, ridge, drop, W, cross, X, expert=None):
     Wt = torch.as_tensor(W, dtype=torch.float64)
     w = Level2Weights(Wt.clone(), None, Wt, None)
     kept = [u for u in range(UNITS) if u not in drop]
-    settings = GreedySettings(criterion="goa", reconstruct="refit", ridge=ridge,
-                              score=ScoreSettings("moment", "empirical", 0.3), module_inputs="dense",
-                              refit_prior="original", ridge_folds=0, refit_intercept=intercept)
+    settings = _settings("refit", ridge, "original", intercept)
     st = ModuleStats(Moments(), Moments())
     st.h.update(torch.as_tensor(X))
     folded = FoldedCross(1)

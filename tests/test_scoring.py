@@ -277,6 +277,18 @@ def test_head_similarity_from_probabilities():
     assert scoring.head_similarity_prune(hs.matrix().numpy(), n_prune=1) == [2]
 
 
+def _energy_by_loops(kind, W2, rows):
+    """(1/n) sum_t sum_i (sum_{j in u} W2[i, j] rows[t, j])^2 per unit u, by loops."""
+    ref = []
+    for cols in _units_cols(kind):
+        tot = 0.0
+        for t in range(rows.shape[0]):
+            for i in range(W2.shape[0]):
+                tot += sum(float(W2[i, j]) * float(rows[t, j]) for j in cols) ** 2
+        ref.append(tot / rows.shape[0])
+    return ref
+
+
 @pytest.mark.parametrize("kind", list(CASES))
 def test_output_energy_matches_reference(kind):
     """M_u = E||B_u h_u||^2 = (1/n) sum_t sum_i (sum_{j in u} B[i, j] h_t[j])^2, by loops."""
@@ -285,14 +297,7 @@ def test_output_energy_matches_reference(kind):
     h_rows = torch.randn(9, D2[kind], generator=g, dtype=torch.float64) * 1.5 + 0.4
     st = ModuleStats(Moments(), Moments())
     st.h.update(h_rows)
-    W2 = _cols(w, L2[kind])
-    ref = []
-    for cols in _units_cols(kind):
-        tot = 0.0
-        for t in range(h_rows.shape[0]):
-            for i in range(W2.shape[0]):
-                tot += sum(float(W2[i, j]) * float(h_rows[t, j]) for j in cols) ** 2
-        ref.append(tot / h_rows.shape[0])
+    ref = _energy_by_loops(kind, _cols(w, L2[kind]), h_rows)
     np.testing.assert_allclose(scoring.output_energy(s, w, st), ref, rtol=1e-10)
     if kind == "ffn":   # one channel per unit: the diagonal Gram is enough
         diag = ModuleStats(Moments(), Moments(full=False))
@@ -310,15 +315,7 @@ def test_centred_output_energy_is_the_variance_of_the_contribution(kind):
     h_rows = torch.randn(9, D2[kind], generator=g, dtype=torch.float64) * 1.5 + 0.4
     st = ModuleStats(Moments(), Moments())
     st.h.update(h_rows)
-    W2 = _cols(w, L2[kind])
-    c = h_rows - h_rows.mean(0)
-    ref = []
-    for cols in _units_cols(kind):
-        tot = 0.0
-        for t in range(c.shape[0]):
-            for i in range(W2.shape[0]):
-                tot += sum(float(W2[i, j]) * float(c[t, j]) for j in cols) ** 2
-        ref.append(tot / c.shape[0])
+    ref = _energy_by_loops(kind, _cols(w, L2[kind]), h_rows - h_rows.mean(0))
     np.testing.assert_allclose(scoring.output_energy(s, w, st, centred=True), ref, rtol=1e-9)
     shifted = ModuleStats(Moments(), Moments())
     shifted.h.update(h_rows + 5.0)
