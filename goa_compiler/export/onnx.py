@@ -28,7 +28,7 @@ def export_onnx(gm: torch.nn.Module, example, path: str | os.PathLike, output_na
     shape arithmetic), then removes dead nodes, duplicate initializers and common
     subexpressions (``fold_graph``); ``optimize=False`` leaves the graph as translated, its
     initializers named after the model's parameters (what ``rebind_weights`` needs)."""
-    ep = recapture(gm, example, max_seq)
+    ep = _recaptured(gm, example, max_seq=max_seq)
     return _translate(ep, example, path, list(input_names), [output_name], dynamic_shapes(max_seq),
                       opset, optimize)
 
@@ -41,13 +41,24 @@ def export_decoder(gm: torch.nn.Module, example, path: str | os.PathLike, input_
     from goa_compiler.capture.decoder import decoder_dynamic_shapes
 
     shapes = decoder_dynamic_shapes(layers)
-    ep = recapture(gm, example, shapes=shapes)
+    ep = _recaptured(gm, example, shapes=shapes)
     return _translate(ep, example, path, list(input_names), list(output_names), shapes, opset, optimize,
                       _name_decoder_dims)
 
 
 class ExportError(Exception):
     """The ONNX exporter could not translate the graph: the op, in one line."""
+
+
+def _recaptured(gm, example, **kw):
+    """torch.export of the edited graph again; a guard it cannot prove there (MPT's sequence
+    range, seen when its graph is re-exported instead of rewritten) is an ExportError."""
+    from goa_compiler.capture.torch_export import _first_line
+
+    try:
+        return recapture(gm, example, **kw)
+    except Exception as e:  # noqa: BLE001 - torch.export raises many kinds; the text says which
+        raise ExportError(f"torch.export could not capture the graph again: {_first_line(e)}") from e
 
 
 def untranslatable_ops(gm: torch.fx.GraphModule) -> list[str]:
