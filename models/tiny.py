@@ -27,10 +27,12 @@ from transformers import (
     MixtralConfig,
     GptOssConfig,
     MptConfig,
+    Olmo2Config,
     OPTConfig,
     Phi3Config,
     Qwen2Config,
     Qwen2MoeConfig,
+    XGLMConfig,
 )
 
 VOCAB = 256
@@ -115,8 +117,17 @@ def _config(family: str):
         return MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=4, expansion_ratio=2,
                          max_seq_len=MAX_POS)
     if family == "bloom":
-        # ALiBi attention with the heads merged into the batch axis of baddbmm
+        # ALiBi attention (counted from the attention mask) with the heads merged into the
+        # batch axis of baddbmm and bmm
         return BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=4)
+    if family == "xglm":
+        # fairseq-style attention: q, k, v reshaped to [batch * heads, seq, head_dim] for bmm
+        return XGLMConfig(vocab_size=VOCAB, d_model=HIDDEN, num_layers=LAYERS, attention_heads=4, ffn_dim=128,
+                          max_position_embeddings=MAX_POS, dropout=0.0, attention_dropout=0.0,
+                          activation_dropout=0.0, layerdrop=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if family == "olmo2":
+        # q and k normalised over all heads at once (one RMSNorm over the projection)
+        return _llama_like(Olmo2Config, heads=4, kv_heads=4, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     if family == "gpt-oss":
         # attention sinks (a learned logit per head, concatenated to the scores) and experts
         return _llama_like(GptOssConfig, heads=4, kv_heads=2, head_dim=16, num_local_experts=4,
@@ -135,14 +146,14 @@ def _config(family: str):
 
 
 FAMILIES = ["gpt2", "llama", "llama-gqa", "mistral", "qwen2", "opt", "gpt-neox", "phi3", "gemma3", "bert",
-            "falcon", "falcon-mqa", "gptj", "gpt-bigcode", "llama-mqa", "mpt"]
+            "falcon", "falcon-mqa", "gptj", "gpt-bigcode", "llama-mqa", "mpt", "bloom", "xglm"]
 ENCODERS = {"bert"}
 # mixture-of-experts families: attention, every expert's FFN (and a shared expert) pruned;
 # GPT-OSS: transposed experts with biases, gate and up interleaved, attention sinks
 EXPERTS = ["mixtral", "qwen2-moe", "gpt-oss"]
 # families whose graphs have a structure analysis refuses (the kind named), with its reason
 # in the report: the other kind is pruned
-PARTIAL = {"bloom": "attention"}
+PARTIAL = {"olmo2": "attention"}
 
 
 @torch.no_grad()
@@ -170,7 +181,7 @@ def build(family: str, seed: int = 0):
     torch.manual_seed(seed)
     try:
         model = auto.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    except ValueError:          # a family without SDPA attention (Bloom, MPT)
+    except ValueError:          # a family without SDPA attention (Bloom, MPT, XGLM)
         torch.manual_seed(seed)
         model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     perturb_(model, seed)

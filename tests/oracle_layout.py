@@ -73,6 +73,13 @@ LAYOUT: dict[str, Family] = {
     # ALiBi attention: per-head biases computed in the graph, gathered with the kept heads
     "mpt": Family(Block(("transformer.blocks.{L}.attn.Wqkv",), "transformer.blocks.{L}.attn.out_proj"),
                   Block(("transformer.blocks.{L}.ffn.up_proj",), "transformer.blocks.{L}.ffn.down_proj")),
+    # heads merged into the batch axis of the attention's products (Bloom with ALiBi)
+    "bloom": Family(Block(("transformer.h.{L}.self_attention.query_key_value",),
+                          "transformer.h.{L}.self_attention.dense"),
+                    Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
+    "xglm": Family(Block(tuple(f"model.layers.{{L}}.self_attn.{p}_proj" for p in "qkv"),
+                         "model.layers.{L}.self_attn.out_proj"),
+                   Block(("model.layers.{L}.fc1",), "model.layers.{L}.fc2")),
     "mixtral": Family(_llama().attention, None),        # experts only: EXPERTS
     "gpt-oss": Family(_llama().attention, None),
     "qwen2-moe": Family(_llama().attention, Block(tuple(f"model.layers.{{L}}.mlp.shared_expert.{p}_proj"
@@ -94,7 +101,7 @@ EXPERTS: dict[str, Block] = {
 
 # the families models/tiny.py lists in PARTIAL: the one kind analysis prunes there
 PARTIAL: dict[str, tuple[str, Block]] = {
-    "bloom": ("ffn", Block(("transformer.h.{L}.mlp.dense_h_to_4h",), "transformer.h.{L}.mlp.dense_4h_to_h")),
+    "olmo2": ("ffn", _llama().ffn),
 }
 
 
@@ -253,6 +260,8 @@ def folded_constants(model, family: str) -> int:
     positions per head (kept whole in a pruned model, which gathers the kept heads' rows)."""
     if family == "mpt":
         return model.config.n_heads * model.config.max_seq_len
+    if family == "bloom":
+        return heads(model.config)            # the ALiBi slopes, one per head (the biases need the mask)
     return 0
 
 

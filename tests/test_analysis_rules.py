@@ -254,12 +254,27 @@ def test_a_tensor_computed_from_constants_is_gathered_with_the_channels():
     assert (o.node, o.operand, o.axis) == ("binary_5", 1, 0)
     np.testing.assert_array_equal(o.index, np.arange(24).reshape(24, 1))
 
-    def from_input(g, up):
-        return g.binary(up, g._add("other", [g.x], (B, S, 24), name="mixed"))
+    def from_the_stream(g, up):        # the hidden states: computed from the input and a parameter
+        mixed = g._add("other", [g.x, g.param("layers.1.mix", (24,))], (B, S, 24), name="mixed")
+        return g.binary(up, mixed)
 
-    a = analyze_graph(_ffn(from_input))
+    a = analyze_graph(_ffn(from_the_stream))
     assert a.structures == ()
     assert "channels meet a tensor that is not part of the structure" in a.refused[0].reason
+
+    def from_the_input(g, up):        # from the float input (the hidden states) alone
+        return g.binary(up, g._add("other", [g.x], (B, S, 24), name="mixed"))
+
+    a = analyze_graph(_ffn(from_the_input))
+    assert a.structures == ()
+    assert "(the residual stream)" in a.refused[0].reason
+
+    def from_the_mask(g, up):         # from an integer input (a mask) and constants: gathered
+        mask = g._add("input", [], (B, S), {"integer": True}, name="mask")
+        return g.binary(up, g._add("other", [mask], (B, S, 24), name="positions"))
+
+    (s,) = analyze_graph(_ffn(from_the_mask)).structures
+    assert [(o.node, o.operand, o.axis) for o in s.operands] == [("binary_5", 1, 2)]
 
 
 def test_projection_into_the_graph_output_is_no_candidate():
@@ -331,3 +346,60 @@ def test_a_fused_qkv_with_its_cache_keeps_its_roles():
     assert [sl.role for sl in s.slices] == ["q", "k", "v", "o"]
     for p in s.ports:           # head h of every port belongs to head h
         np.testing.assert_array_equal(p.index, [[0], [1], [2], [3]])
+
+
+def _merged_heads(g: View, t: Ref, name: str, symbolic: bool) -> Ref:
+    """[B, S, 16] -> [B * 4, S, 4]: the heads merged into the batch axis, as Bloom and the
+    fairseq-style attentions (XGLM, BART's relatives) write ``x.reshape(b * heads, s, d)``;
+    the merged size a product of the batch and the head count (``symbolic``) or a number."""
+    heads = g.permute(g.view(t, B, S, 4, 4, name=f"{name}_split"), 0, 2, 1, 3)
+    size = g._add("ignore", [Ref("batch"), 4], None, {"product": True}, f"{name}_size") if symbolic else B * 4
+    return g._add("view", [heads], (B * 4, S, 4), {"sizes": [size, -1, 4]}, name)
+
+
+def test_heads_merged_into_the_batch_axis_are_units():
+    """q, k, v [B * 4, S, 4], scores by baddbmm with ALiBi biases [B * 4, 1, S] computed from
+    the mask, viewed back to [B, 4, S, S] for the mask, merged again for the product with v,
+    split back and merged into the hidden axis: entry i of the merged axis is head i % 4."""
+    g = View()
+    g._add("ignore", [], None, name="batch")
+    q, k, v = (_merged_heads(g, g.linear(g.x, f"layers.0.attn.{n}_proj.weight", D, f"{n}_proj"), f"{n}_heads",
+                             symbolic=n != "k") for n in "qkv")
+    mask = g._add("input", [], (B, S), {"integer": True}, name="mask")
+    alibi = g._add("other", [mask], (B * 4, 1, S), name="alibi")
+    scores = g._add("baddbmm", [alibi, q, g.permute(k, 0, 2, 1)], (B * 4, S, S), name="scores")
+    per_head = g.view(scores, B, 4, S, S, name="per_head")
+    probs = g._add("view", [g.softmax(per_head, 3)], (B * 4, S, S),
+                   {"sizes": [Ref("q_heads_size"), S, S]}, "probs")
+    out = g.view(g.matmul(probs, v), B, 4, S, 4, name="out_heads")
+    att = g.view(g.permute(out, 0, 2, 1, 3), B, S, D, name="merge")
+    a = analyze_graph(g.graph(g.binary(g.x, g.linear(att, "layers.0.attn.o_proj.weight", D, "o_proj"))))
+
+    (s,) = a.structures
+    assert (s.kind, s.granularity, s.units, s.unit_channels, s.heads) == ("attention", "head", 4, 4, 4)
+    head = np.arange(16).reshape(4, 4)
+    for role in "qkvo":
+        np.testing.assert_array_equal(_slice(s, role).index, head)
+    (o,) = s.operands                    # ALiBi: head h of every batch entry, gathered per period
+    assert (o.node, o.operand, o.axis, o.period, o.shared) == ("scores", 0, 0, 4, ())
+    np.testing.assert_array_equal(o.index, np.arange(4).reshape(4, 1))
+    by_node = {(c.handle.node, c.handle.pos): c for c in s.constants}
+    # the product's head count (its factor 4), a static merged size (2 batch entries of 4
+    # heads: repeat 2), and the head count of a split back
+    assert (by_node["q_heads", 0].original, by_node["q_heads", 0].repeat) == (4, 1)
+    assert (by_node["k_heads", 0].original, by_node["k_heads", 0].repeat) == (8, 2)
+    assert by_node["k_heads", 0].pruned_value(np.arange(4)) == 6          # one head of 4 gone
+    assert by_node["per_head", 1].original == 4 and by_node["probs", 0].original == 4
+    assert by_node["out_heads", 1].pruned_value(np.arange(8)) == 2
+
+
+def test_merged_heads_meeting_a_tensor_outside_the_structure_are_refused():
+    g = View()
+    g._add("ignore", [], None, name="batch")
+    q = _merged_heads(g, g.linear(g.x, "layers.0.attn.q_proj.weight", D, "q_proj"), "q_heads", symbolic=True)
+    other = g._add("other", [g.x, g.param("side", (4,))], (B * 4, 4, S), name="side")
+    scores = g.matmul(q, other)
+    a = analyze_graph(g.graph(g.linear(g.view(scores, B, 4, S, S, name="back"), "lm_head.weight", 8, "lm")))
+    assert a.structures == ()
+    reasons = {r.node: r.reason for r in a.refused if r.candidate}
+    assert "heads merged into a batch axis meet a tensor outside the structure" in reasons["q_proj"]

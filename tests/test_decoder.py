@@ -48,7 +48,7 @@ def compile_tiny(family, out, **opts):
 
 # families beyond the first two: a cache in another layout would show here
 FAMILIES = ["llama-gqa", "gpt2", "llama", "mistral", "phi3", "opt", "gpt-neox", "falcon", "falcon-mqa", "gptj", "gpt-bigcode",
-            "llama-mqa", "mixtral", "qwen2-moe"]
+            "llama-mqa", "mixtral", "qwen2-moe", "xglm"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -472,3 +472,23 @@ def test_an_op_the_evaluator_cannot_run_as_used_is_refused_naming_the_node(tmp_p
                  inputs=inputs)
     with pytest.raises(OnnxRefused, match="cannot run GatherND node .*batch_dims"):
         OnnxFrontend.load(path).view()
+
+
+def test_a_gather_on_heads_merged_into_the_batch_axis_picks_them_per_batch_entry(tmp_path):
+    """ALiBi's biases [batch * heads, 1, S] read by a pruned attention: the Gather picks the
+    kept heads of every batch entry, for a batch size only known at run time."""
+    x = helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, ["n", 3])
+    path = _save(tmp_path, [helper.make_node("Relu", ["input_ids"], ["y"], name="relu")], [],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 3])], inputs=[x])
+    fe = OnnxFrontend.load(path)
+    fe._steps = fe._bare_steps()
+    fe.gather("y", 0, 0, [0, 2], period=4)
+    out = tmp_path / "out.onnx"
+    from goa_compiler.frontends.onnx import save_model
+
+    save_model(fe.model, out)
+    sess = ort.InferenceSession(str(out))
+    for batch in (1, 3):
+        a = np.arange(batch * 4 * 3, dtype=np.float32).reshape(batch * 4, 3)
+        rows = [b * 4 + h for b in range(batch) for h in (0, 2)]
+        np.testing.assert_array_equal(sess.run(None, {"input_ids": a})[0], a[rows])

@@ -261,3 +261,22 @@ def test_oracle_catches_a_wrong_unit_mapping(tmp_path, family, module, role):
     # ... but it computes the wrong function for the heads/neurons the report says it kept
     wrong = _oracle_error(model, family, kind, vocab, t_modules, path)
     assert wrong > 100 * TOL, f"oracle missed a wrong unit mapping ({module}, swap {a}<->{b}): {wrong:.2e}"
+
+
+def test_merged_heads_kept_differently_per_layer_with_a_padded_mask(tmp_path):
+    """Bloom: one shared `batch * heads` size sizes every layer's reshapes, and its ALiBi
+    biases are counted from the attention mask. With layers keeping different heads, the
+    emitted ONNX equals the zeroed dense model, on a left-padded batch too (the biases are
+    read per kept head of every batch entry)."""
+    model, vocab, kind = tiny.build("bloom")
+    out = tmp_path / "out"
+    compile_loaded(copy.deepcopy(model), kind, CompileOptions(ratio=0.6, criterion="random",
+                                                              reconstruct="none", seed=0), out)
+    modules = json.loads((out / "report.json").read_text())["modules"]
+    kept = [tuple(r["kept"]) for r in modules if r["kind"] == "attention"]
+    assert len(set(kept)) == len(kept) == 2 and all(len(k) < ol.heads(model.config) for k in kept), kept
+    zeroed = ol.zeroed_dense(model, "bloom", modules)
+    ids, mask = _inputs(vocab)
+    mask[1, :7] = 0                                  # the second row left-padded
+    ref = ol.dense_output(zeroed, kind, ids, mask)
+    assert ol.relative_error(run_onnx(out / "model.onnx", ids.numpy(), mask.numpy()), ref) < TOL

@@ -9,7 +9,7 @@ What holds (checked family by family; tolerance 1e-4 of the largest output magni
     phi3, gemma3, gpt-neox; OPT's learned positions are derived from the attention mask by
     transformers itself), PyTorch and ONNX.
   * left padding with absolute positions counted from 0 whatever the mask (gpt2, bert,
-    gpt-bigcode):
+    gpt-bigcode, xglm):
     transformers' models number positions 0..seq-1 when no ``position_ids`` are given, so the
     left-padded row's real tokens get shifted positions. The PyTorch model gives the right
     answer only when handed position_ids = cumsum(mask) - 1 (what generate() does for GPT-2);
@@ -32,7 +32,7 @@ from models import tiny
 
 TOL = 1e-4
 # no position_ids input in the graph; these families' positions do not follow the mask
-ABSOLUTE = {"gpt2", "bert", "gpt-bigcode"}
+ABSOLUTE = {"gpt2", "bert", "gpt-bigcode", "xglm"}
 RELATIVE = [f for f in tiny.FAMILIES if f not in ABSOLUTE]
 # longer than gemma3's sliding window (32), so that the window meets the padding
 SEQ, RIGHT_LEN, LEFT_LEN = 48, 44, 37
@@ -106,8 +106,9 @@ def test_left_padding(family, compiled):
     _, (got, alone) = onnx_rows(path, a, b, ids, mask)
     assert close(got, alone) < TOL
     # the mask is what makes it hold: without it the pad tokens change the real positions
+    # (least under ALiBi, whose biases fade the far pad positions: Bloom 7.6e-3)
     ones = run_onnx(path, ids.numpy())[1, SEQ - LEFT_LEN:]
-    assert close(ones, alone) > 1e-2
+    assert close(ones, alone) > 1e-3
 
 
 @pytest.mark.parametrize("family", sorted(ABSOLUTE))

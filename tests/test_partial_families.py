@@ -2,7 +2,7 @@
 an internal error), the refused kind is named with its reason, and what was pruned passes
 the zeroing oracle in onnxruntime (tests/oracle_layout.py, independent of the analysis).
 
-    bloom        ALiBi attention with heads merged into the batch axis
+    olmo2        q and k normalised over every head at once (a reduction over the heads)
 """
 from __future__ import annotations
 

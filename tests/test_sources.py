@@ -26,8 +26,8 @@ def one_line_error(excinfo, spec):
 def test_tiny_family_builds_and_runs(family):
     model, vocab, kind = build(family, seed=0)
     assert kind == ("encoder" if family == "bert" else "causal-lm")
-    # sdpa where the family has it (MPT's ALiBi attention is eager only)
-    assert not model.training and model.config._attn_implementation == ("eager" if family == "mpt" else "sdpa")
+    # sdpa where the family has it (MPT, Bloom and XGLM have eager attention only)
+    assert not model.training and model.config._attn_implementation == ("eager" if family in ("mpt", "bloom", "xglm") else "sdpa")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     out = run(model, kind, vocab)
     assert out.shape == (2, 12, vocab if kind == "causal-lm" else model.config.hidden_size)

@@ -21,26 +21,35 @@ from typing import Callable
 import numpy as np
 import sympy
 
-from goa_compiler.ir.graph import Graph, Node, Ref
+from goa_compiler.ir.graph import Graph, Node, Ref, product_factor
 from goa_compiler.ir.structure import ConstantKind, IntHandle, ShapeConstant
 
 
 @dataclass(frozen=True)
 class Tag:
     """Axis index i of a tensor covers channels [start + (i // repeat) * block, ... + block)
-    of the output of projection ``root``."""
+    of the output of projection ``root``. ``period``: the axis is a batch axis with the
+    channel axis merged inside it ([B, H, ..] viewed as [B * H, ..], heads on the batch axis
+    of a batched product): entry i is entry ``i % period`` of the channel axis."""
 
     root: str
     start: int
     block: int
     repeat: int
+    period: int | None = None
 
     def first_channel(self, i: np.ndarray) -> np.ndarray:
+        if self.period:
+            i = i % self.period
         return self.start + (i // self.repeat) * self.block
 
-    def channels(self, length: int) -> tuple[int, int]:
-        """The channel range covered by an axis of ``length``."""
+    def channels(self, length: int | None) -> tuple[int, int]:
+        """The channel range covered by an axis of ``length`` (of one period of a batch axis)."""
+        length = self.period or length
         return self.start, self.start + (length // self.repeat) * self.block
+
+    def unmerged(self) -> "Tag":
+        return Tag(self.root, self.start, self.block, self.repeat)
 
 
 class _Reject(Exception):
@@ -98,6 +107,9 @@ class _State:
     attached: list[tuple[str, int, Tag, int]] = field(default_factory=list)
     gathered: list[tuple[str, int, int, Tag, int]] = field(default_factory=list)  # (node, operand, axis, tag, length)
     data_dependent: dict[str, bool] = field(default_factory=dict)
+    # computed from the hidden states (_opens_stream), not from integer inputs (ids, a
+    # mask), constants and small parameters alone
+    stream_dependent: dict[str, bool] = field(default_factory=dict)
     terminal: set = field(default_factory=set)
     param_uses: dict[str, int] = field(default_factory=dict)   # parameter -> number of readers
     port_inputs: dict[str, int] = field(default_factory=dict)  # input port -> entries on its axis
@@ -232,6 +244,8 @@ def interpret(graph: Graph, query_heads: bool = False) -> _State:
         # a shape query's integer depends on the input's shape, not on its values
         deps = [st.data_dependent.get(r, False) for r in node.refs()] if node.op != "ignore" else []
         st.data_dependent[node.name] = node.op == "input" or any(deps)
+        st.stream_dependent[node.name] = _opens_stream(st, node) or node.op != "ignore" and any(
+            st.stream_dependent.get(r, False) for r in node.refs())
         try:
             _transfer(st, node)
         except _Reject as e:
@@ -245,6 +259,16 @@ def interpret(graph: Graph, query_heads: bool = False) -> _State:
             st.refuse(_input_tags(st, node), f"{node.target} ({node.name}): analysis cannot follow this "
                                              f"form of the op ({type(e).__name__}: {e})")
     return st
+
+
+def _opens_stream(st: _State, node: Node) -> bool:
+    """Where hidden states begin: a float input (hidden states, a cache), or an op that reads
+    a weight (a parameter of two or more dimensions) with data (an embedding, a projection).
+    Integer inputs (ids, a mask), constants and small parameters (ALiBi's slopes) are not."""
+    if node.op == "input":
+        return not node.attrs.get("integer")
+    return st.data_dependent[node.name] and any(
+        r in st.graph.params and len(st.graph.nodes[r].shape or ()) >= 2 for r in node.refs())
 
 
 def _carry_refused(st: _State, node: Node):
@@ -304,10 +328,22 @@ def rule(*ops: str):
     return register
 
 
+# ops whose rules follow channels merged into a batch axis (Tag.period)
+MERGED_OPS = frozenset({"view", "permute", "unary", "binary", "where", "matmul", "baddbmm", "softmax", "reduce"})
+
+
 def _transfer(st: _State, node: Node):
     ins = node.inputs
     in_tags = _tags(st, ins[0]) if ins and isinstance(ins[0], Ref) else {}
+    if node.op not in MERGED_OPS and any(t.period for t in _input_tags(st, node)):
+        raise _Reject("heads merged into a batch axis reach an op analysis cannot follow there")
     RULES.get(node.op, _other)(st, node, in_tags)
+
+
+def _span(t: Tag | None, dim) -> int | None:
+    """Entries of a tagged axis of size ``dim`` that index channels: one period of a batch
+    axis the channels are merged into, else the axis's static size."""
+    return t.period if t is not None and t.period else _static(dim)
 
 
 @rule("param", "ignore")
@@ -637,7 +673,9 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
         # the result carries a projection's tag rather than a port's (past K/V joined to new)
         tagged.sort(key=lambda e: e[2].root in st.port_inputs)
         first = tagged[0][2]
-        length = _static(out_shape[a])
+        if any(t.period != first.period for _, _, t in tagged):
+            raise _Reject("heads merged into a batch axis meet channels that are not")
+        length = _span(first, out_shape[a])
         for _, _, t in tagged[1:]:
             st.join(first, t, length)
         for r, k, _ in plain:
@@ -659,9 +697,11 @@ def _broadcast(st: _State, node: Node, refs: list[Ref], skip_axis: int | None = 
                                  first, length)
             elif src.op == "param":
                 raise _Reject("a parameter broadcast along channels with an unusual layout")
-            elif not st.data_dependent.get(r.name) and r in node.inputs:
-                # computed from constants and shapes alone (ALiBi's per-head slopes times the
-                # positions): read through a gather of the kept channels' entries
+            elif r in node.inputs and not st.stream_dependent.get(r.name):
+                # computed from constants, shapes and integer inputs alone, not from the hidden
+                # states (ALiBi's per-head slopes times the positions, which Bloom counts in the
+                # attention mask): it carries no channels, so the kept channels read its entries
+                # through a gather
                 st.gathered.append((node.name, node.inputs.index(r), k, first, length))
             else:
                 # projection outputs (flat channels) added to the data stream: the residual
@@ -692,8 +732,9 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
             raise _Reject("a reshape merges two channel axes")
         i = tagged[0]
         t = in_tags[i]
-        if any(_static(src[k]) != 1 for k in gi if k < i):
-            raise _Reject("a reshape makes a channel axis the inner dimension")
+        if t.period or any(_static(src[k]) != 1 for k in gi if k < i):
+            axis, out[axis] = _merged_view(st, node, src, dst, gi, gj, i, t)
+            continue
         if not gj:
             raise _Reject("a reshape drops a channel axis")
         length = _static(src[i])
@@ -729,6 +770,59 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
         if lead < len(sizes):
             _record_size(st, node, "sizes", lead, sizes[lead], new, out_len)
     st.tags[node.name] = out
+
+
+def _merged_view(st: _State, node: Node, src, dst, gi, gj, i: int, t: Tag) -> tuple[int, Tag]:
+    """A reshape that merges a channel axis into the batch axes before it ([B, H, ..] ->
+    [B * H, ..], the heads on the batch axis of a batched product), keeps such an axis, or
+    splits it back ([B * H, ..] -> [B, H, ..]): the output axis and its tag."""
+    if any(k > i and _static(src[k]) != 1 for k in gi):
+        raise _Reject("a reshape merges a channel axis with the axes inside it")
+    if not t.period:
+        length = _static(src[i])
+        if len(gj) != 1 or length is None:
+            raise _Reject("a reshape makes a channel axis the inner dimension")
+        new = Tag(t.root, t.start, t.block, t.repeat, period=length)
+        _record_merged_size(st, node, gj[0], new)
+        return gj[0], new
+    if len(gi) != 1:
+        raise _Reject("a reshape merges heads on a batch axis with another axis")
+    if len(gj) == 1:
+        _record_merged_size(st, node, gj[0], t)
+        return gj[0], t
+    last = gj[-1]
+    if _static(dst[last]) != t.period:
+        raise _Reject("a reshape splits heads merged into a batch axis other than back into heads")
+    new = t.unmerged()
+    sizes = node.attrs["sizes"]
+    if last < len(sizes):
+        _record_size(st, node, "sizes", last, sizes[last], new, t.period)
+    return last, new
+
+
+def _record_merged_size(st: _State, node: Node, pos: int, t: Tag) -> None:
+    """The size of a batch axis with heads merged into it: batch * heads, as an integer (a
+    static batch: it counts ``value // period`` repeats of the heads) or as a product of a
+    shape and the head count (the frontend rewrites the product's factor); a size read off
+    another tensor follows by itself."""
+    sizes = node.attrs["sizes"]
+    value = sizes[pos] if pos < len(sizes) else -1
+    a, b = t.channels(None)
+    if _is_int(value):
+        if value == -1:
+            return
+        if value % t.period:
+            raise _Reject("a reshape sizes heads merged into a batch axis with another count")
+        st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
+                                          t.block, t.repeat * (value // t.period), int(value)))
+        return
+    if not st.graph.nodes[value.name].attrs.get("product"):
+        return
+    factor = product_factor(st.graph, value)
+    if factor != t.period:
+        raise _Reject("a reshape sizes heads merged into a batch axis with another count")
+    st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
+                                      t.block, t.repeat, factor))
 
 
 def _head_axis(st: _State, ref, name: str) -> tuple[Tag, int]:
@@ -943,7 +1037,19 @@ def _note_attention(st, node, q, qt, hq, k, kt, v, vt, head_dim):
 @rule("matmul")
 def _matmul(st: _State, node: Node, in_tags=None):
     """Eager attention: scores = q @ k^T (contracting the head dim), out = probs @ v."""
-    a, b = node.inputs
+    _product(st, node, *node.inputs)
+
+
+@rule("baddbmm")
+def _baddbmm(st: _State, node: Node, in_tags=None):
+    """input + a @ b (scaled): the product as matmul; the added tensor (ALiBi's biases)
+    broadcast against it like an elementwise operand."""
+    addend, a, b = node.inputs
+    _product(st, node, a, b)
+    _broadcast(st, node, [Ref(node.name), *([addend] if isinstance(addend, Ref) else [])])
+
+
+def _product(st: _State, node: Node, a, b):
     at, bt = _tags(st, a), _tags(st, b)
     sa, sb = _shape(st, a), _shape(st, b)
     ra, rb = len(sa), len(sb)
@@ -960,7 +1066,11 @@ def _matmul(st: _State, node: Node, in_tags=None):
         tb = bt.get(o - (rank - rb)) if o - (rank - rb) >= 0 else None
         da = _static(sa[o - (rank - ra)]) if o - (rank - ra) >= 0 else 1
         db = _static(sb[o - (rank - rb)]) if o - (rank - rb) >= 0 else 1
-        if ta and tb and 1 in (da, db) and da != db:
+        if (ta and ta.period) or (tb and tb.period):
+            if not (ta and tb and ta.period == tb.period):
+                raise _Reject("heads merged into a batch axis meet a tensor outside the structure")
+            st.join(ta, tb, ta.period)
+        elif ta and tb and 1 in (da, db) and da != db:
             pass        # one K/V head broadcast to every query head (multi-query): it belongs to no unit
         elif ta and tb:
             st.join(ta, tb, _static(node.shape[o]))
@@ -983,7 +1093,7 @@ def _matmul(st: _State, node: Node, in_tags=None):
         t = tags.get(len(_shape(st, ref)) - 3)
         if t is None:
             continue
-        length = _static(_shape(st, ref)[len(_shape(st, ref)) - 3])
+        length = _span(t, _shape(st, ref)[len(_shape(st, ref)) - 3])
         ch = t.channels(length)
         if _through_softmax(st, a):
             role = "v" if ref is b else None

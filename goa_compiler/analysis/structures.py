@@ -187,7 +187,7 @@ def _attached_slices(st: _State, u: _Units) -> list[ParamSlice]:
 def _operand_slices(st: _State, u: _Units) -> tuple[OperandSlice, ...]:
     """Tensors computed from constants alone that meet the channels (gathered with them)."""
     return tuple(OperandSlice(node, pos, axis, *_entries_per_unit(st, u, t, length, f"the operand of {node}",
-                                                                  with_shared=True))
+                                                                  with_shared=True), period=t.period)
                  for node, pos, axis, t, length in st.gathered if t.root in u.root_index)
 
 

@@ -94,7 +94,9 @@ def from_fx(gm: torch.fx.GraphModule, input_ports: dict[int, int] | None = None,
         args = [_conv(a) for a in n.args]
         kw = {k: _conv(v) for k, v in n.kwargs.items()}
         if n.op == "placeholder":
-            nodes[n.name] = Node(n.name, "input", [], shape, target=n.name)
+            val = n.meta.get("val")
+            integer = isinstance(val, torch.Tensor) and not (val.is_floating_point() or val.is_complex())
+            nodes[n.name] = Node(n.name, "input", [], shape, {"integer": integer}, target=n.name)
             if placeholders in (input_ports or {}):
                 ports[n.name] = Port(n.name, input_ports[placeholders])
             placeholders += 1
@@ -183,6 +185,9 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
 
     if target is operator.getitem:
         return mk("getitem", [args[0]], index=args[1])
+    if target is operator.mul:
+        # a size computed from shapes (batch * heads): analysis reads its integer factor
+        return mk("ignore", args, product=True)
     if name in _IGNORE or shape is None and name not in ("split", "split_with_sizes", "chunk",
                                                           "unbind"):
         return mk("ignore", args)
@@ -203,6 +208,9 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
         return mk("linear", [args[0], args[1], None], w_out_axis=0 if weight[1] else 1)
     if name in ("mm", "matmul", "bmm"):
         return mk("matmul", [args[0], args[1]])
+    if name == "baddbmm" and _weight_operand(n.args[2]) is None:
+        # beta * input + alpha * batch1 @ batch2 (ALiBi's biases added to the scores)
+        return mk("baddbmm", [args[0], args[1], args[2]])
     if name in ("view", "reshape", "_unsafe_view"):
         return mk("view", [args[0]], sizes=list(args[1]))
     if name in ("transpose", "swapaxes"):
@@ -464,25 +472,45 @@ class FxFrontend:
                 args[arg] = v
             else:
                 seq = list(args[arg])
-                seq[pos] = v
+                seq[pos] = self._sized(node, seq[pos], v)
                 args[arg] = seq
         node.args = tuple(args)
+
+    def _sized(self, user: torch.fx.Node, old, value: int):
+        """``value`` in place of the size ``old``; a size computed as (shape) * (integer), the
+        batch times the heads merged into it, becomes a product of its own with ``value``
+        for the integer (the old one may size other reshapes, of other layers)."""
+        import operator
+
+        if not (isinstance(old, torch.fx.Node) and old.target is operator.mul):
+            return value
+        with self.gm.graph.inserting_before(user):
+            return self.gm.graph.call_function(operator.mul, tuple(
+                value if isinstance(a, int) and not isinstance(a, bool) else a for a in old.args))
 
     def slice_port(self, name: str, axis: int, keep) -> None:
         """Keep entries ``keep`` along ``axis`` of port ``name``: nothing to edit in an fx
         graph. An input's size is not part of it (it comes with the example inputs at export,
         from rewrite's ``ports``); an output's follows from the ops that compute it."""
 
-    def gather(self, node_name: str, pos: int, axis: int, index: list[int]) -> None:
+    def gather(self, node_name: str, pos: int, axis: int, index: list[int], period: int | None = None) -> None:
         """Operand ``pos`` of ``node_name`` read through index_select(axis, index): the K/V
-        head each kept query head reads, when K/V groups are left unequal."""
+        head each kept query head reads, when K/V groups are left unequal; the kept heads'
+        entries of a per-head constant. ``period``: ``axis`` is a batch axis with ``period``
+        heads merged into it, and ``index`` picks among the heads of each batch entry."""
         node = next(n for n in self.gm.graph.nodes if n.name == node_name)
         graph = self.gm.graph
         name = f"goa_gather_{node_name}_{pos}"
         self.gm.register_buffer(name, torch.as_tensor(index, dtype=torch.long))
+        aten = torch.ops.aten
         with graph.inserting_before(node):
             idx = graph.get_attr(name)
-            picked = graph.call_function(torch.ops.aten.index_select.default, (node.args[pos], axis, idx))
+            if period:
+                heads = graph.call_function(aten.unflatten.int, (node.args[pos], axis, [-1, period]))
+                picked = graph.call_function(aten.index_select.default, (heads, axis + 1, idx))
+                picked = graph.call_function(aten.flatten.using_ints, (picked, axis, axis + 1))
+            else:
+                picked = graph.call_function(aten.index_select.default, (node.args[pos], axis, idx))
         args = list(node.args)
         args[pos] = picked
         node.args = tuple(args)

@@ -563,14 +563,39 @@ class OnnxFrontend:
         self._attrs[id(clone)] = attrs_of(clone)
         return clone
 
-    def gather(self, node_name: str, pos: int, axis: int, index: list[int]) -> None:
+    def gather(self, node_name: str, pos: int, axis: int, index: list[int], period: int | None = None) -> None:
+        """Operand ``pos`` of ``node_name`` read through Gather(axis, index); ``period``: the
+        axis is batch * ``period`` heads, and ``index`` picks heads of every batch entry."""
         node = self._steps[node_name][0]
         idx = self._new_const(np.asarray(index, dtype=np.int64))
+        if period:
+            idx = self._merged_index(node, node.inputs[pos], axis, period, idx)
         g = ir.Node("", "Gather", [node.inputs[pos], idx], attributes=[ir.AttrInt64("axis", axis)],
                     name=next(self._names))
         g.outputs[0].name = g.name
         self.model.graph.insert_before(node, g)
         node.replace_input_with(pos, g.outputs[0])
+
+    def _merged_index(self, before: ir.Node, x: ir.Value, axis: int, period: int, kept: ir.Value) -> ir.Value:
+        """(b * period + kept[j] for each batch entry b, then j), flat: the entries of a batch
+        axis of ``period`` heads per entry that keep the heads ``kept``."""
+        i64 = lambda *v: self._new_const(np.asarray(v, dtype=np.int64))  # noqa: E731
+        steps = [("Shape", [x], {"start": axis, "end": axis + 1}), ("Div", [None, i64(period)], {}),
+                 ("Squeeze", [None], {}), ("Range", [self._scalar(0), None, self._scalar(1)], {}),
+                 ("Mul", [None, i64(period)], {}), ("Unsqueeze", [None, i64(1)], {}),
+                 ("Add", [None, kept], {}), ("Reshape", [None, i64(-1)], {})]
+        out = None
+        for op, inputs, attrs in steps:
+            ins = [out if v is None else v for v in inputs]
+            n = ir.Node("", op, ins, attributes=[ir.AttrInt64(k, v) for k, v in attrs.items()],
+                        name=next(self._names))
+            n.outputs[0].name = n.name
+            self.model.graph.insert_before(before, n)
+            out = n.outputs[0]
+        return out
+
+    def _scalar(self, v: int) -> ir.Value:
+        return self._new_const(np.asarray(v, dtype=np.int64))
 
     def add_bias(self, node_name: str, param: str) -> None:
         """A MatMul projection gains an Add of ``param``; the Add's output takes the MatMul

@@ -268,7 +268,9 @@ class ViewBuilder:
 
     def build(self) -> Graph:
         for v in self.graph.inputs:
-            self.nodes[v.name] = Node(v.name, "input", [], self.shapes.get(v.name), target=v.name)
+            integer = v.dtype is not None and not v.dtype.is_floating_point()
+            self.nodes[v.name] = Node(v.name, "input", [], self.shapes.get(v.name), {"integer": integer},
+                                      target=v.name)
         self._fusions()
         self._batched_transposes()
         for node in self.graph:

@@ -9,7 +9,7 @@ read it never see the backend.
 Normalised ops (``Node.op``) and their ``attrs``:
     param                                 a parameter or buffer (attrs: name; transposed:
                                           the 2-D transpose of one, as ``x @ W.T`` reads it)
-    input, output
+    input, output                         attrs (input): integer (token ids, a mask: no channels)
     linear      x, weight, bias           attrs: w_out_axis (0 for [out, in], 1 for [in, out]);
                                           a matmul with a parameter operand is one too
     view        x                         attrs: sizes (the argument list, to patch)
@@ -34,7 +34,9 @@ Normalised ops (``Node.op``) and their ``attrs``:
     norm        x, weight, bias           attrs: ndims (normalised trailing dims)
     sdpa        q, k, v, mask             attrs: gqa (bool)
     matmul      a, b                      (both data)
-    ignore                                no tensor output (asserts, shape queries)
+    baddbmm     input, a, b               input + a @ b, each scaled by a constant (both data)
+    ignore                                no tensor output (asserts, shape queries; attrs:
+                                          product, for a size that multiplies others)
     other                                 anything else (analysis refuses channels through it)
 """
 from __future__ import annotations
@@ -91,3 +93,15 @@ class Graph:
             for r in node.refs():
                 out[r].append(node.name)
         return out
+
+
+def product_factor(graph: Graph, value) -> int | None:
+    """The integer factor of a size computed as (shape) * (integer) (an ``ignore`` node with
+    attrs product), or the integer itself; None for any other size."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    node = graph.nodes.get(value.name) if isinstance(value, Ref) else None
+    if node is None or not node.attrs.get("product") or len(node.inputs) != 2:
+        return None
+    ints = [x for x in node.inputs if isinstance(x, int) and not isinstance(x, bool)]
+    return ints[0] if len(ints) == 1 else None

@@ -94,13 +94,15 @@ class OperandSlice:
     that meets a structure's channels: along ``axis`` of input ``operand`` of node ``node``,
     unit ``u`` owns entries ``index[u]`` (``shared`` entries no unit owns: they stay). The
     rewrite reads the kept entries through a gather there, so the tensor is computed as
-    before and never for a new head count."""
+    before and never for a new head count. ``period``: the axis is a batch axis with the
+    heads merged into it (``index`` counts entries of one period; ALiBi's [B * H, 1, S])."""
 
     node: str
     operand: int
     axis: int
     index: np.ndarray
     shared: tuple[int, ...] = ()
+    period: int | None = None
 
 
 @dataclass(frozen=True)
