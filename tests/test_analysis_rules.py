@@ -403,3 +403,17 @@ def test_merged_heads_meeting_a_tensor_outside_the_structure_are_refused():
     assert a.structures == ()
     reasons = {r.node: r.reason for r in a.refused if r.candidate}
     assert "heads merged into a batch axis meet a tensor outside the structure" in reasons["q_proj"]
+
+
+def test_a_merged_size_read_off_another_tensor_is_refused():
+    """`x.reshape(alibi.size(0), s, d)`: a size that does not count the heads (it may come
+    from a tensor that keeps every head) cannot be rewritten, so the structure is refused."""
+    g = View()
+    g._add("ignore", [], None, name="other_size")          # sym_size of some other tensor
+    heads = g.permute(g.view(g.linear(g.x, "layers.0.attn.q_proj.weight", D, "q_proj"), B, S, 4, 4), 0, 2, 1, 3)
+    merged = g._add("view", [heads], (B * 4, S, 4), {"sizes": [Ref("other_size"), -1, 4]}, "q_heads")
+    back = g.view(g.view(merged, B, 4, S, 4), B, S, D, name="merge")
+    a = analyze_graph(g.graph(g.binary(g.x, g.linear(back, "layers.0.attn.o_proj.weight", D, "o_proj"))))
+    assert a.structures == ()
+    reasons = {r.node: r.reason for r in a.refused if r.candidate}
+    assert "heads merged into a batch axis by a value analysis cannot follow" in reasons["q_proj"]

@@ -801,10 +801,10 @@ def _merged_view(st: _State, node: Node, src, dst, gi, gj, i: int, t: Tag) -> tu
 
 
 def _record_merged_size(st: _State, node: Node, pos: int, t: Tag) -> None:
-    """The size of a batch axis with heads merged into it: batch * heads, as an integer (a
-    static batch: it counts ``value // period`` repeats of the heads) or as a product of a
-    shape and the head count (the frontend rewrites the product's factor); a size read off
-    another tensor follows by itself."""
+    """The size of a batch axis with heads merged into it: -1, batch * heads as an integer
+    (a static batch: it counts ``value // period`` repeats of the heads) or as a product of a
+    shape and the head count (the frontend rewrites the product's factor). Any other size
+    (read off a tensor that may keep every head) is refused."""
     sizes = node.attrs["sizes"]
     value = sizes[pos] if pos < len(sizes) else -1
     a, b = t.channels(None)
@@ -816,9 +816,9 @@ def _record_merged_size(st: _State, node: Node, pos: int, t: Tag) -> None:
         st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
                                           t.block, t.repeat * (value // t.period), int(value)))
         return
-    if not st.graph.nodes[value.name].attrs.get("product"):
-        return
     factor = product_factor(st.graph, value)
+    if factor is None:
+        raise _Reject("a reshape sizes heads merged into a batch axis by a value analysis cannot follow")
     if factor != t.period:
         raise _Reject("a reshape sizes heads merged into a batch axis with another count")
     st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
