@@ -113,3 +113,54 @@ def test_a_constant_index_from_the_end_before_the_units_is_refused():
     a = analyze_graph(g.graph(g.binary(g.x, g.linear(merged, "h.0.dense.weight", D, "dense"))))
     assert a.structures == ()
     assert "selects or follows channels of a unit" in a.refused[0].reason
+
+
+def _eager_attention(g: View, q: Ref, k: Ref, v: Ref, mask: Ref | None = None) -> Ref:
+    scores = g.matmul(q, g.permute(k, 0, 1, 3, 2))
+    if mask is not None:
+        scores = g._add("where", [mask, scores, scores], g.shape(scores))
+    merged = g.view(g.permute(g.matmul(g.softmax(scores, 3), v), 0, 2, 1, 3), B, S, D, name="merge")
+    return g.binary(g.x, g.linear(merged, "h.0.o.weight", D, "o"))
+
+
+def test_a_mask_expanded_as_the_scores_follows_their_heads():
+    """XLM: mask [B, 1, 1, S] expand_as(scores [B, 4, S, S]), then masked_fill of the
+    scores: the expanded heads axis takes its size from the scores, so it carries their
+    heads; a full-size tensor without channels expanded as them is refused."""
+    g = View()
+    q, k, v = (_heads(g, g.linear(g.x, f"h.0.{n}.weight", 16, n), 4, f"{n}h") for n in "qkv")
+    mask = g._add("input", [], (B, 1, 1, S), {"integer": True}, name="mask")
+    probe = g.matmul(q, g.permute(k, 0, 1, 3, 2))
+    full = g._add("expand_as", [mask, probe], (B, 4, S, S), name="full_mask")
+    (s,) = analyze_graph(g.graph(_eager_attention(g, q, k, v, full))).structures
+    assert (s.kind, s.units) == ("attention", 4)
+
+    g = View()
+    q, k, v = (_heads(g, g.linear(g.x, f"h.0.{n}.weight", 16, n), 4, f"{n}h") for n in "qkv")
+    per_head = g._add("input", [], (B, 4, S, S), {"integer": True}, name="per_head")
+    probe = g.matmul(q, g.permute(k, 0, 1, 3, 2))
+    full = g._add("expand_as", [per_head, probe], (B, 4, S, S), name="full_mask")
+    a = analyze_graph(g.graph(_eager_attention(g, q, k, v, full)))
+    assert a.structures == ()
+    assert any("expands a tensor along channels it does not carry" in r.reason for r in a.refused)
+
+
+def test_reshape_as_a_tensor_pruned_alike_keeps_the_heads():
+    """RoFormer's rotary: stack((-x[..., 1::2], x[..., ::2]), -1).reshape_as(x): the sizes are
+    x's, which carries the same heads; reshaped as a tensor pruned otherwise it is refused."""
+    def graph(like_of):
+        g = View()
+        q, k, v = (_heads(g, g.linear(g.x, f"h.0.{n}.weight", 16, n), 4, f"{n}h") for n in "qkv")
+        even = g._add("slice", [q], (B, 4, S, 2), {"dim": 3, "start": 0, "end": None, "step": 2})
+        odd = g._add("slice", [q], (B, 4, S, 2), {"dim": 3, "start": 1, "end": None, "step": 2})
+        st = g._add("stack", [g.unary(odd), even], (B, 4, S, 2, 2), {"dim": 4})
+        like = like_of(g, q)
+        rotated = g._add("view", [st, like], (B, 4, S, 4), {"sizes": [], "like": like})
+        return g.graph(_eager_attention(g, g.binary(q, rotated), k, v))
+
+    (s,) = analyze_graph(graph(lambda g, q: q)).structures
+    assert (s.kind, s.units) == ("attention", 4)
+    a = analyze_graph(graph(lambda g, q: g._add("input", [], (B, 4, S, 4), name="dense_shaped")))
+    assert a.structures == ()
+    assert any("reshapes channels to the shape of a tensor that does not carry them alike" in r.reason
+               for r in a.refused)

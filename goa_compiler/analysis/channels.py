@@ -719,6 +719,8 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
     dst = node.shape
     sizes = node.attrs["sizes"]
     if not in_tags:
+        if node.attrs.get("like") is not None and _tags(st, node.attrs["like"]):
+            raise _Reject("reshapes a tensor to the shape of channels it does not carry")
         return
     groups = _view_groups(src, dst, frozenset(in_tags))
     if groups is None:
@@ -769,6 +771,36 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
         out[lead] = new
         if lead < len(sizes):
             _record_size(st, node, "sizes", lead, sizes[lead], new, out_len)
+    if node.attrs.get("like") is not None and _tags(st, node.attrs["like"]) != out:
+        # reshape_as: the sizes are the other tensor's, right only where it is pruned alike
+        raise _Reject("reshapes channels to the shape of a tensor that does not carry them alike")
+    st.tags[node.name] = out
+
+
+@rule("expand_as")
+def _expand_as(st: _State, node: Node, in_tags: dict[int, Tag]):
+    """x.expand_as(y): x's entries repeated to y's shape. An axis expanded from one entry
+    follows y's size, so it carries y's channels (each entry a copy of x's one value); an
+    axis x fills keeps x's channels, joined with y's there."""
+    x, like = node.inputs
+    tl, sx = _tags(st, like), _shape(st, x)
+    off = len(node.shape) - len(sx)
+    out: dict[int, Tag] = {}
+    for a in range(len(node.shape)):
+        k = a - off
+        tx, ty = (in_tags.get(k) if k >= 0 else None), tl.get(a)
+        if k < 0 or (_static(sx[k]) == 1 and _static(node.shape[a]) != 1):
+            if tx is not None:
+                raise _Reject("broadcasts a channel axis of one entry")
+            if ty is not None:
+                out[a] = ty
+            continue
+        if ty is not None and tx is None:
+            raise _Reject("expands a tensor along channels it does not carry")
+        if tx is not None and ty is not None:
+            st.join(tx, ty, _span(tx, node.shape[a]))
+        if tx is not None:
+            out[a] = tx
     st.tags[node.name] = out
 
 

@@ -18,13 +18,16 @@ _aten = torch.ops.aten
 
 _ACTIVATIONS = {
     "silu", "gelu", "relu", "tanh", "sigmoid", "gelu_", "relu_", "silu_", "hardtanh", "elu",
-    "leaky_relu", "softplus", "mish", "hardswish", "hardsigmoid", "relu6",
+    "leaky_relu", "softplus", "mish", "hardswish", "hardsigmoid", "relu6", "selu", "celu",
 }
 _UNARY = _ACTIVATIONS | {
     "neg", "to", "_to_copy", "contiguous", "clone", "dropout", "alias", "detach", "type_as",
     "exp", "erf", "sqrt", "rsqrt", "abs", "pow", "square", "cos", "sin", "log", "reciprocal",
     "lift_fresh_copy", "_assert_tensor_metadata", "native_dropout", "clamp", "clamp_min",
     "clamp_max", "dropout_", "feature_dropout", "alpha_dropout", "float", "half", "bfloat16",
+    # elementwise functions of one tensor (XIELU's expm1: Apertus's FFN activation)
+    "expm1", "log1p", "exp2", "log2", "log10", "sign", "sgn", "floor", "ceil", "round", "trunc", "frac",
+    "tan", "atan", "sinh", "cosh", "asinh", "erfc", "logit", "nan_to_num",
 }
 _BINARY = {"add", "sub", "mul", "div", "maximum", "minimum", "rsub", "floor_divide", "true_divide",
            "eq", "ne", "lt", "le", "gt", "ge", "bitwise_and", "bitwise_or", "logical_and",
@@ -233,6 +236,11 @@ def _normalise(n: torch.fx.Node, args, kw, shape) -> Node:
         return mk("squeeze", [args[0]], dims=dims)
     if name in ("expand", "broadcast_to"):
         return mk("expand", [args[0]], sizes=list(args[1]))
+    if name == "expand_as":
+        return mk("expand_as", [args[0], args[1]])
+    if name in ("reshape_as", "view_as"):
+        # a reshape to another tensor's shape: no sizes of its own to patch
+        return mk("view", [args[0], args[1]], sizes=[], like=args[1])
     if name == "flatten":
         return mk("view", [args[0]], sizes=[])     # sizes follow from the input: nothing to patch
     if name == "select":

@@ -33,7 +33,7 @@ _ACTIVATIONS = {"Sigmoid", "Relu", "Tanh", "Gelu", "Softplus", "Elu", "LeakyRelu
                 "HardSwish", "Mish", "Selu", "Celu", "FastGelu", "QuickGelu", "BiasGelu"}
 _UNARY = _ACTIVATIONS | {"Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Abs", "Cast", "CastLike", "Identity",
                          "Cos", "Sin", "Clip", "IsNaN", "IsInf", "Not", "Floor", "Ceil", "Round", "Sign",
-                         "Dropout"}
+                         "Dropout", "Tan", "Atan", "Sinh", "Cosh", "Asinh"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual",
            "And", "Or", "Xor", "Mod", "BitwiseAnd", "BitwiseOr"}
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare",

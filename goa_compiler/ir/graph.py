@@ -12,7 +12,9 @@ Normalised ops (``Node.op``) and their ``attrs``:
     input, output                         attrs (input): integer (token ids, a mask: no channels)
     linear      x, weight, bias           attrs: w_out_axis (0 for [out, in], 1 for [in, out]);
                                           a matmul with a parameter operand is one too
-    view        x                         attrs: sizes (the argument list, to patch)
+    view        x                         attrs: sizes (the argument list, to patch); like:
+                [, like]                  the tensor whose shape it takes (reshape_as: no sizes)
+    expand_as   x, like                   x expanded to the shape of ``like``
     permute     x                         attrs: dims
     unsqueeze   x                         attrs: dim
     squeeze     x                         attrs: dims
