@@ -24,8 +24,9 @@ import oracle_layout as ol  # tests/oracle_layout.py
 from tools.onnx_input import export_logits_onnx  # the export a user runs (the repository root is on sys.path)
 
 # the exporter's forms of: fused QKV + Conv1D (gpt2), grouped K/V (llama-gqa), fused gate/up
-# (phi3), partial rotary + parallel attention (gptj), Q/K norms (gemma3)
-FAMILIES = ["gpt2", "llama-gqa", "phi3", "gptj", "gemma3"]
+# (phi3), partial rotary + parallel attention (gptj), Q/K norms (gemma3), heads merged into the batch
+# axis with ALiBi from the mask (bloom)
+FAMILIES = ["gpt2", "llama-gqa", "phi3", "gptj", "gemma3", "bloom"]
 
 
 @pytest.fixture(scope="module")

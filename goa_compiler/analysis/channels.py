@@ -262,12 +262,13 @@ def interpret(graph: Graph, query_heads: bool = False) -> _State:
 
 
 def _opens_stream(st: _State, node: Node) -> bool:
-    """Where hidden states begin: a float input (hidden states, a cache), or an op that reads
-    a weight (a parameter of two or more dimensions) with data (an embedding, a projection).
-    Integer inputs (ids, a mask), constants and small parameters (ALiBi's slopes) are not."""
+    """Where hidden states begin: a float input (hidden states, a cache), or a lookup or
+    product that reads a weight (a parameter of two or more dimensions) with data: an
+    embedding, a projection. Integer inputs (ids, a mask), constants, and elementwise ops
+    with parameters (ALiBi's slopes times the positions) are not."""
     if node.op == "input":
         return not node.attrs.get("integer")
-    return st.data_dependent[node.name] and any(
+    return node.op in ("linear", "index", "other", "matmul") and st.data_dependent[node.name] and any(
         r in st.graph.params and len(st.graph.nodes[r].shape or ()) >= 2 for r in node.refs())
 
 

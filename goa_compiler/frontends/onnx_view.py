@@ -164,11 +164,31 @@ class IntTracer:
             sub = self._trace(p, 0, p.inputs[0])
             if sub is not None:
                 return [(val, _prepend(Hop(node.name, pos, k), prov)) for k, (val, prov) in enumerate(sub)]
+        scaled = self._scaled(node, pos, p)
+        if scaled is not None:
+            return scaled
         if p is not None and self._keeps_sizes(p):
             sub = self._trace(p, 2, p.inputs[2])
             if sub is not None and all(val != -1 for val, _ in sub):
                 return [(val, _prepend(Hop(node.name, pos, k), prov)) for k, (val, prov) in enumerate(sub)]
         return self._computed(v, node, pos)
+
+    def _scaled(self, node: ir.Node, pos: int, p: ir.Node | None):
+        """``Mul(sizes computed from shapes, integer constant)``: the batch times the heads
+        merged into one axis. Each element is the constant times its symbol, with the
+        constant's provenance (the rewrite sets the head count there)."""
+        if p is None or p.domain != "" or p.op_type != "Mul" or len(p.inputs) != 2 or None in p.inputs:
+            return None
+        for j in (0, 1):
+            c = self.consts.ints(p.inputs[j].name)
+            if c is None or len(c) != 1:
+                continue
+            sub = self._computed(p.inputs[1 - j], p, 1 - j)
+            if sub is None or any(prov is not None for _, prov in sub):
+                return None                       # not computed from the dynamic sizes
+            return [(int(c[0]) * val, Provenance((Hop(node.name, pos, k), Hop(p.name, j, 0))))
+                    for k, (val, _) in enumerate(sub)]
+        return None
 
     def _keeps_sizes(self, where: ir.Node) -> bool:
         """``Where(Equal(sizes, -1), ones, sizes)``: TorchScript torch.onnx's form of
@@ -228,8 +248,8 @@ def dims_from_runs(shapes: list[tuple], sizes: list[dict[str, int]], name: str) 
 
 
 def _fit(ds, sizes):
-    """The first of: a size symbol, a product of two, a sum of two different ones, whose value
-    in every run is that run's dimension (None if none is)."""
+    """The first of: a size symbol, a product of two, a sum of two different ones, a constant
+    multiple of one, whose value in every run is that run's dimension (None if none is)."""
     return _fit_runs(tuple(int(d) for d in ds), tuple(tuple(sorted(s.items())) for s in sizes))
 
 
@@ -246,6 +266,10 @@ def _fit_runs(ds: tuple, sizes: tuple):
         if all(value(r) == d for r, d in zip(runs, ds)):
             syms = [sympy.Symbol(t) for t in terms]
             return syms[0] if not op else syms[0] * syms[1] if op == "*" else syms[0] + syms[1]
+    for a in names:                     # a constant multiple: batch * heads merged into one axis
+        c = ds[0] // runs[0][a] if runs[0][a] else 0
+        if c > 1 and all(c * r[a] == d for r, d in zip(runs, ds)):
+            return c * sympy.Symbol(a)
     return None
 
 

@@ -99,9 +99,13 @@ class Graph:
 
 def product_factor(graph: Graph, value) -> int | None:
     """The integer factor of a size computed as (shape) * (integer) (an ``ignore`` node with
-    attrs product), or the integer itself; None for any other size."""
+    attrs product, or a symbolic expression ``c * s``), or the integer itself; None for any
+    other size."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if hasattr(value, "as_coeff_Mul"):          # a sympy expression (the ONNX view's sizes)
+        coeff, rest = value.as_coeff_Mul()
+        return int(coeff) if coeff.is_Integer and coeff > 1 and rest.is_Symbol else None
     node = graph.nodes.get(value.name) if isinstance(value, Ref) else None
     if node is None or not node.attrs.get("product") or len(node.inputs) != 2:
         return None
