@@ -417,3 +417,32 @@ def test_a_merged_size_read_off_another_tensor_is_refused():
     assert a.structures == ()
     reasons = {r.node: r.reason for r in a.refused if r.candidate}
     assert "heads merged into a batch axis by a value analysis cannot follow" in reasons["q_proj"]
+
+
+def test_a_batch_computed_from_merged_heads_follows_the_kept_heads():
+    """TorchScript's Bloom in ONNX: `batch = (batch * heads) // heads`, read off the merged
+    tensor's shape (the ONNX view's symbol `shape(T)[0]`) and divided by the head count, sizes
+    the merge back to [B, S, hidden]: the divisor is recorded to follow the kept heads. The
+    same size without the division (it counts heads) is refused."""
+    import sympy
+
+    def graph(divided: bool):
+        g = View()
+        g._add("ignore", [], None, name="batch")
+        q, k, v = (_merged_heads(g, g.linear(g.x, f"layers.0.attn.{n}_proj.weight", D, f"{n}_proj"),
+                                 f"{n}_heads", symbolic=True) for n in "qkv")
+        out = g.matmul(g.softmax(g.matmul(q, g.permute(k, 0, 2, 1)), 2), v)
+        read = sympy.Symbol("shape(q_heads)[0]")
+        batch = read / 4 if divided else read
+        heads = g._add("view", [out], (B, 4, S, 4), {"sizes": [batch, 4, S, 4]}, "out_heads")
+        merge = g._add("view", [g.permute(heads, 0, 2, 1, 3)], (B, S, D), {"sizes": [batch, S, D]}, "merge")
+        return g.graph(g.binary(g.x, g.linear(merge, "layers.0.attn.o_proj.weight", D, "o_proj")))
+
+    (s,) = analyze_graph(graph(divided=True)).structures
+    by_node = {(c.handle.node, c.handle.pos): c for c in s.constants}
+    assert by_node["out_heads", 0].original == 4 and by_node["merge", 0].original == 4
+    assert by_node["merge", 0].pruned_value(np.arange(4)) == 3            # one head of 4 gone
+    a = analyze_graph(graph(divided=False))
+    assert a.structures == ()
+    assert any("takes the batch out of merged heads by the size of a tensor with channels" in r.reason
+               for r in a.refused)

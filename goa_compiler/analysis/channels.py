@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import sympy
 
-from goa_compiler.ir.graph import Graph, Node, Ref, product_factor
+from goa_compiler.ir.graph import Graph, Node, Ref, product_factor, quotient_factor, size_source
 from goa_compiler.ir.structure import ConstantKind, IntHandle, ShapeConstant
 
 
@@ -330,7 +330,8 @@ def rule(*ops: str):
 
 
 # ops whose rules follow channels merged into a batch axis (Tag.period)
-MERGED_OPS = frozenset({"view", "permute", "unary", "binary", "where", "matmul", "baddbmm", "softmax", "reduce"})
+MERGED_OPS = frozenset({"view", "permute", "unary", "binary", "where", "matmul", "baddbmm", "softmax", "reduce",
+                        "ignore"})
 
 
 def _transfer(st: _State, node: Node):
@@ -775,7 +776,31 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
     if node.attrs.get("like") is not None and _tags(st, node.attrs["like"]) != out:
         # reshape_as: the sizes are the other tensor's, right only where it is pruned alike
         raise _Reject("reshapes channels to the shape of a tensor that does not carry them alike")
+    merged_splits = {k for gi, gj in groups for k in gj[:-1] if any(in_tags.get(i) and in_tags[i].period
+                                                                     for i in gi)}
+    for k in range(min(len(sizes), len(dst))):
+        if k not in out and k not in merged_splits:
+            _check_plain_size(st, node, k)
     st.tags[node.name] = out
+
+
+def _check_plain_size(st: _State, node: Node, pos: int) -> None:
+    """A size of an axis without channels that is read off an axis with channels (in an
+    ONNX graph: the batch computed as the size of batch * heads divided by the head count)
+    must follow the kept units: its divisor is recorded; any other such size is refused."""
+    value = node.attrs["sizes"][pos]
+    if value is None or _is_int(value):
+        return
+    divisor = quotient_factor(value)
+    source = size_source(st.graph, value.as_coeff_Mul()[1] if divisor else value)
+    t = st.tags.get(source[0], {}).get(source[1]) if source is not None else None
+    if t is None:
+        return
+    if not (divisor and t.period == divisor):
+        raise _Reject("a reshape sizes an axis by the size of an axis with channels")
+    a, b = t.channels(None)
+    st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
+                                      t.block, t.repeat, divisor))
 
 
 @rule("expand_as")
@@ -830,7 +855,31 @@ def _merged_view(st: _State, node: Node, src, dst, gi, gj, i: int, t: Tag) -> tu
     sizes = node.attrs["sizes"]
     if last < len(sizes):
         _record_size(st, node, "sizes", last, sizes[last], new, t.period)
+    for k in gj[:-1]:
+        _record_batch_size(st, node, k, t)
     return last, new
+
+
+def _record_batch_size(st: _State, node: Node, pos: int, t: Tag) -> None:
+    """A batch size split back out of batch * heads: a number, a shape read in the graph,
+    or (an ONNX graph's) the merged size divided by the head count, whose divisor follows
+    the kept heads. A value computed otherwise may count the dense heads: refused."""
+    sizes = node.attrs["sizes"]
+    value = sizes[pos] if pos < len(sizes) else -1
+    if _is_int(value):
+        return
+    source = size_source(st.graph, value)
+    if source is not None:
+        tensor, axis = source
+        if axis in st.tags.get(tensor, {}):
+            raise _Reject("a reshape takes the batch out of merged heads by the size of a tensor with channels")
+        return                              # the batch, read off a tensor without channels there
+    divisor = quotient_factor(value)
+    if divisor != t.period:
+        raise _Reject("a reshape takes the batch out of merged heads by a value analysis cannot follow")
+    a, b = t.channels(None)
+    st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
+                                      t.block, t.repeat, divisor))
 
 
 def _record_merged_size(st: _State, node: Node, pos: int, t: Tag) -> None:

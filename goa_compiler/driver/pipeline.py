@@ -34,7 +34,7 @@ from goa_compiler.export.onnx import (ExportError, export_decoder, export_onnx, 
                                      untranslatable_ops, verify)
 from goa_compiler.frontends.fx import FxFrontend
 from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
-from goa_compiler.ir.graph import product_factor
+from goa_compiler.ir.graph import product_factor, quotient_factor
 from goa_compiler.ir.structure import Analysis, Plan
 from goa_compiler.prune import allocation, calibration, greedy
 from goa_compiler.prune.distributed import SINGLE, DistributedError, Ranks, from_environment
@@ -686,7 +686,8 @@ class Rewrite(PassBase):
                 want = c.pruned_value(gone[c.root])
                 got = view.nodes[c.handle.node].attrs.get(c.handle.attr)
                 got = got[c.handle.pos] if c.handle.pos is not None and isinstance(got, (list, tuple)) else got
-                got = got if got is None or isinstance(got, int) else product_factor(view, got)
+                got = got if got is None or isinstance(got, int) else (product_factor(view, got)
+                                                                       or quotient_factor(got))
                 if got != want:
                     self.fail(f"shape constant {c.handle} of {s.name} is {got}, expected {want}")
 

@@ -174,19 +174,22 @@ class IntTracer:
         return self._computed(v, node, pos)
 
     def _scaled(self, node: ir.Node, pos: int, p: ir.Node | None):
-        """``Mul(sizes computed from shapes, integer constant)``: the batch times the heads
-        merged into one axis. Each element is the constant times its symbol, with the
-        constant's provenance (the rewrite sets the head count there)."""
-        if p is None or p.domain != "" or p.op_type != "Mul" or len(p.inputs) != 2 or None in p.inputs:
+        """``Mul(sizes computed from shapes, integer constant)``, the batch times the heads
+        merged into one axis, or ``Div(.., constant)``, the batch taken back out of it. Each
+        element is its symbol times (divided by) the constant, with the constant's provenance
+        (the rewrite sets the head count there)."""
+        if p is None or p.domain != "" or p.op_type not in ("Mul", "Div") or len(p.inputs) != 2 \
+                or None in p.inputs:
             return None
-        for j in (0, 1):
+        for j in ((0, 1) if p.op_type == "Mul" else (1,)):
             c = self.consts.ints(p.inputs[j].name)
-            if c is None or len(c) != 1:
+            if c is None or len(c) != 1 or c[0] < 2:
                 continue
             sub = self._computed(p.inputs[1 - j], p, 1 - j)
             if sub is None or any(prov is not None for _, prov in sub):
                 return None                       # not computed from the dynamic sizes
-            return [(int(c[0]) * val, Provenance((Hop(node.name, pos, k), Hop(p.name, j, 0))))
+            scale = sympy.Integer(int(c[0])) if p.op_type == "Mul" else sympy.Rational(1, int(c[0]))
+            return [(scale * val, Provenance((Hop(node.name, pos, k), Hop(p.name, j, 0))))
                     for k, (val, _) in enumerate(sub)]
         return None
 
@@ -219,7 +222,33 @@ class IntTracer:
             return None
         if all(list(x) == list(values[0]) for x in values):
             return [(int(c), Provenance((Hop(node.name, pos, k),))) for k, c in enumerate(values[0])]
-        return [(sympy.Symbol(f"{v.name}[{k}]"), None) for k in range(len(values[0]))]
+        read = _shape_read(v, self.consts.ints) if len(values[0]) == 1 else None
+        return [(sympy.Symbol(read or f"{v.name}[{k}]"), None) for k in range(len(values[0]))]
+
+
+def _shape_read(v: ir.Value, ints) -> str | None:
+    """``Gather(Shape(x), i)`` or a one-element ``Shape(x, start)``: one dimension of ``x``,
+    named ``SHAPE_READ.format(x, axis)`` (ir/graph.py ``size_source`` reads it back).
+    ``ints``: a value name -> its constant integers, or None."""
+    from goa_compiler.ir.graph import SHAPE_READ
+
+    p = v.producer()
+    index = 0
+    if p is not None and p.op_type == "Gather" and p.domain == "" and len(p.inputs) == 2 \
+            and p.inputs[1] is not None:
+        idx = ints(p.inputs[1].name)
+        if idx is None or len(idx) != 1 or attrs_of(p).get("axis", 0) != 0:
+            return None
+        index, p = int(idx[0]), p.inputs[0].producer()
+    if p is None or p.op_type != "Shape" or p.domain != "" or p.inputs[0] is None:
+        return None
+    start = attrs_of(p).get("start", 0)
+    rank = len(p.inputs[0].shape) if p.inputs[0].shape is not None else None
+    axis = start + index
+    if axis < 0 or (start < 0 and rank is None):
+        return None
+    axis = axis if start >= 0 else rank + start + index
+    return SHAPE_READ.format(p.inputs[0].name, axis)
 
 
 def _prepend(hop: Hop, prov: Provenance | None) -> Provenance | None:

@@ -111,3 +111,32 @@ def product_factor(graph: Graph, value) -> int | None:
         return None
     ints = [x for x in node.inputs if isinstance(x, int) and not isinstance(x, bool)]
     return ints[0] if len(ints) == 1 else None
+
+
+def quotient_factor(value) -> int | None:
+    """The integer divisor of a size computed as (shape) / (integer) (a sympy expression of the
+    ONNX view: the batch taken back out of batch * heads), else None."""
+    if not hasattr(value, "as_coeff_Mul"):
+        return None
+    coeff, rest = value.as_coeff_Mul()
+    return int(coeff.q) if coeff.is_Rational and coeff.p == 1 and coeff.q > 1 and rest.is_Symbol else None
+
+
+SHAPE_READ = "shape({})[{}]"        # the ONNX view's name of a size read off a tensor
+
+
+def size_source(graph: Graph, value) -> tuple[str, int] | None:
+    """(tensor, axis) when the size ``value`` is read off that tensor's shape: a shape query
+    (``sym_size``) in a torch.export graph, a ``Gather(Shape(x), i)`` symbol in an ONNX one."""
+    if isinstance(value, Ref):
+        node = graph.nodes.get(value.name)
+        if node is not None and node.op == "ignore" and "sym_size" in node.target and len(node.inputs) == 2 \
+                and isinstance(node.inputs[0], Ref) and isinstance(node.inputs[1], int):
+            return node.inputs[0].name, node.inputs[1]
+        return None
+    name = getattr(value, "name", None) if getattr(value, "is_Symbol", False) else None
+    if name and name.startswith("shape(") and name.endswith("]") and ")[" in name:
+        tensor, _, axis = name[len("shape("):-1].rpartition(")[")
+        if axis.isdigit() and tensor in graph.nodes:
+            return tensor, int(axis)
+    return None
