@@ -86,8 +86,9 @@ class Frontend(Protocol):
     def add_bias(self, node: str, param: str) -> None:
         """Give a bias-free projection the (already set) bias parameter ``param``."""
 
-    def gather(self, node: str, pos: int, axis: int, index: list[int]) -> None:
-        """Let operand ``pos`` of ``node`` be read through a gather of ``index`` along ``axis``."""
+    def gather(self, node: str, pos: int, axis: int, index: list[int], period: int | None = None) -> None:
+        """Let operand ``pos`` of ``node`` be read through a gather of ``index`` along ``axis``
+        (``period``: ``axis`` is batch * ``period`` heads; ``index`` picks heads in each)."""
 
     def finish(self) -> None:
         """Make the edits take effect (recompile)."""

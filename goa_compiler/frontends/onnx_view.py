@@ -243,12 +243,11 @@ def _shape_read(v: ir.Value, ints) -> str | None:
     if p is None or p.op_type != "Shape" or p.domain != "" or p.inputs[0] is None:
         return None
     start = attrs_of(p).get("start", 0)
-    rank = len(p.inputs[0].shape) if p.inputs[0].shape is not None else None
-    axis = start + index
-    if axis < 0 or (start < 0 and rank is None):
-        return None
-    axis = axis if start >= 0 else rank + start + index
-    return SHAPE_READ.format(p.inputs[0].name, axis)
+    if start < 0:                        # counted from the end: the rank must be known
+        if p.inputs[0].shape is None:
+            return None
+        start += len(p.inputs[0].shape)
+    return SHAPE_READ.format(p.inputs[0].name, start + index) if start + index >= 0 else None
 
 
 def _prepend(hop: Hop, prov: Provenance | None) -> Provenance | None:

@@ -115,10 +115,7 @@ def _gather_operands(frontend, structures: list[Structure], plan: Plan) -> None:
             continue
         for o in s.operands:
             keep = np.concatenate([o.index[kept].reshape(-1), np.asarray(o.shared, dtype=np.int64)])
-            if o.period:
-                frontend.gather(o.node, o.operand, o.axis, np.sort(keep).tolist(), period=o.period)
-            else:
-                frontend.gather(o.node, o.operand, o.axis, np.sort(keep).tolist())
+            frontend.gather(o.node, o.operand, o.axis, np.sort(keep).tolist(), period=o.period)
 
 
 def _slice_ports(frontend, structures: list[Structure], plan: Plan) -> dict[str, int]:
