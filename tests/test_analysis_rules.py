@@ -444,5 +444,4 @@ def test_a_batch_computed_from_merged_heads_follows_the_kept_heads():
     assert by_node["merge", 0].pruned_value(np.arange(4)) == 3            # one head of 4 gone
     a = analyze_graph(graph(divided=False))
     assert a.structures == ()
-    assert any("takes the batch out of merged heads by the size of a tensor with channels" in r.reason
-               for r in a.refused)
+    assert any("a reshape sizes an axis by the size of an axis with channels" in r.reason for r in a.refused)

@@ -784,23 +784,28 @@ def _view(st: _State, node: Node, in_tags: dict[int, Tag]):
     st.tags[node.name] = out
 
 
-def _check_plain_size(st: _State, node: Node, pos: int) -> None:
-    """A size of an axis without channels that is read off an axis with channels (in an
-    ONNX graph: the batch computed as the size of batch * heads divided by the head count)
-    must follow the kept units: its divisor is recorded; any other such size is refused."""
-    value = node.attrs["sizes"][pos]
+def _check_plain_size(st: _State, node: Node, pos: int, split: bool = False) -> None:
+    """A size of an axis without channels. Read off an axis with channels, it must follow
+    the kept units: the batch computed as (batch * heads) / heads (an ONNX graph's form)
+    has its divisor recorded; any other such size is refused. ``split``: the batch split back
+    out of merged heads, where a value analysis cannot trace is refused too (it may count
+    the dense heads); elsewhere such a value counts no channels."""
+    value = node.attrs["sizes"][pos] if pos < len(node.attrs["sizes"]) else -1
     if value is None or _is_int(value):
         return
     divisor = quotient_factor(value)
     source = size_source(st.graph, value.as_coeff_Mul()[1] if divisor else value)
     t = st.tags.get(source[0], {}).get(source[1]) if source is not None else None
-    if t is None:
-        return
-    if not (divisor and t.period == divisor):
+    if divisor and t is not None and t.period == divisor:
+        a, b = t.channels(None)
+        st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
+                                          t.block, t.repeat, divisor))
+    elif t is not None:
         raise _Reject("a reshape sizes an axis by the size of an axis with channels")
-    a, b = t.channels(None)
-    st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
-                                      t.block, t.repeat, divisor))
+    elif split:
+        traced = source is not None or (isinstance(value, Ref) and not st.graph.nodes[value.name].attrs.get("product"))
+        if divisor or not traced:
+            raise _Reject("a reshape takes the batch out of merged heads by a value analysis cannot follow")
 
 
 @rule("expand_as")
@@ -856,30 +861,8 @@ def _merged_view(st: _State, node: Node, src, dst, gi, gj, i: int, t: Tag) -> tu
     if last < len(sizes):
         _record_size(st, node, "sizes", last, sizes[last], new, t.period)
     for k in gj[:-1]:
-        _record_batch_size(st, node, k, t)
+        _check_plain_size(st, node, k, split=True)
     return last, new
-
-
-def _record_batch_size(st: _State, node: Node, pos: int, t: Tag) -> None:
-    """A batch size split back out of batch * heads: a number, a shape read in the graph,
-    or (an ONNX graph's) the merged size divided by the head count, whose divisor follows
-    the kept heads. A value computed otherwise may count the dense heads: refused."""
-    sizes = node.attrs["sizes"]
-    value = sizes[pos] if pos < len(sizes) else -1
-    if _is_int(value):
-        return
-    source = size_source(st.graph, value)
-    if source is not None:
-        tensor, axis = source
-        if axis in st.tags.get(tensor, {}):
-            raise _Reject("a reshape takes the batch out of merged heads by the size of a tensor with channels")
-        return                              # the batch, read off a tensor without channels there
-    divisor = quotient_factor(value)
-    if divisor != t.period:
-        raise _Reject("a reshape takes the batch out of merged heads by a value analysis cannot follow")
-    a, b = t.channels(None)
-    st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
-                                      t.block, t.repeat, divisor))
 
 
 def _record_merged_size(st: _State, node: Node, pos: int, t: Tag) -> None:
