@@ -15,7 +15,7 @@ channels of one unit never mix with another unit's or with anything outside the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -47,9 +47,6 @@ class Tag:
         """The channel range covered by an axis of ``length`` (of one period of a batch axis)."""
         length = self.period or length
         return self.start, self.start + (length // self.repeat) * self.block
-
-    def unmerged(self) -> "Tag":
-        return Tag(self.root, self.start, self.block, self.repeat)
 
 
 class _Reject(Exception):
@@ -797,9 +794,7 @@ def _check_plain_size(st: _State, node: Node, pos: int, split: bool = False) -> 
     source = size_source(st.graph, value.as_coeff_Mul()[1] if divisor else value)
     t = st.tags.get(source[0], {}).get(source[1]) if source is not None else None
     if divisor and t is not None and t.period == divisor:
-        a, b = t.channels(None)
-        st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
-                                          t.block, t.repeat, divisor))
+        _record_size(st, node, "sizes", pos, divisor, t, None)   # the quotient's divisor
     elif t is not None:
         raise _Reject("a reshape sizes an axis by the size of an axis with channels")
     elif split:
@@ -856,7 +851,7 @@ def _merged_view(st: _State, node: Node, src, dst, gi, gj, i: int, t: Tag) -> tu
     last = gj[-1]
     if _static(dst[last]) != t.period:
         raise _Reject("a reshape splits heads merged into a batch axis other than back into heads")
-    new = t.unmerged()
+    new = replace(t, period=None)
     sizes = node.attrs["sizes"]
     if last < len(sizes):
         _record_size(st, node, "sizes", last, sizes[last], new, t.period)
@@ -872,12 +867,12 @@ def _record_merged_size(st: _State, node: Node, pos: int, t: Tag) -> None:
     (read off a tensor that may keep every head) is refused."""
     sizes = node.attrs["sizes"]
     value = sizes[pos] if pos < len(sizes) else -1
-    a, b = t.channels(None)
     if _is_int(value):
         if value == -1:
             return
         if value % t.period:
             raise _Reject("a reshape sizes heads merged into a batch axis with another count")
+        a, b = t.channels(None)
         st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
                                           t.block, t.repeat * (value // t.period), int(value)))
         return
@@ -886,8 +881,7 @@ def _record_merged_size(st: _State, node: Node, pos: int, t: Tag) -> None:
         raise _Reject("a reshape sizes heads merged into a batch axis by a value analysis cannot follow")
     if factor != t.period:
         raise _Reject("a reshape sizes heads merged into a batch axis with another count")
-    st.constants.append(ShapeConstant(IntHandle(node.name, "sizes", pos), ConstantKind.SIZE, t.root, a, b,
-                                      t.block, t.repeat, factor))
+    _record_size(st, node, "sizes", pos, factor, t, None)        # the product's factor
 
 
 def _head_axis(st: _State, ref, name: str) -> tuple[Tag, int]:

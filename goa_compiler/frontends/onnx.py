@@ -579,11 +579,11 @@ class OnnxFrontend:
     def _merged_index(self, before: ir.Node, x: ir.Value, axis: int, period: int, kept: ir.Value) -> ir.Value:
         """(b * period + kept[j] for each batch entry b, then j), flat: the entries of a batch
         axis of ``period`` heads per entry that keep the heads ``kept``."""
-        i64 = lambda *v: self._new_const(np.asarray(v, dtype=np.int64))  # noqa: E731
-        steps = [("Shape", [x], {"start": axis, "end": axis + 1}), ("Div", [None, i64(period)], {}),
-                 ("Squeeze", [None], {}), ("Range", [self._scalar(0), None, self._scalar(1)], {}),
-                 ("Mul", [None, i64(period)], {}), ("Unsqueeze", [None, i64(1)], {}),
-                 ("Add", [None, kept], {}), ("Reshape", [None, i64(-1)], {})]
+        i64 = lambda v: self._new_const(np.asarray(v, dtype=np.int64))  # noqa: E731
+        steps = [("Shape", [x], {"start": axis, "end": axis + 1}), ("Div", [None, i64([period])], {}),
+                 ("Squeeze", [None], {}), ("Range", [i64(0), None, i64(1)], {}),
+                 ("Mul", [None, i64([period])], {}), ("Unsqueeze", [None, i64([1])], {}),
+                 ("Add", [None, kept], {}), ("Reshape", [None, i64([-1])], {})]
         out = None
         for op, inputs, attrs in steps:
             ins = [out if v is None else v for v in inputs]
@@ -593,9 +593,6 @@ class OnnxFrontend:
             self.model.graph.insert_before(before, n)
             out = n.outputs[0]
         return out
-
-    def _scalar(self, v: int) -> ir.Value:
-        return self._new_const(np.asarray(v, dtype=np.int64))
 
     def add_bias(self, node_name: str, param: str) -> None:
         """A MatMul projection gains an Add of ``param``; the Add's output takes the MatMul
