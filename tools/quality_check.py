@@ -2,7 +2,7 @@
 another kind, in one process: the quick check of a change that moves quality.
 
     python tools/quality_check.py --out q.json [--configs goa/refit/0.2,goa/none/0.2]
-        [--ood pydoc] [--eval-tokens 4096]
+        [--ood pydoc[,OTHER,...]] [--eval-tokens 4096] [--set calib=kjv+pydoc]
         [--module-inputs dense|pruned] [--set refit_prior=original --set ridge=0.3]
         [--set attention_unit=query-head]
 
@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--configs", default=DEFAULT_CONFIGS)
-    p.add_argument("--ood", default=DEFAULT_OOD)
+    p.add_argument("--ood", default=DEFAULT_OOD,
+                   help="DATA for the out-of-domain perplexity; a comma-separated list measures each "
+                        "(the first is reported as 'ood', the others under their own names)")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--module-inputs", default=None, choices=["dense", "pruned"],
                    help="passed to every compile (default: the compiler's default)")
@@ -66,12 +68,14 @@ def main(argv=None) -> int:
     cap = capture(loaded.model, loaded.kind)
     analysis = analyze_graph(FxFrontend(cap.gm).view(), query_heads=extra.get("attention_unit") == "query-head")
     sets = {}
-    for name, spec in (("kjv", "kjv"), ("ood", args.ood)):
+    oods = args.ood.split(",")
+    named = [("kjv", "kjv"), ("ood", oods[0])] + [(spec, spec) for spec in oods[1:]]
+    for name, spec in named:
         opts = CompileOptions(ratio=0.0, eval_data=spec, eval_tokens=args.eval_tokens)
         sets[name] = evaluation_windows(loaded.tokenizer, opts)
     results = {"dense": {k: perplexity_torch(cap.gm, w)["ppl"] for k, w in sets.items()},
-               "eval": {"kjv": "KJV eval split (even chapters)", "ood": args.ood,
-                        "tokens": args.eval_tokens}, "runs": {}}
+               "eval": {"kjv": "KJV eval split (even chapters)", "ood": oods[0],
+                        **{spec: spec for spec in oods[1:]}, "tokens": args.eval_tokens}, "runs": {}}
     print(f"dense: {results['dense']}", file=sys.stderr)
     for cfg in args.configs.split(","):
         crit, recon, ratio = cfg.split("/")

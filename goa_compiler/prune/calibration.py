@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from goa_compiler.data import load_texts, token_windows
+from goa_compiler.data import load_texts, mixture_windows, parts, token_windows
 from goa_compiler.ir.structure import Structure
 from goa_compiler.prune.criteria import ModuleStats
 from goa_compiler.prune.distributed import SINGLE, Ranks, reduce_stats
@@ -43,7 +43,10 @@ def module_path(s: Structure) -> str:
 
 
 def calibration_windows(tokenizer, opts) -> torch.Tensor:
-    """``--num-samples`` random windows of ``--seq-len`` tokens of the calibration text."""
+    """``--num-samples`` random windows of ``--seq-len`` tokens of the calibration text (of a
+    mixture, an equal share of each part's)."""
+    if len(parts(opts.calib)) > 1:
+        return mixture_windows(tokenizer, opts.calib, "calib", opts.seq_len, opts.num_samples, opts.seed)
     texts = load_texts(opts.calib, split="calib")
     return token_windows(tokenizer, texts, opts.seq_len, opts.num_samples, opts.seed,
                          source=opts.calib or "kjv (calibration split)")
