@@ -16,7 +16,8 @@ Named sets need no network and no file from the user:
 A *mixture* ``A+B`` (named sets or paths, joined by ``+``) is the texts of each part. As
 calibration with ``num_samples`` windows (``mixture_windows``), every part gives an equal share
 of the windows, drawn from its own text, and the shares are interleaved (A, B, A, B, ...) so
-that folds and ranks, which take windows by number, see every part.
+that folds and ranks, which take windows by number, see every part. As evaluation
+(``mixture_held_out``), every part's first windows, an equal share of the budget each.
 """
 from __future__ import annotations
 
@@ -224,14 +225,48 @@ def mixture_windows(tokenizer, spec: str | None, split: str, seq_len: int, num_s
     (the first parts one more when it does not divide), part i drawn with seed ``seed + i``,
     interleaved; of one set, ``token_windows``'s windows."""
     names = parts(spec)
-    if len(names) > num_samples:
-        raise DataError(f"{spec}: {len(names)} parts need at least {len(names)} windows (--num-samples)")
-    shares = [num_samples // len(names) + (i < num_samples % len(names)) for i in range(len(names))]
-    got = [token_windows(tokenizer, load_texts(name, split), seq_len, n, seed + i, add_bos,
-                         source=name or DEFAULT_SET)
-           for i, (name, n) in enumerate(zip(names, shares))]
-    order = sorted(((j, i) for i, n in enumerate(shares) for j in range(n)))
+    shares = _shares(spec, names, num_samples)
+    return _interleaved([token_windows(tokenizer, load_texts(name, split), seq_len, n, seed + i, add_bos,
+                                       source=name or DEFAULT_SET)
+                         for i, (name, n) in enumerate(zip(names, shares))])
+
+
+def mixture_held_out(tokenizer, spec: str, split: str, seq_len: int, count: int | None) -> torch.LongTensor:
+    """The consecutive windows of every part of a mixture from its start, interleaved: of
+    ``count`` windows an equal share each (only a prefix of each part is tokenized), or all."""
+    names = parts(spec)
+    shares = [None] * len(names) if count is None else _shares(spec, names, count)
+    got = []
+    for name, n in zip(names, shares):
+        texts = load_texts(name, split)
+        if n is not None:        # about 4 characters a token: twice that is enough
+            texts = prefix_texts(texts, 8 * n * seq_len)
+        w = token_windows(tokenizer, texts, seq_len, None, 0, source=name or DEFAULT_SET)
+        got.append(w if n is None else w[:n])
+    return _interleaved(got)
+
+
+def _shares(spec, names: list, count: int) -> list[int]:
+    if len(names) > count:
+        raise DataError(f"{spec}: {len(names)} parts need at least {len(names)} windows")
+    return [count // len(names) + (i < count % len(names)) for i in range(len(names))]
+
+
+def _interleaved(got: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of each part in turn (A0, B0, A1, B1, ...; a longer part's rest at the end)."""
+    order = sorted((j, i) for i, w in enumerate(got) for j in range(len(w)))
     return torch.stack([got[i][j] for j, i in order])
+
+
+def prefix_texts(texts: list[str], chars: int) -> list[str]:
+    """The first texts that together hold at least ``chars`` characters."""
+    out = []
+    for t in texts:
+        out.append(t)
+        chars -= len(t)
+        if chars <= 0:
+            break
+    return out
 
 
 # --- helpers ---------------------------------------------------------------------------------

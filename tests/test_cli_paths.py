@@ -325,6 +325,9 @@ def test_a_calibration_mixture_through_the_cli(llama_dir, calib, tmp_path, capsy
                                         "--calib", spec, "--num-samples", "4", "--seq-len", "16", "--quiet"])
     assert rc == 0, err
     assert report["calibration"]["source"] == spec and report["calibration"]["samples"] == 4
+    rc, res, err = run_json(capsys, ["eval", str(out), "--data", spec, "--max-tokens", "48", "--seq-len", "16"])
+    assert rc == 0, err
+    assert res["windows"] == 3 and res["data"] == spec                # a, b, a: each part's first windows
     rc = cli.main(["compile", llama_dir, "--ratio", "0.3", "--out", str(tmp_path / "never"),
                    "--calib", f"{calib}+{tmp_path / 'missing.txt'}", "--quiet"])
     err = capsys.readouterr().err.strip()

@@ -212,3 +212,16 @@ def test_a_malformed_mixture_is_one_line(tok, tmp_path):
     with pytest.raises(DataError) as e:
         mixture_windows(tok, _two_texts(tmp_path), "calib", 16, 1, seed=0)
     assert "2 parts" in one_line_error(e)
+
+
+def test_held_out_windows_of_a_mixture_are_each_parts_first_windows(tok, tmp_path):
+    from goa_compiler.data import mixture_held_out
+
+    spec = _two_texts(tmp_path)
+    w = mixture_held_out(tok, spec, "eval", 16, 5)
+    assert [chr(int(r[0])) for r in w] == ["a", "b", "a", "b", "a"]
+    every = mixture_held_out(tok, spec, "eval", 16, None)
+    assert len(every) == 2 * (5000 // 16)
+    kjv = token_windows(tok, load_texts("kjv", "eval"), 32, None, seed=0, add_bos=False)[:2]
+    mixed = mixture_held_out(tok, "kjv+pydoc", "eval", 32, 4)
+    assert torch.equal(mixed[0::2], kjv)

@@ -151,19 +151,17 @@ LOGIT_WINDOWS = 4    # windows of --seq-len tokens for --max-logit-error
 
 
 def evaluation_windows(tokenizer, opts) -> torch.Tensor:
-    """Held-out windows: a named set's eval split (kjv, pydoc), else the user's text."""
-    from goa_compiler.data import load_texts, token_windows
+    """Held-out windows: a named set's eval split (kjv, pydoc), else the user's text (of a
+    mixture, each part's first windows, an equal share)."""
+    from goa_compiler.data import load_texts, mixture_held_out, parts, prefix_texts, token_windows
 
-    texts = load_texts(opts.eval_data, split="eval")
+    count = max(1, opts.eval_tokens // opts.seq_len)
+    if len(parts(opts.eval_data)) > 1:
+        return mixture_held_out(tokenizer, opts.eval_data, "eval", opts.seq_len, count)
     # tokenize only a prefix large enough for eval_tokens (about 4 characters a token)
-    budget, prefix = 8 * opts.eval_tokens, []
-    for t in texts:
-        prefix.append(t)
-        budget -= len(t)
-        if budget <= 0:
-            break
+    prefix = prefix_texts(load_texts(opts.eval_data, split="eval"), 8 * opts.eval_tokens)
     windows = token_windows(tokenizer, prefix, opts.seq_len, None, seed=0)
-    return windows[: max(1, opts.eval_tokens // opts.seq_len)]
+    return windows[:count]
 
 
 def logit_windows(tokenizer, opts, eval_windows, vocab_size: int):
@@ -175,10 +173,13 @@ def logit_windows(tokenizer, opts, eval_windows, vocab_size: int):
         w = eval_windows[:LOGIT_WINDOWS]
         return w, f"{opts.eval_data} (held-out), first {len(w)} windows of {w.shape[1]} tokens"
     if tokenizer is not None:
-        from goa_compiler.data import load_texts, token_windows
+        from goa_compiler.data import load_texts, mixture_windows, parts, token_windows
 
-        texts = load_texts(opts.calib, split="calib")
-        w = token_windows(tokenizer, texts, opts.seq_len, LOGIT_WINDOWS, seed=opts.seed + 1)
+        if len(parts(opts.calib)) > 1:
+            w = mixture_windows(tokenizer, opts.calib, "calib", opts.seq_len, LOGIT_WINDOWS, opts.seed + 1)
+        else:
+            w = token_windows(tokenizer, load_texts(opts.calib, split="calib"), opts.seq_len, LOGIT_WINDOWS,
+                              seed=opts.seed + 1)
         name = opts.calib or "kjv"
         return w, f"{name} (calibration split), {len(w)} random windows of {w.shape[1]} tokens, seed {opts.seed + 1}"
     w = torch.randint(0, vocab_size, (LOGIT_WINDOWS, opts.seq_len),

