@@ -131,8 +131,9 @@ def load_texts(spec: str | None, split: str = "calib") -> list[str]:
     (571 chapters). Another name of NAMED_SETS: that set (names win over a file of the same
     name: write ./NAME for the file).
     """
-    if len(parts(spec)) > 1:
-        return [t for part in parts(spec) for t in load_texts(part, split)]
+    names = parts(spec)
+    if len(names) > 1:
+        return [t for part in names for t in load_texts(part, split)]
     name = set_name(spec)
     if name is not None:
         if split not in SPLITS:
@@ -220,11 +221,13 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, num_samples: int | 
 
 
 def mixture_windows(tokenizer, spec: str | None, split: str, seq_len: int, num_samples: int, seed: int,
-                    add_bos: bool = True) -> torch.LongTensor:
+                    add_bos: bool = True, source: str | None = None) -> torch.LongTensor:
     """``num_samples`` random windows of ``spec``: of a mixture, an equal share from each part
     (the first parts one more when it does not divide), part i drawn with seed ``seed + i``,
-    interleaved; of one set, ``token_windows``'s windows."""
+    interleaved; of one set, ``token_windows``'s windows (``source`` names it in errors)."""
     names = parts(spec)
+    if len(names) == 1:
+        return token_windows(tokenizer, load_texts(spec, split), seq_len, num_samples, seed, add_bos, source=source)
     shares = _shares(spec, names, num_samples)
     return _interleaved([token_windows(tokenizer, load_texts(name, split), seq_len, n, seed + i, add_bos,
                                        source=name or DEFAULT_SET)

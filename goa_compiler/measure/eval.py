@@ -173,13 +173,9 @@ def logit_windows(tokenizer, opts, eval_windows, vocab_size: int):
         w = eval_windows[:LOGIT_WINDOWS]
         return w, f"{opts.eval_data} (held-out), first {len(w)} windows of {w.shape[1]} tokens"
     if tokenizer is not None:
-        from goa_compiler.data import load_texts, mixture_windows, parts, token_windows
+        from goa_compiler.data import mixture_windows
 
-        if len(parts(opts.calib)) > 1:
-            w = mixture_windows(tokenizer, opts.calib, "calib", opts.seq_len, LOGIT_WINDOWS, opts.seed + 1)
-        else:
-            w = token_windows(tokenizer, load_texts(opts.calib, split="calib"), opts.seq_len, LOGIT_WINDOWS,
-                              seed=opts.seed + 1)
+        w = mixture_windows(tokenizer, opts.calib, "calib", opts.seq_len, LOGIT_WINDOWS, opts.seed + 1)
         name = opts.calib or "kjv"
         return w, f"{name} (calibration split), {len(w)} random windows of {w.shape[1]} tokens, seed {opts.seed + 1}"
     w = torch.randint(0, vocab_size, (LOGIT_WINDOWS, opts.seq_len),

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from goa_compiler.data import load_texts, mixture_windows, parts, token_windows
+from goa_compiler.data import mixture_windows
 from goa_compiler.ir.structure import Structure
 from goa_compiler.prune.criteria import ModuleStats
 from goa_compiler.prune.distributed import SINGLE, Ranks, reduce_stats
@@ -45,11 +45,8 @@ def module_path(s: Structure) -> str:
 def calibration_windows(tokenizer, opts) -> torch.Tensor:
     """``--num-samples`` random windows of ``--seq-len`` tokens of the calibration text (of a
     mixture, an equal share of each part's)."""
-    if len(parts(opts.calib)) > 1:
-        return mixture_windows(tokenizer, opts.calib, "calib", opts.seq_len, opts.num_samples, opts.seed)
-    texts = load_texts(opts.calib, split="calib")
-    return token_windows(tokenizer, texts, opts.seq_len, opts.num_samples, opts.seed,
-                         source=opts.calib or "kjv (calibration split)")
+    return mixture_windows(tokenizer, opts.calib, "calib", opts.seq_len, opts.num_samples, opts.seed,
+                           source=opts.calib or "kjv (calibration split)")
 
 
 def batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
