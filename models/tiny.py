@@ -10,6 +10,8 @@ These models say nothing about pruning quality: use them for shapes, slicing and
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModel,
@@ -210,8 +212,19 @@ def byte_tokenizer():
 
 
 def save(family: str, path, seed: int = 0) -> str:
-    """Write the tiny model, with the 256-id byte tokenizer, as a local Hugging Face directory."""
+    """Write the tiny model, with the 256-id byte tokenizer, as a local Hugging Face directory.
+
+    AutoTokenizer reads the directory back with the tokenizer class registered for the
+    family (Qwen2Tokenizer for qwen2), whose defaults add special tokens of their own
+    (``<|endoftext|>``: 257 ids for a 256-row embedding); the config names none, so every
+    family reads back exactly the byte tokenizer's 256 ids."""
+    import json
+
     model, _, _ = build(family, seed)
     model.save_pretrained(str(path))
     byte_tokenizer().save_pretrained(str(path))
+    cfg_path = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(dict.fromkeys(("bos_token", "eos_token", "unk_token", "pad_token")))
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     return str(path)

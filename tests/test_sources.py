@@ -23,6 +23,21 @@ def one_line_error(excinfo, spec):
 # --- tiny builders -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_tiny_model_reads_back_with_the_byte_tokenizer(family, tmp_path):
+    """AutoTokenizer picks the family's own tokenizer class (Qwen2Tokenizer for qwen2), whose
+    defaults add special tokens: the saved directory must still give 256 ids, byte b as b."""
+    from transformers import AutoTokenizer
+
+    from models.tiny import byte_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(save(family, tmp_path / family))
+    text = "In the beginning, caf\u00e9 \u4e2d\t<|endoftext|>\n"
+    assert len(tok) == 256
+    assert tok(text, add_special_tokens=True)["input_ids"] == byte_tokenizer()(text)["input_ids"] == \
+        list(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_family_builds_and_runs(family):
     model, vocab, kind = build(family, seed=0)
     assert kind == ("encoder" if family == "bert" else "causal-lm")
