@@ -283,7 +283,7 @@ def test_eval_max_tokens_scores_exactly_that_many_windows(llama_dir, tmp_path, c
 
 # ------------------------------------------------------------------------------ --skip-layers
 
-@pytest.mark.parametrize("allocation", ["uniform", "block"])
+@pytest.mark.parametrize("allocation", ["uniform", "block", "network"])
 def test_skip_layers_first_through_the_cli(llama_dir, calib, tmp_path, capsys, allocation):
     """Block 0 keeps every unit; block 1 loses enough that the model loses the ratio, within
     one FFN neuron (uniform: the finest unit absorbs the rounding of the K/V groups; block:

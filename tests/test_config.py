@@ -337,8 +337,8 @@ def expected_refusal(values: dict) -> str | None:
         return "--head-criterion"
     if values.get("goa_score", "empirical") != "empirical":
         return "--goa-score"
-    if values.get("allocation") == "block":           # output errors: goa or flap, not magnitude
-        return "--allocation block"
+    if values.get("allocation") in ("block", "network"):   # output errors: goa or flap, not magnitude
+        return f"--allocation {values['allocation']}"
     skip = str(values.get("skip_layers", "none")).strip().lower()
     eff = values["ratio"] if skip in ("", "none") else 2 * values["ratio"]   # a dense block: twice
     if eff >= 1.0:

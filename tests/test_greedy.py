@@ -225,6 +225,65 @@ def test_block_allocation_meets_each_block_and_follows_cost_per_parameter():
         block_counts(structures, {k: np.zeros(len(v)) for k, v in costs.items()}, 0.95, shapes)
 
 
+def test_network_allocation_weighs_blocks_by_sensitivity():
+    from goa_compiler.prune.allocation import SelectionError, network_counts
+
+    structures, shapes = _block_structures()
+    costs = {n: np.arange(1, k) * 1.0 for n, k in (("attn0", 3), ("ffn0", 10), ("attn1", 3), ("ffn1", 10))}
+    # equal costs, block 0 ten times as sensitive: block 1 loses everything it can first
+    sens = {"attn0": 10.0, "ffn0": 10.0, "attn1": 1.0, "ffn1": 1.0}
+    counts = network_counts(structures, costs, sens, 0.3, shapes)        # 240 of 800 parameters
+    assert counts["attn0"] == counts["ffn0"] == 0
+    assert counts["attn1"] * 100 + counts["ffn1"] * 10 == 240
+    # the other way round: block 0 goes first
+    flipped = network_counts(structures, costs, {k: 11.0 - v for k, v in sens.items()}, 0.3, shapes)
+    assert flipped["attn1"] == flipped["ffn1"] == 0
+    # equal sensitivities: every candidate on one scale, the cheapest per parameter first
+    even = network_counts(structures, costs, dict.fromkeys(sens, 1.0), 0.3, shapes)
+    assert sum(even[n] * (100 if n.startswith("attn") else 10) for n in even) == 240
+    assert even["ffn0"] == even["ffn1"]       # the same costs in both blocks: the same share
+    with pytest.raises(SelectionError, match="one unit kept in each module"):
+        network_counts(structures, costs, sens, 0.95, shapes)
+
+
+def test_sensitivity_is_the_loss_gradient_at_each_module_output():
+    """s_m against autograd on the Hugging Face model itself (hooks on o_proj / down_proj),
+    not the compiler's captured graph: the mean over tokens of |dL/dy|^2."""
+    from goa_compiler.analysis import analyze_graph
+    from goa_compiler.capture.torch_export import capture
+    from goa_compiler.frontends.fx import FxFrontend, from_fx
+    from goa_compiler.prune.sensitivity import output_sensitivity
+
+    model, vocab, kind = tiny.build("llama-gqa")
+    captured = capture(copy.deepcopy(model), kind)
+    structures = list(analyze_graph(from_fx(captured.gm)).structures)
+    ids = torch.randint(0, vocab, (3, 24), generator=torch.Generator().manual_seed(1))
+    feeds = [{"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2])},
+             {"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:])}]
+    got = output_sensitivity(FxFrontend(captured.gm), structures, feeds)
+
+    outs = {}
+    mods = {f"layer{i}.{k}": getattr(getattr(layer, a), p)
+            for i, layer in enumerate(model.model.layers)
+            for k, a, p in (("attention", "self_attn", "o_proj"), ("ffn", "mlp", "down_proj"))}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: outs.setdefault(n, []).append(o))
+             for n, m in mods.items()]
+    want = dict.fromkeys(mods, 0.0)
+    for f in feeds:
+        outs.clear()
+        logits = model(**f).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), f["input_ids"][:, 1:].flatten(),
+                                                 reduction="sum")
+        grads = torch.autograd.grad(loss, [outs[n][0] for n in mods])
+        for n, g in zip(mods, grads):
+            want[n] += float(g.double().pow(2).sum()) / ids.numel()
+    for h in hooks:
+        h.remove()
+    assert set(got) == set(want)
+    for n in want:
+        assert want[n] > 0 and abs(got[n] - want[n]) <= 1e-4 * want[n], (n, got[n], want[n])
+
+
 def test_removal_costs_by_criterion():
     from goa_compiler.prune.criteria import ScoreSettings, removal_costs
 

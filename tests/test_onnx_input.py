@@ -97,6 +97,21 @@ def test_onnx_and_pytorch_frontends_agree(family, exported, tmp_path):
     assert from_onnx["verify"]["max_rel_diff_onnx_vs_torch"] < 1e-4
 
 
+def test_network_allocation_is_the_same_from_onnx(exported, tmp_path):
+    """The sensitivity pass differentiates the ONNX graph's ops as it does the torch.fx graph."""
+    model, vocab, path = exported("llama-gqa")
+    tok = tiny.byte_tokenizer()
+    opts = CompileOptions(ratio=0.3, num_samples=8, seq_len=64, overwrite=True, kv_cache=False,
+                          allocation="network")
+    from_torch = compile_loaded(model, "causal-lm", opts, tmp_path / "pt", tokenizer=tok).report
+    from_onnx = compile_onnx(path, opts, tmp_path / "onnx", tokenizer=tok).report
+    kept = lambda r: [(m["name"], m["kept"]) for m in r["modules"]]  # noqa: E731
+    assert kept(from_onnx) == kept(from_torch)
+    for a, b in zip(from_onnx["modules"], from_torch["modules"]):
+        assert a["sensitivity"] > 0 and abs(a["sensitivity"] - b["sensitivity"]) <= 1e-3 * b["sensitivity"]
+    assert len({len(m["kept"]) / m["total"] for m in from_torch["modules"] if m["kind"] == "ffn"}) > 1
+
+
 # ----------------------------------------------------------------- the command line
 
 def test_cli_analyze_and_compile_an_onnx_file(exported, tmp_path, capsys):

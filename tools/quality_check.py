@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         ppl = {k: perplexity_torch(st.captured.gm, w)["ppl"] for k, w in sets.items()}
         results["runs"][cfg] = {"ppl": ppl, "x_dense": {k: ppl[k] / results["dense"][k] for k in ppl},
                                 "removed": _removed_units(analysis, st.plan),
+                                "block_ratios": _block_ratios(analysis, st.plan, cap.gm),
                                 "seconds": time.perf_counter() - t}
         print(f"{cfg}: {ppl} removed {results['runs'][cfg]['removed']}", file=sys.stderr)
         Path(args.out).write_text(json.dumps(results, indent=1))
@@ -102,6 +103,21 @@ def _removed_units(analysis, plan) -> dict:
         got[0] += s.units - kept
         got[1] += s.units
     return {k: f"{a} of {b}" for k, (a, b) in out.items()}
+
+
+def _block_ratios(analysis, plan, gm) -> list[float]:
+    """The fraction of each block's structured parameters removed, block by block."""
+    from goa_compiler.prune.allocation import unit_params
+
+    shapes = {k: tuple(v.shape) for k, v in gm.state_dict().items()}
+    got: dict[int, list[float]] = {}
+    for s in analysis.structures:
+        mp = plan.modules.get(s.name)
+        per = unit_params(s, shapes)
+        b = got.setdefault(s.layer, [0.0, 0.0])
+        b[0] += (s.units - (len(mp.kept) if mp is not None else s.units)) * per
+        b[1] += s.units * per
+    return [round(a / t, 4) for _, (a, t) in sorted(got.items())]
 
 
 def _force_attention_units(n: int) -> None:

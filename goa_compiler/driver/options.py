@@ -41,6 +41,7 @@ class Allocation(StrEnum):
     UNIFORM = "uniform"
     GLOBAL = "global"
     BLOCK = "block"
+    NETWORK = "network"
 
 
 class AttentionUnit(StrEnum):
@@ -179,8 +180,9 @@ class CompileOptions:
     allocation: str | None = option(
         None, "how the ratio is spread over the modules: the same share of every block, split inside it "
         "between attention and FFN by output error per parameter removed (block; goa and flap, whose scores "
-        "are output errors); the same share of every module (uniform); across all modules by standardised "
-        "score (global). Default: block for goa and flap, uniform for the others (measured: docs/method.md)",
+        "are output errors); across all blocks by output error per parameter, each module's errors weighted by "
+        "the loss's sensitivity to its output, from one backward pass of the dense model (network; goa and "
+        "flap); the same share of every module (uniform); across all modules by standardised score (global). Default: block for goa and flap, uniform for the others (measured: docs/method.md)",
         choices=Allocation)
     attention_unit: str = option(
         AttentionUnit.GROUP, "the unit of grouped-K/V attention: a K/V head with its query heads (group), "
@@ -415,8 +417,8 @@ def validate(opts: CompileOptions) -> CompileOptions:
         raise OptionError("--drop-experts with --measure-speed or --min-speedup is not supported: the dense model "
                           "they export would be the one without those experts")
     allocation = opts.allocation or default_allocation(opts)
-    if allocation == Allocation.BLOCK and not scores_are_errors(opts):
-        raise OptionError(f"--allocation block weighs units by the output error their removal costs: it needs "
+    if allocation in (Allocation.BLOCK, Allocation.NETWORK) and not scores_are_errors(opts):
+        raise OptionError(f"--allocation {allocation} weighs units by the output error their removal costs: it needs "
                           f"--criterion goa (with --head-criterion moment) or flap, not {opts.criterion}"
                           + (f" with --head-criterion {opts.head_criterion}" if opts.criterion == Criterion.GOA else ""))
     return dataclasses.replace(

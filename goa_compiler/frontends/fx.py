@@ -331,8 +331,10 @@ class Stream(StreamPositions):
     ``post`` changes a node's value (a bias the model did not have)."""
 
     def __init__(self, gm: torch.fx.GraphModule, inputs: dict[str, torch.Tensor],
-                 overrides: dict[str, torch.Tensor] | None = None, pinned: set[str] | None = None):
+                 overrides: dict[str, torch.Tensor] | None = None, pinned: set[str] | None = None,
+                 grad: bool = False):
         self.gm = gm
+        self.grad = grad
         self.nodes = list(gm.graph.nodes)
         self.index = {n.name: i for i, n in enumerate(self.nodes)}
         self.inputs = inputs
@@ -354,9 +356,12 @@ class Stream(StreamPositions):
         users = self.nodes[self.index[name]].users
         return all(self.index[u.name] < self.pos for u in users)
 
-    @torch.no_grad()
     def run_until(self, name: str | None = None):
         """Execute nodes up to and including ``name`` (to the end when None)."""
+        with torch.set_grad_enabled(self.grad):
+            self._run(name)
+
+    def _run(self, name: str | None):
         stop = len(self.nodes) - 1 if name is None else self.index[name]
         env = self.env
         while self.pos <= stop:
@@ -434,8 +439,8 @@ class FxFrontend:
     def param_count(self) -> int:
         return count_params(self.gm)
 
-    def stream(self, inputs: dict[str, torch.Tensor], overrides=None, pinned=None) -> "Stream":
-        return Stream(self.gm, inputs, overrides, pinned)
+    def stream(self, inputs: dict[str, torch.Tensor], overrides=None, pinned=None, grad=False) -> "Stream":
+        return Stream(self.gm, inputs, overrides, pinned, grad)
 
     # -- editing
     def set_param(self, name: str, value: torch.Tensor) -> None:

@@ -158,8 +158,10 @@ class Stream(StreamPositions):
     protocol of frontends/base.py). Initializers are read through ``overrides`` at each
     use; values are freed after their last use unless pinned."""
 
-    def __init__(self, fe: "OnnxFrontend", inputs: dict[str, torch.Tensor], overrides=None, pinned=None):
+    def __init__(self, fe: "OnnxFrontend", inputs: dict[str, torch.Tensor], overrides=None, pinned=None,
+                 grad: bool = False):
         self.fe = fe
+        self.grad = grad
         self.order = list(fe._steps)
         self.index = {n: i for i, n in enumerate(self.order)}
         self.inputs = inputs
@@ -184,8 +186,11 @@ class Stream(StreamPositions):
         out = self.overrides.get(name)
         return self.fe.consts.tensor(name) if out is None else out
 
-    @torch.no_grad()
     def run_until(self, name: str | None = None):
+        with torch.set_grad_enabled(self.grad):
+            self._run(name)
+
+    def _run(self, name: str | None):
         stop = len(self.order) - 1 if name is None else self.index[name]
         while self.pos <= stop:
             view_name = self.order[self.pos]
@@ -439,12 +444,12 @@ class OnnxFrontend:
                 total += int(np.prod(v.shape.numpy()))
         return total
 
-    def stream(self, inputs, overrides=None, pinned=None) -> Stream:
+    def stream(self, inputs, overrides=None, pinned=None, grad=False) -> Stream:
         """``inputs``: input_ids (and attention_mask); the other inputs are completed (an
         empty cache, positions from the mask)."""
         self._ensure_view()
         full = complete(inputs, self.input_names, self.ports, self.input_shapes())
-        return Stream(self, full, overrides, pinned)
+        return Stream(self, full, overrides, pinned, grad)
 
     # -- editing
     def set_param(self, name: str, value: torch.Tensor) -> None:

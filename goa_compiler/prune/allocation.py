@@ -1,14 +1,18 @@
 """Selection (allocation): how many units go where, and which ones.
 
 ``--ratio`` is the fraction of the parameters inside the depth-2 structures (level-1 and
-level-2 weights and level-1 biases) to remove. Two allocations:
+level-2 weights and level-1 biases) to remove. Four allocations:
 
 * uniform: every module loses the same fraction of its own parameters, rounded to whole
   units; a ratio whose rounding would remove every unit of a module (every K/V group of a
   layer's attention, every neuron of its FFN) is refused, naming the layer;
 * global: units of all modules compete on scores made comparable across layers
   (standardised per module, as FLAP does), removed cheapest-first until the target
-  parameter count is reached.
+  parameter count is reached;
+* block: every block loses the ratio; inside it, attention and FFN units compete by output
+  error per parameter;
+* network: the units of all blocks compete by output error per parameter, each module's
+  errors weighted by what an error in its output costs the loss (prune/sensitivity.py).
 """
 from __future__ import annotations
 
@@ -145,34 +149,58 @@ def block_counts(structures: list[Structure], costs: dict[str, np.ndarray], rati
     stay within half a unit of its target; a candidate that would overshoot is passed over,
     and with it the rest of its module (a module's removals stay in its own order), so finer
     units fill what a coarse one (a K/V group) would overshoot."""
-    counts = {s.name: 0 for s in structures}
+    counts = {}
     layers: dict[int, list[Structure]] = {}
     for s in structures:
         layers.setdefault(s.layer, []).append(s)
     for block in layers.values():
-        target = ratio * structure_params(block, shapes)
-        per_unit = {s.name: unit_params(s, shapes) for s in block}
-        cands = []
-        for s in block:
-            per = per_unit[s.name]
-            for k, c in enumerate(np.asarray(costs[s.name], dtype=np.float64)[: s.units - 1]):
-                cands.append((max(float(c), 0.0) / per, k, s.name, per))
-        cands.sort(key=lambda c: (c[0], c[1]))
-        removed, closed, overshot = 0.0, set(), False
-        for _, k, name, per in cands:
-            if name in closed or k != counts[name]:
-                closed.add(name)
-                continue
-            if removed + per / 2 > target:
-                closed.add(name)
-                overshot = True
-                continue
-            counts[name] += 1
-            removed += per
-        if not overshot and removed + min(per_unit.values()) / 2 < target:
+        got, reached = _cheapest_first(block, costs, ratio * structure_params(block, shapes), shapes)
+        if not reached:
             raise SelectionError(f"ratio {ratio:.4g} cannot be reached in block {block[0].layer} with one unit "
                                  f"kept in each of its modules; use a smaller --ratio")
+        counts.update(got)
     return counts
+
+
+def network_counts(structures: list[Structure], costs: dict[str, np.ndarray], sensitivity: dict[str, float],
+                   ratio: float, shapes: dict[str, tuple]) -> dict[str, int]:
+    """The modules of all blocks compete together (``ratio`` of the structured parameters of
+    the whole network goes), by output error per parameter weighted by each module's
+    sensitivity (prune/sensitivity.py: what an error in its output costs in loss), in the
+    order and with the rules of block_counts."""
+    weighted = {s.name: np.asarray(costs[s.name], dtype=np.float64) * max(sensitivity[s.name], 0.0)
+                for s in structures}
+    counts, reached = _cheapest_first(structures, weighted, ratio * structure_params(structures, shapes), shapes)
+    if not reached:
+        raise SelectionError(f"ratio {ratio:.4g} cannot be reached with one unit kept in each module; "
+                             f"use a smaller --ratio")
+    return counts
+
+
+def _cheapest_first(structures: list[Structure], costs: dict[str, np.ndarray], target: float,
+                    shapes: dict[str, tuple]) -> tuple[dict[str, int], bool]:
+    """Counts taking candidates in ascending cost / parameters while the removed parameters
+    stay within half a unit of ``target`` (block_counts), and whether the target was met."""
+    counts = {s.name: 0 for s in structures}
+    per_unit = {s.name: unit_params(s, shapes) for s in structures}
+    cands = []
+    for s in structures:
+        per = per_unit[s.name]
+        for k, c in enumerate(np.asarray(costs[s.name], dtype=np.float64)[: s.units - 1]):
+            cands.append((max(float(c), 0.0) / per, k, s.name, per))
+    cands.sort(key=lambda c: (c[0], c[1]))
+    removed, closed, overshot = 0.0, set(), False
+    for _, k, name, per in cands:
+        if name in closed or k != counts[name]:
+            closed.add(name)
+            continue
+        if removed + per / 2 > target:
+            closed.add(name)
+            overshot = True
+            continue
+        counts[name] += 1
+        removed += per
+    return counts, overshot or removed + min(per_unit.values()) / 2 >= target
 
 
 def drop_lowest(scores: np.ndarray, n_drop: int) -> list[int]:

@@ -1,0 +1,83 @@
+"""Calibration (sensitivity): how much the model's loss feels an error in each module's output.
+
+A unit's score under goa or flap is an output error of its own module: comparable between
+the modules of one block, which write into the same residual stream, but not across
+blocks, where the stream's scale and what the rest of the network makes of an error
+change. Network allocation (allocation.network_counts) weighs each module's errors by
+
+    s_m = (1 / T) * sum_t || dL / dy_{m,t} ||^2,
+
+``y_m`` the module's level-2 output at token t, ``L`` the next-token cross-entropy of the
+dense model summed over the calibration tokens (T of them). To second order, an output
+error ``e_t`` raises the loss by about ``(g_t . e_t)^2`` on average over tokens (the Fisher
+form); with ``e_t`` spread evenly over the ``d`` output channels that is ``s_m * |e|^2 / d``,
+so ``s_m`` times the module's output error is the loss it costs, in one unit for every
+module of the network. One forward and one backward pass of the dense model over the
+calibration windows; summed over ranks.
+"""
+from __future__ import annotations
+
+import torch
+
+from goa_compiler.ir.structure import Structure
+from goa_compiler.prune.distributed import SINGLE, Ranks
+
+
+class SensitivityError(Exception):
+    """The sensitivities cannot be measured (one line)."""
+
+
+def output_sensitivity(frontend, structures: list[Structure], feeds, progress=None,
+                       ranks: Ranks = SINGLE) -> dict[str, float]:
+    """``s_m`` (module docstring) for every structure, by name."""
+    sums = torch.zeros(len(structures), dtype=torch.float64)
+    tokens = torch.zeros(1, dtype=torch.float64)
+    for feed in progress.iter(feeds, "sensitivity pass") if progress is not None else feeds:
+        sums += _batch_sums(frontend, structures, feed)
+        tokens += float(feed["input_ids"].numel())
+    if ranks.active:
+        ranks.sum([sums, tokens])
+    return {s.name: float(v) for s, v in zip(structures, sums / tokens.clamp(min=1.0))}
+
+
+def _batch_sums(frontend, structures: list[Structure], feed) -> torch.Tensor:
+    """sum_t |dL/dy_m|^2 over one batch, for each structure."""
+    ids = feed["input_ids"]
+    starts = {s.probes.level1_input for s in structures}
+    outs: dict[str, torch.Tensor] = {}
+    st = frontend.stream(feed, None, None, grad=True)
+
+    def track(out):        # the first probe is computed from no tracked tensor: a leaf
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and not out.requires_grad:
+            out.requires_grad_()
+        return out
+
+    def keep(name):
+        def fn(out):
+            if not isinstance(out, torch.Tensor) or not out.requires_grad:
+                raise SensitivityError(f"the output of {name} does not depend on the first module's input")
+            outs[name] = out
+            return out
+        return fn
+
+    for n in starts:
+        st.post[n] = track
+    for s in structures:
+        st.post[s.level2_node] = keep(s.level2_node)
+    logits = _logits(st.output())
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise SensitivityError(f"the model's output has shape {tuple(logits.shape)}, not [batch, tokens, vocabulary]")
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                             reduction="sum")
+    nodes = list(dict.fromkeys(s.level2_node for s in structures))
+    grads = torch.autograd.grad(loss, [outs[n] for n in nodes], allow_unused=True)
+    per = {n: (0.0 if g is None else float(g.double().pow(2).sum())) for n, g in zip(nodes, grads)}
+    return torch.tensor([per[s.level2_node] for s in structures], dtype=torch.float64)
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, dict):
+        out = out.get("logits", next(iter(out.values())))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
