@@ -284,6 +284,35 @@ def test_sensitivity_is_the_loss_gradient_at_each_module_output():
         assert want[n] > 0 and abs(got[n] - want[n]) <= 1e-4 * want[n], (n, got[n], want[n])
 
 
+def test_sensitivity_sums_and_token_counts_are_summed_over_ranks():
+    """Two ranks that saw the same windows: every sum doubles, the mean stays; a rank that
+    summed only one of them (the sums, not the token count) would halve or double it."""
+    from goa_compiler.analysis import analyze_graph
+    from goa_compiler.capture.torch_export import capture
+    from goa_compiler.frontends.fx import FxFrontend, from_fx
+    from goa_compiler.prune.sensitivity import output_sensitivity
+
+    class TwoSameRanks:
+        active, lead = True, True
+        summed: list = []
+
+        def sum(self, tensors):
+            for t in tensors:
+                t.mul_(2.0)
+                self.summed.append(t.numel())
+
+    model, vocab, kind = tiny.build("llama")
+    captured = capture(model, kind)
+    structures = list(analyze_graph(from_fx(captured.gm)).structures)
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(2))
+    feeds = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    one = output_sensitivity(FxFrontend(captured.gm), structures, feeds)
+    ranks = TwoSameRanks()
+    two = output_sensitivity(FxFrontend(captured.gm), structures, feeds, ranks=ranks)
+    assert sorted(ranks.summed) == [1, len(structures)]
+    assert two == pytest.approx(one, rel=1e-12)
+
+
 def test_removal_costs_by_criterion():
     from goa_compiler.prune.criteria import ScoreSettings, removal_costs
 
