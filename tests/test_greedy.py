@@ -246,6 +246,39 @@ def test_network_allocation_weighs_blocks_by_sensitivity():
         network_counts(structures, costs, sens, 0.95, shapes)
 
 
+def test_skip_layers_auto_compiles_and_reports_what_it_measured(tmp_path):
+    _, _, res = _compile("llama", tmp_path, skip_layers="auto", ratio=0.3)
+    r = res.report
+    assert r["skipped_layers"] == []                  # two blocks: never an outlier
+    assert all(m["sensitivity"] > 0 for m in r["modules"])
+    assert r["params"]["after"] < r["params"]["before"]
+
+
+def test_outlier_blocks_are_those_far_above_the_median_block():
+    from goa_compiler.prune.allocation import outlier_blocks
+
+    structures, shapes = _block_structures()
+    costs = {n: np.arange(1, k) * 1.0 for n, k in (("attn0", 3), ("ffn0", 10), ("attn1", 3), ("ffn1", 10))}
+    # two blocks: the median is their mean, which no block can exceed ten times
+    assert outlier_blocks(structures, costs, {"attn0": 1e6, "ffn0": 1e6, "attn1": 1.0, "ffn1": 1.0}, 0.3,
+                          shapes) == {}
+    # five blocks alike but for block 0's sensitivity
+    many, shapes5 = [], {}
+    import dataclasses as dc
+    for layer in range(5):
+        for s in structures[:2]:
+            name = s.name[:-1] + str(layer)
+            sl = dc.replace(s.slices[0], param=f"{name}.w")
+            many.append(dc.replace(s, name=name, layer=layer, slices=(sl,)))
+            shapes5[f"{name}.w"] = shapes[f"{s.name}.w"]
+    costs5 = {s.name: costs[s.name[:-1] + "0"] for s in many}
+    sens = {s.name: (50.0 if s.layer == 0 else 1.0 + s.layer / 10) for s in many}
+    got = outlier_blocks(many, costs5, sens, 0.3, shapes5)
+    assert list(got) == [0] and got[0] == pytest.approx(50.0 / 1.3)     # the median block: 2
+    sens[many[0].name] = sens[many[1].name] = 5.0       # five times the median block's: kept in the pool
+    assert outlier_blocks(many, costs5, sens, 0.3, shapes5) == {}
+
+
 def test_sensitivity_is_the_loss_gradient_at_each_module_output():
     """s_m against autograd on the Hugging Face model itself (hooks on o_proj / down_proj),
     not the compiler's captured graph: the mean over tokens of |dL/dy|^2."""

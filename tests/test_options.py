@@ -30,6 +30,18 @@ def test_python_api_defaults_are_the_cli_defaults():
     assert validate(dataclasses.replace(d, head_criterion="similarity")).allocation == "uniform"
     with pytest.raises(OptionError, match="--allocation block"):
         validate(dataclasses.replace(d, criterion="wanda-sp", allocation="block"))
+    with pytest.raises(OptionError, match="--allocation network"):
+        validate(dataclasses.replace(d, criterion="magnitude", allocation="network"))
+
+
+def test_skip_layers_auto_needs_error_scores_and_calibration():
+    d = CompileOptions(ratio=0.2, skip_layers="auto")
+    assert validate(d).skip_layers == "auto"
+    assert validate(dataclasses.replace(d, criterion="flap", reconstruct="none")).skip_layers == "auto"
+    for bad in (dict(criterion="wanda-sp"), dict(criterion="magnitude", reconstruct="none"),
+                dict(head_criterion="similarity")):
+        with pytest.raises(OptionError, match="--skip-layers auto"):
+            validate(dataclasses.replace(d, **bad))
 
 
 def test_every_field_is_a_flag_and_a_config_key():

@@ -119,9 +119,9 @@ def _seed(v):
 
 def _skip_layers(v):
     s = v.strip().lower()
-    if s in ("", "none") or all(_SKIP_PART.match(p) for p in s.split(",")):
+    if s in ("", "none", "auto") or all(_SKIP_PART.match(p) for p in s.split(",")):
         return None
-    return "must be none, first, last, or comma-separated block numbers (e.g. first,last or 0,5)"
+    return "must be none, auto, first, last, or comma-separated block numbers (e.g. first,last or 0,5)"
 
 
 def _non_empty(v):
@@ -204,7 +204,9 @@ class CompileOptions:
     num_samples: int = option(32, "calibration windows", check=_at_least(1), limit=1_000_000)
     seq_len: int = option(128, "tokens per calibration and evaluation window", check=_at_least(2),
                           limit=1_000_000)
-    skip_layers: str = option("none", "keep blocks dense: none | first,last | N,M,...", check=_skip_layers)
+    skip_layers: str = option(
+        "none", "keep blocks dense: none | first,last | N,M,... | auto (the blocks whose estimated loss from "
+        "losing the ratio is more than 10 times the median block's, measured: goa and flap)", check=_skip_layers)
     eval_data: str | None = option(
         None, "also measure perplexity before and after on DATA: a file, JSONL or directory, or a named "
         "set: 'kjv' (KJV held-out split) or 'pydoc' (Python reference help topics: out of domain)",
@@ -417,6 +419,10 @@ def validate(opts: CompileOptions) -> CompileOptions:
         raise OptionError("--drop-experts with --measure-speed or --min-speedup is not supported: the dense model "
                           "they export would be the one without those experts")
     allocation = opts.allocation or default_allocation(opts)
+    if str(opts.skip_layers).strip().lower() == "auto":
+        if opts.data_free or not scores_are_errors(opts):
+            raise OptionError("--skip-layers auto weighs each block's output errors on the calibration data: it "
+                              "needs --criterion goa (with --head-criterion moment) or flap, with calibration")
     if allocation in (Allocation.BLOCK, Allocation.NETWORK) and not scores_are_errors(opts):
         raise OptionError(f"--allocation {allocation} weighs units by the output error their removal costs: it needs "
                           f"--criterion goa (with --head-criterion moment) or flap, not {opts.criterion}"

@@ -430,9 +430,9 @@ def _export_fp32(state, path: Path, dense: bool) -> Path:
     return export_onnx(c.gm, c.example, path, c.output_name, c.max_seq)
 
 
-def _targets(state):
+def _targets(state, skip_spec: str | None = None):
     """The structures to prune, the blocks kept dense, and the ratio the chosen ones lose."""
-    return allocation.targets(list(state.analysis.structures), state.opts.ratio, state.opts.skip_layers,
+    return allocation.targets(list(state.analysis.structures), state.opts.ratio, skip_spec or state.opts.skip_layers,
                               state.shapes)
 
 
@@ -483,9 +483,11 @@ class GreedyReconstruction(PassBase):
 
     def call(self, state):
         opts, progress = state.opts, state.progress
-        chosen, skip, ratio = _targets(state)
-        if opts.allocation == "uniform":   # refuse an impossible ratio before the slow part
-            counts = allocation.uniform_counts(chosen, ratio, state.shapes)
+        auto = str(opts.skip_layers).strip().lower() == "auto"
+        if not auto:
+            chosen, skip, ratio = _targets(state)
+            if opts.allocation == "uniform":   # refuse an impossible ratio before the slow part
+                counts = allocation.uniform_counts(chosen, ratio, state.shapes)
         windows = calibration.calibration_windows(state.tokenizer, opts)
         try:
             shard = state.ranks.shard(windows.shape[0])
@@ -495,6 +497,10 @@ class GreedyReconstruction(PassBase):
         settings = greedy.GreedySettings(opts.criterion, opts.reconstruct, opts.ridge,
                                          _score_settings(opts), opts.module_inputs,
                                          opts.refit_prior, opts.ridge_folds, opts.refit_intercept)
+        if auto:
+            chosen, skip, ratio = _targets(state, _auto_skip(state, feeds, settings))
+            if opts.allocation == "uniform":
+                counts = allocation.uniform_counts(chosen, ratio, state.shapes)
         rng = np.random.default_rng(opts.seed)
         ranks, names = state.ranks, [s.name for s in state.analysis.structures]
         digest = inputs_digest(state.frontend.weights(), windows) if ranks.lead else ""
@@ -579,7 +585,7 @@ def _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save) -
     read from --load-stats; network's sensitivities are always measured, on every rank);
     rank 0's counts and random generator are every rank's."""
     opts, ranks = state.opts, state.ranks
-    sens = _sensitivity(state, chosen, feeds) if opts.allocation == "network" else None
+    sens = (state.sensitivity or _sensitivity(state, chosen, feeds)) if opts.allocation == "network" else None
     stored = ranks.share_object(load is not None and load.has_allocation([s.name for s in chosen]))
     if stored and not ranks.lead:
         counts = ranks.share_object(None)
@@ -599,7 +605,8 @@ def _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save) -
         costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, pre[s.name]) for s in chosen}
         counts = allocation.network_counts(chosen, costs, sens, ratio, state.shapes) if sens \
             else allocation.block_counts(chosen, costs, ratio, state.shapes)
-        state.sensitivity = sens or {}
+        if sens:
+            state.sensitivity = sens
     if stored:      # rank 0 read them: the others wait for the result
         ranks.share_object(counts)
         ranks.share_object(rng.bit_generator.state)
@@ -610,7 +617,30 @@ def _sensitivity(state, chosen, feeds) -> dict[str, float]:
     try:
         return sensitivity.output_sensitivity(state.frontend, chosen, feeds, state.progress, state.ranks)
     except (sensitivity.SensitivityError, NotImplementedError, RuntimeError) as e:
-        raise CompileError(f"--allocation network: the sensitivity pass failed: {str(e).splitlines()[0]}") from e
+        raise CompileError(f"the sensitivity pass (--allocation network, --skip-layers auto) failed: "
+                           f"{str(e).splitlines()[0]}") from e
+
+
+def _auto_skip(state, feeds, settings) -> str:
+    """--skip-layers auto: the blocks allocation.outlier_blocks finds, from the sensitivity
+    pass and a dense statistics pass over every structure (on every rank: both are summed
+    over the ranks, so every rank decides alike), as a --skip-layers list."""
+    opts, structures = state.opts, list(state.analysis.structures)
+    sens = _sensitivity(state, structures, feeds)
+    weights = state.frontend.weights()
+    rng = np.random.default_rng(opts.seed)     # goa and flap draw nothing: the compile's own stays untouched
+    costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind,
+                                   score_units(opts.criterion, s, weights, m, rng, settings.score))
+             for s, m in calibration.dense_stats(state.frontend, structures, feeds, settings.needs_heads,
+                                                 state.progress, state.ranks)}
+    try:
+        found = allocation.outlier_blocks(structures, costs, sens, opts.ratio, state.shapes)
+    except allocation.SelectionError as e:
+        raise CompileError(f"--skip-layers auto: {e}") from e
+    state.sensitivity = sens
+    state.progress.log("--skip-layers auto: " + (", ".join(f"block {b} ({v:.0f}x the median block's estimated loss)"
+                                                         for b, v in found.items()) or "no block") + " kept dense")
+    return ",".join(map(str, found)) or "none"
 
 
 def _stats_stores(opts, keys, ranks: Ranks, progress):

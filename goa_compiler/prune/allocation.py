@@ -177,6 +177,30 @@ def network_counts(structures: list[Structure], costs: dict[str, np.ndarray], se
     return counts
 
 
+OUTLIER_FACTOR = 10.0
+
+
+def outlier_blocks(structures: list[Structure], costs: dict[str, np.ndarray], sensitivity: dict[str, float],
+                   ratio: float, shapes: dict[str, tuple], factor: float = OUTLIER_FACTOR) -> dict[int, float]:
+    """--skip-layers auto: each block's estimated loss from losing ``ratio`` of its parameters
+    (block allocation's choice on the sensitivity-weighted costs of network_counts, those
+    costs summed), relative to the median block's; the blocks above ``factor`` are returned
+    with theirs. With two blocks none can be (the median is their mean)."""
+    weighted = {s.name: np.asarray(costs[s.name], dtype=np.float64) * max(sensitivity[s.name], 0.0)
+                for s in structures}
+    layers: dict[int, list[Structure]] = {}
+    for s in structures:
+        layers.setdefault(s.layer, []).append(s)
+    loss = {}
+    for layer, block in layers.items():
+        got = block_counts(block, weighted, ratio, shapes)
+        loss[layer] = sum(float(np.sum(weighted[s.name][: got[s.name]])) for s in block)
+    median = float(np.median(list(loss.values())))
+    if median <= 0:
+        return {}
+    return {layer: v / median for layer, v in sorted(loss.items()) if v > factor * median}
+
+
 def _cheapest_first(structures: list[Structure], costs: dict[str, np.ndarray], target: float,
                     shapes: dict[str, tuple]) -> tuple[dict[str, int], bool]:
     """Counts taking candidates in ascending cost / parameters while the removed parameters
