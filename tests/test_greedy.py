@@ -254,6 +254,15 @@ def test_skip_layers_auto_compiles_and_reports_what_it_measured(tmp_path):
     assert r["params"]["after"] < r["params"]["before"]
 
 
+def test_sensitivity_on_an_encoder_is_refused_in_one_line(tmp_path):
+    from goa_compiler.driver.pipeline import CompileError
+
+    with pytest.raises(CompileError, match="needs a causal language model") as e:
+        _compile("bert", tmp_path, allocation="network", ratio=0.3)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_outlier_blocks_are_those_far_above_the_median_block():
     from goa_compiler.prune.allocation import outlier_blocks
 

@@ -65,8 +65,9 @@ def _batch_sums(frontend, structures: list[Structure], feed) -> torch.Tensor:
     for s in structures:
         st.post[s.level2_node] = keep(s.level2_node)
     logits = _logits(st.output())
-    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-        raise SensitivityError(f"the model's output has shape {tuple(logits.shape)}, not [batch, tokens, vocabulary]")
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape or logits.shape[-1] <= int(ids.max()):
+        raise SensitivityError(f"the model's output (shape {tuple(logits.shape)}) is not next-token logits over "
+                               f"the vocabulary: it needs a causal language model")
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                              reduction="sum")
     nodes = list(dict.fromkeys(s.level2_node for s in structures))
