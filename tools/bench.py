@@ -3,6 +3,7 @@
 against its baselines and Torch-Pruning, on SmolLM2-135M, side by side in one run.
 
     python tools/bench.py quality|cost|speed|all [--quick] [--ratios 0.1,0.3] [--fresh]
+    python tools/bench.py quality --criteria goa --set skip_layers=auto --tag skip-auto
 
 quality  every criterion (goa, flap, wanda-sp, magnitude, random) with and without
          reconstruction, plus Torch-Pruning (tools/peers/torch_pruning_peer.py), at each ratio:
@@ -16,7 +17,9 @@ speed    onnxruntime latency of the dense and pruned ONNX models: prefill (batch
          (dense FLOPs / pruned FLOPs of the same graph). On onnxruntime's CUDA provider too
          when a GPU is present (skipped with a message otherwise).
 
-Results: bench/results/<what>[-quick].json (each finished run is saved at once, so an
+Results: bench/results/<what>[-quick][-TAG].json (`--set KEY=VALUE`: a compile option for
+every quality run but FLAP's published row, with `--tag` to keep it off the published
+matrix; each finished run is saved at once, so an
 interrupted sweep resumes where it stopped; --fresh starts over), <what>[-quick].md and
 PNG plots. `--quick` (one ratio, fewer tokens and configurations) is the smoke run that
 must finish in 15 minutes on 2 cores: to that end models of equal parameter shapes share
@@ -104,7 +107,8 @@ class Context:
     def opts(self, criterion, recon, ratio) -> CompileOptions:
         """``recon`` "published": FLAP as its paper runs it, global allocation of standardised
         scores and its bias compensation (no refit); else the compiler's defaults."""
-        extra = {"allocation": "global", "reconstruct": "none"} if recon == PUBLISHED else {"reconstruct": recon}
+        extra = {"allocation": "global", "reconstruct": "none"} if recon == PUBLISHED else \
+            {**self.args.settings, "reconstruct": recon}
         return CompileOptions(ratio=ratio, criterion=criterion, seq_len=self.args.seq_len,
                               num_samples=self.args.num_samples, seed=self.args.seed, **extra)
 
@@ -193,9 +197,10 @@ def _key(criterion, recon, ratio):
     return f"{criterion}/{recon}/{ratio}"
 
 
-def _results_path(what, quick):
+def _results_path(what, quick, tag=None):
+    """bench/results/WHAT[-quick][-TAG].json (a tag keeps an experiment off the published file)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    return RESULTS / (f"{what}-quick.json" if quick else f"{what}.json")
+    return RESULTS / (f"{what}{'-quick' if quick else ''}{f'-{tag}' if tag else ''}.json")
 
 
 def _load(path, fresh):
@@ -240,7 +245,7 @@ def configs(args):
 
 def quality(ctx: Context):
     args = ctx.args
-    path = _results_path("quality", args.quick)
+    path = _results_path("quality", args.quick, args.tag)
     data = _load(path, args.fresh)
     data.setdefault("runs", {})
     data["setup"] = {
@@ -254,6 +259,7 @@ def quality(ctx: Context):
                           f"pydoc_data: text of another kind, never calibrated on), first "
                           f"{ctx.ood_windows.numel()} tokens in windows of {args.seq_len}",
         "allocation": "uniform (goa-compiler); FFN-only for Torch-Pruning (see the peer's notes)",
+        "settings": args.settings or "the defaults",
         "command": _command(), **_machine(),
     }
     _save(path, data)
@@ -697,7 +703,12 @@ def main():
                    help="also run speed on onnxruntime's CUDA provider when present")
     p.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a compile option (CompileOptions field, string value) for every quality run but the "
+                        "published rows, e.g. skip_layers=auto")
+    p.add_argument("--tag", default=None, help="write quality-TAG.json (and .md, .png) instead of quality.json")
     args = p.parse_args()
+    args.settings = dict(item.partition("=")[::2] for item in args.set)
     args.ratio_list = [float(r) for r in (args.ratios or ("0.3" if args.quick else "0.1,0.2,0.3,0.4,0.5")).split(",")]
     args.num_samples = args.num_samples or (8 if args.quick else 32)
     args.eval_tokens = args.eval_tokens or (2048 if args.quick else 8192)

@@ -182,7 +182,8 @@ class CompileOptions:
         "between attention and FFN by output error per parameter removed (block; goa and flap, whose scores "
         "are output errors); across all blocks by output error per parameter, each module's errors weighted by "
         "the loss's sensitivity to its output, from one backward pass of the dense model (network; goa and "
-        "flap); the same share of every module (uniform); across all modules by standardised score (global). Default: block for goa and flap, uniform for the others (measured: docs/method.md)",
+        "flap); the same share of every module (uniform); across all modules by standardised score (global). "
+        "Default: block for goa and flap, uniform for the others (measured: docs/method.md)",
         choices=Allocation)
     attention_unit: str = option(
         AttentionUnit.GROUP, "the unit of grouped-K/V attention: a K/V head with its query heads (group), "

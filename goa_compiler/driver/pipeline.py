@@ -95,7 +95,7 @@ class CompileState:
     plan: Plan = Plan({})
     scores: dict = field(default_factory=dict)
     records: dict = field(default_factory=dict)
-    sensitivity: dict = field(default_factory=dict)   # --allocation network: module -> s_m
+    sensitivity: dict = field(default_factory=dict)   # --allocation network, --skip-layers auto: module -> s_m
     new_weights: dict = field(default_factory=dict)
     new_biases: dict = field(default_factory=dict)
     rewritten: RewriteResult | None = None
