@@ -9,8 +9,8 @@ change. Network allocation (allocation.network_counts) weighs each module's erro
 
 ``y_m`` the module's level-2 output at token t, ``L`` the next-token cross-entropy of the
 dense model summed over the calibration tokens (T of them). To second order, an output
-error ``e_t`` raises the loss by about ``(g_t . e_t)^2`` on average over tokens (the Fisher
-form); with ``e_t`` spread evenly over the ``d`` output channels that is ``s_m * |e|^2 / d``,
+error ``e_t`` raises the loss by about ``(g_t . e_t)^2 / 2`` on average over tokens (the
+Fisher form; the constant does not change any order); with ``e_t`` spread evenly over the ``d`` output channels that is ``s_m * |e|^2 / d``,
 so ``s_m`` times the module's output error is the loss it costs, in one unit for every
 module of the network. One forward and one backward pass of the dense model over the
 calibration windows; summed over ranks.
