@@ -326,6 +326,31 @@ def test_sensitivity_is_the_loss_gradient_at_each_module_output():
         assert want[n] > 0 and abs(got[n] - want[n]) <= 1e-4 * want[n], (n, got[n], want[n])
 
 
+@pytest.mark.parametrize("family", ["llama-gqa", "mixtral"])
+def test_the_sensitivity_pass_measures_goas_unit_energies(family):
+    """--skip-layers auto reads goa's scores from the sensitivity pass: they must be the
+    output energies a dense statistics pass gives (criteria.output_energy)."""
+    from goa_compiler.analysis import analyze_graph
+    from goa_compiler.capture.torch_export import capture
+    from goa_compiler.frontends.fx import FxFrontend
+    from goa_compiler.prune.calibration import dense_stats
+    from goa_compiler.prune.criteria import output_energy
+    from goa_compiler.prune.sensitivity import output_sensitivity, sensitivity_and_energy
+
+    model, vocab, kind = tiny.build(family)
+    fe = FxFrontend(capture(model, kind).gm)
+    structures = list(analyze_graph(fe.view()).structures)
+    ids = torch.randint(0, vocab, (3, 24), generator=torch.Generator().manual_seed(1))
+    feeds = [{"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2])},
+             {"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:])}]
+    sens, energy = sensitivity_and_energy(fe, structures, feeds, fe.weights())
+    assert sens == output_sensitivity(fe, structures, feeds)
+    for s, m in dense_stats(fe, structures, feeds, False, None):
+        want = np.asarray(output_energy(s, fe.weights(), m))
+        assert energy[s.name].shape == want.shape and want.max() > 0
+        assert np.abs(energy[s.name] - want).max() <= 1e-10 * want.max(), s.name
+
+
 def test_sensitivity_sums_and_token_counts_are_summed_over_ranks():
     """Two ranks that saw the same windows: every sum doubles, the mean stays; a rank that
     summed only one of them (the sums, not the token count) would halve or double it."""

@@ -613,8 +613,12 @@ def _allocation_counts(state, chosen, feeds, settings, rng, ratio, load, save) -
     return counts
 
 
-def _sensitivity(state, chosen, feeds) -> dict[str, float]:
+def _sensitivity(state, chosen, feeds, weights=None):
+    """The sensitivity pass: s_m per structure (with ``weights``, and each unit's output energy)."""
     try:
+        if weights is not None:
+            return sensitivity.sensitivity_and_energy(state.frontend, chosen, feeds, weights, state.progress,
+                                                      state.ranks)
         return sensitivity.output_sensitivity(state.frontend, chosen, feeds, state.progress, state.ranks)
     except (sensitivity.SensitivityError, NotImplementedError, RuntimeError) as e:
         raise CompileError(f"the sensitivity pass (--allocation network, --skip-layers auto) failed: "
@@ -623,16 +627,21 @@ def _sensitivity(state, chosen, feeds) -> dict[str, float]:
 
 def _auto_skip(state, feeds, settings) -> str:
     """--skip-layers auto: the blocks allocation.outlier_blocks finds, from the sensitivity
-    pass and a dense statistics pass over every structure (on every rank: both are summed
-    over the ranks, so every rank decides alike), as a --skip-layers list."""
+    pass (which also measures goa's unit energies) and, for flap, a dense statistics pass
+    over every structure (on every rank: both are summed over the ranks, so every rank
+    decides alike), as a --skip-layers list."""
     opts, structures = state.opts, list(state.analysis.structures)
-    sens = _sensitivity(state, structures, feeds)
     weights = state.frontend.weights()
-    rng = np.random.default_rng(opts.seed)     # goa and flap draw nothing: the compile's own stays untouched
-    costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind,
-                                   score_units(opts.criterion, s, weights, m, rng, settings.score))
-             for s, m in calibration.dense_stats(state.frontend, structures, feeds, settings.needs_heads,
-                                                 state.progress, state.ranks)}
+    if opts.criterion == "goa" and opts.goa_score == "empirical":    # its scores come with the pass
+        sens, energy = _sensitivity(state, structures, feeds, weights)
+        costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind, energy[s.name]) for s in structures}
+    else:
+        sens = _sensitivity(state, structures, feeds)
+        rng = np.random.default_rng(opts.seed)     # goa and flap draw nothing: the compile's own stays untouched
+        costs = {s.name: removal_costs(opts.criterion, settings.score, s.kind,
+                                       score_units(opts.criterion, s, weights, m, rng, settings.score))
+                 for s, m in calibration.dense_stats(state.frontend, structures, feeds, settings.needs_heads,
+                                                     state.progress, state.ranks)}
     try:
         found = allocation.outlier_blocks(structures, costs, sens, opts.ratio, state.shapes)
     except allocation.SelectionError as e:

@@ -17,6 +17,7 @@ calibration windows; summed over ranks.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from goa_compiler.ir.structure import Structure
@@ -30,22 +31,59 @@ class SensitivityError(Exception):
 def output_sensitivity(frontend, structures: list[Structure], feeds, progress=None,
                        ranks: Ranks = SINGLE) -> dict[str, float]:
     """``s_m`` (module docstring) for every structure, by name."""
+    return sensitivity_and_energy(frontend, structures, feeds, None, progress, ranks)[0]
+
+
+def sensitivity_and_energy(frontend, structures: list[Structure], feeds, weights=None, progress=None,
+                           ranks: Ranks = SINGLE) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``s_m`` for every structure and, with ``weights``, each unit's output energy on the
+    same forward pass: M_u = E_t |B_u h_{u,t}|^2, goa's empirical moment (criteria.
+    output_energy, which reads only the unit's own block of the level-2 input's Gram), so
+    that --skip-layers auto needs no statistics pass of its own."""
     sums = torch.zeros(len(structures), dtype=torch.float64)
     tokens = torch.zeros(1, dtype=torch.float64)
+    energy = [torch.zeros(s.units, dtype=torch.float64) for s in structures] if weights is not None else []
+    rows = torch.zeros(len(structures), dtype=torch.float64)
     for feed in progress.iter(feeds, "sensitivity pass") if progress is not None else feeds:
-        sums += _batch_sums(frontend, structures, feed)
+        sums += _batch_sums(frontend, structures, feed, weights, energy, rows)
         tokens += float(feed["input_ids"].numel())
     if ranks.active:
-        ranks.sum([sums, tokens])
-    return {s.name: float(v) for s, v in zip(structures, sums / tokens.clamp(min=1.0))}
+        ranks.sum([sums, tokens, *([rows, *energy] if energy else [])])
+    sens = {s.name: float(v) for s, v in zip(structures, sums / tokens.clamp(min=1.0))}
+    return sens, {s.name: (e / max(float(n), 1.0)).numpy() for s, e, n in zip(structures, energy, rows)}
 
 
-def _batch_sums(frontend, structures: list[Structure], feed) -> torch.Tensor:
-    """sum_t |dL/dy_m|^2 over one batch, for each structure."""
+def _unit_energy(s: Structure, h: torch.Tensor, weights) -> torch.Tensor:
+    """sum_t |B_u h_{u,t}|^2 per unit over the rows of one batch's level-2 input ``h``."""
+    from goa_compiler.prune.criteria import unit_blocks
+
+    h = h.detach().reshape(-1, h.shape[-1]).double()
+    total = torch.zeros(s.units, dtype=torch.float64)
+    for sl in s.level2():
+        blocks = unit_blocks(sl, weights)                               # [U, k, out]
+        idx = torch.as_tensor(np.asarray(sl.index), dtype=torch.long)   # [U, k]
+        if idx.shape[1] == 1:
+            total += (blocks[:, 0, :] ** 2).sum(-1) * (h[:, idx[:, 0]] ** 2).sum(0)
+        else:
+            for u in range(idx.shape[0]):
+                total[u] += (h[:, idx[u]] @ blocks[u]).pow(2).sum()
+    return total
+
+
+def _batch_sums(frontend, structures: list[Structure], feed, weights=None, energy=(), rows=None) -> torch.Tensor:
+    """sum_t |dL/dy_m|^2 over one batch, for each structure; with ``weights``, each unit's
+    output energy added into ``energy`` and the level-2 input's rows into ``rows``."""
     ids = feed["input_ids"]
     starts = {s.probes.level1_input for s in structures}
     outs: dict[str, torch.Tensor] = {}
     st = frontend.stream(feed, None, None, grad=True)
+    if weights is not None:
+        readers: dict[str, list[int]] = {}
+        for i, s in enumerate(structures):
+            readers.setdefault(s.probes.level2_input, []).append(i)
+        for node, which in readers.items():
+            st.hooks[node] = lambda args, kwargs, out, which=which: [
+                _add_energy(i, structures[i], out, weights, energy, rows) for i in which]
 
     def track(out):        # the first probe is computed from no tracked tensor: a leaf
         if isinstance(out, torch.Tensor) and out.is_floating_point() and not out.requires_grad:
@@ -74,6 +112,11 @@ def _batch_sums(frontend, structures: list[Structure], feed) -> torch.Tensor:
     grads = torch.autograd.grad(loss, [outs[n] for n in nodes], allow_unused=True)
     per = {n: (0.0 if g is None else float(g.double().pow(2).sum())) for n, g in zip(nodes, grads)}
     return torch.tensor([per[s.level2_node] for s in structures], dtype=torch.float64)
+
+
+def _add_energy(i, s, h, weights, energy, rows):
+    energy[i] += _unit_energy(s, h, weights)
+    rows[i] += float(h.numel() // h.shape[-1])
 
 
 def _logits(out) -> torch.Tensor:
