@@ -263,6 +263,20 @@ def test_sensitivity_on_an_encoder_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_without_a_derivative_is_refused_in_one_line(tmp_path, monkeypatch):
+    """An op with no backward formula (here every op: autograd raises as torch does for one)
+    is a refusal naming the pass, exit 2, not an internal error."""
+    from goa_compiler.driver.pipeline import CompileError
+
+    def no_derivative(*args, **kwargs):
+        raise RuntimeError("derivative for aten::some_op is not implemented\nmore detail")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_derivative)
+    with pytest.raises(CompileError, match="sensitivity pass .* the backward pass failed: derivative") as e:
+        _compile("llama", tmp_path, skip_layers="auto", ratio=0.3)
+    assert "\n" not in str(e.value)
+
+
 def test_outlier_blocks_are_those_far_above_the_median_block():
     from goa_compiler.prune.allocation import outlier_blocks
 

@@ -168,8 +168,7 @@ def network_counts(structures: list[Structure], costs: dict[str, np.ndarray], se
     the whole network goes), by output error per parameter weighted by each module's
     sensitivity (prune/sensitivity.py: what an error in its output costs in loss), in the
     order and with the rules of block_counts."""
-    weighted = {s.name: np.asarray(costs[s.name], dtype=np.float64) * max(sensitivity[s.name], 0.0)
-                for s in structures}
+    weighted = _weighted(structures, costs, sensitivity)
     counts, reached = _cheapest_first(structures, weighted, ratio * structure_params(structures, shapes), shapes)
     if not reached:
         raise SelectionError(f"ratio {ratio:.4g} cannot be reached with one unit kept in each module; "
@@ -186,19 +185,22 @@ def outlier_blocks(structures: list[Structure], costs: dict[str, np.ndarray], se
     (block allocation's choice on the sensitivity-weighted costs of network_counts, those
     costs summed), relative to the median block's; the blocks above ``factor`` are returned
     with theirs. With two blocks none can be (the median is their mean)."""
-    weighted = {s.name: np.asarray(costs[s.name], dtype=np.float64) * max(sensitivity[s.name], 0.0)
-                for s in structures}
-    layers: dict[int, list[Structure]] = {}
+    weighted = _weighted(structures, costs, sensitivity)
+    got = block_counts(structures, weighted, ratio, shapes)
+    loss: dict[int, float] = {}
     for s in structures:
-        layers.setdefault(s.layer, []).append(s)
-    loss = {}
-    for layer, block in layers.items():
-        got = block_counts(block, weighted, ratio, shapes)
-        loss[layer] = sum(float(np.sum(weighted[s.name][: got[s.name]])) for s in block)
+        loss[s.layer] = loss.get(s.layer, 0.0) + float(np.sum(weighted[s.name][: got[s.name]]))
     median = float(np.median(list(loss.values())))
     if median <= 0:
         return {}
     return {layer: v / median for layer, v in sorted(loss.items()) if v > factor * median}
+
+
+def _weighted(structures: list[Structure], costs: dict[str, np.ndarray],
+              sensitivity: dict[str, float]) -> dict[str, np.ndarray]:
+    """Each module's removal costs times its sensitivity (a loss, comparable across blocks)."""
+    return {s.name: np.asarray(costs[s.name], dtype=np.float64) * max(sensitivity[s.name], 0.0)
+            for s in structures}
 
 
 def _cheapest_first(structures: list[Structure], costs: dict[str, np.ndarray], target: float,

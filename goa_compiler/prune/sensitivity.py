@@ -109,7 +109,10 @@ def _batch_sums(frontend, structures: list[Structure], feed, weights=None, energ
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                              reduction="sum")
     nodes = list(dict.fromkeys(s.level2_node for s in structures))
-    grads = torch.autograd.grad(loss, [outs[n] for n in nodes], allow_unused=True)
+    try:
+        grads = torch.autograd.grad(loss, [outs[n] for n in nodes], allow_unused=True)
+    except (RuntimeError, NotImplementedError) as e:      # an op of the model without a derivative
+        raise SensitivityError(f"the backward pass failed: {str(e).splitlines()[0]}") from e
     per = {n: (0.0 if g is None else float(g.double().pow(2).sum())) for n, g in zip(nodes, grads)}
     return torch.tensor([per[s.level2_node] for s in structures], dtype=torch.float64)
 
